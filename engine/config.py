@@ -1,0 +1,169 @@
+"""Configuration: the model's (read from a Hugging Face `config.json`) and the engine's (chosen by
+the user). Both are validated here, at the boundary, so the rest of the engine can trust them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Llama-family decoder, as read from `config.json`."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+    torch_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json; is this a Hugging Face model folder?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        known = [a for a in archs if a in SUPPORTED_ARCHITECTURES]
+        if not known:
+            raise ValueError(
+                f"unknown architecture {archs or cfg.get('model_type')!r}; "
+                f"Baton supports {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        family = SUPPORTED_ARCHITECTURES[known[0]]
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu (SwiGLU)")
+        num_heads = cfg["num_attention_heads"]
+        hidden_size = cfg["hidden_size"]
+        head_dim = cfg.get("head_dim") or hidden_size // num_heads
+        num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}")
+        # transformers 5 moved rope settings into `rope_parameters`; real checkpoints mostly still
+        # carry `rope_theta` + `rope_scaling`. Accept both.
+        rope_params = cfg.get("rope_parameters") or {}
+        rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+        rope_scaling = cfg.get("rope_scaling") or (rope_params if rope_params else None)
+        rope_scaling = _check_rope_scaling(rope_scaling)
+        sliding_window = cfg.get("sliding_window")
+        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+            sliding_window = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=known[0],
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden_size,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama says so with `attention_bias`.
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=sliding_window,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype") or "float32",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """K and V elements one token occupies across all layers (times the dtype's size: bytes)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _check_rope_scaling(rope_scaling: dict | None) -> dict | None:
+    if not rope_scaling:
+        return None
+    kind = rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "linear"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}; Baton supports llama3 and linear")
+    return {**rope_scaling, "rope_type": kind}
+
+
+@dataclass
+class EngineConfig:
+    """What the user chooses about how the engine runs. Checked in `__post_init__`."""
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: sized from free memory
+    kv_cache_memory_fraction: float = 0.9  # of free memory after weights (GPU); CPU uses a cap
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,216 @@
+"""The step loop: schedule → run the model → update requests → detokenize and check stop strings.
+
+`LLMEngine` is what a worker process drives; `engine.LLM` wraps it for offline batch use.
+Inputs are validated in `add_request`, before any model work, with errors that say what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated tokens so far
+    text: str  # all generated text so far (stop string excluded unless asked for)
+    new_token_ids: list[int]  # generated since the previous output for this request
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop token or string that ended it
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class _TextState:
+    """Detokenization and stop-string state of one request."""
+
+    prompt: str | None
+    detokenizer: IncrementalDetokenizer | None
+    stop: list[str]
+    include_stop: bool
+    text: str = ""
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+    stop_hit: str | None = field(default=None)
+
+    def append(self, new_token_ids: list[int]) -> None:
+        if self.detokenizer is None:
+            return
+        before = len(self.text)
+        self.text += self.detokenizer.append(new_token_ids)
+        for stop in self.stop:
+            # Only the new text and the tail that could complete a stop string need a look.
+            at = self.text.find(stop, max(0, before - len(stop) + 1))
+            if at != -1:
+                self.text = self.text[: at + len(stop) if self.include_stop else at]
+                self.stop_hit = stop
+                return
+
+    def releasable_chars(self, finished: bool) -> int:
+        """Text safe to stream: hold back a tail that may be the start of a stop string."""
+        if finished or not self.stop:
+            return len(self.text)
+        return max(self.num_emitted_chars, len(self.text) - (max(map(len, self.stop)) - 1))
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        dtype_name = self.model_config.torch_dtype if config.dtype == "auto" else config.dtype
+        self.dtype = parse_dtype(dtype_name)
+        self.tokenizer = Tokenizer.from_pretrained(config.model)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {self.model_config.max_position_embeddings}"
+            )
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, self.model_config, self.dtype)
+        self.kv_manager = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        eos = self.model_config.eos_token_ids or (
+            tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ()
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+            eos,
+        )
+        self._text: dict[str, _TextState] = {}
+
+    # -- requests -------------------------------------------------------------------------
+
+    def make_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> tuple[Request, _TextState]:
+        """Validate and tokenize one prompt; changes nothing in the engine."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text_prompt = prompt if isinstance(prompt, str) else None
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass the prompt as token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens, longer than the context allows "
+                f"(max_model_len {self.max_model_len}, and one token must be generated)"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if self.kv_manager.blocks_needed(max_len) > self.kv_manager.num_blocks:
+            raise ValueError(
+                f"request needs up to {self.kv_manager.blocks_needed(max_len)} KV blocks "
+                f"but the pool has only {self.kv_manager.num_blocks}"
+            )
+        request = Request(request_id, token_ids, params)
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            if self.tokenizer
+            else None
+        )
+        state = _TextState(text_prompt, detok, params.stop, params.include_stop_str_in_output)
+        return request, state
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        request, state = self.make_request(request_id, prompt, params)
+        self.enqueue(request, state)
+
+    def enqueue(self, request: Request, state: _TextState) -> None:
+        self.scheduler.add_request(request)
+        self._text[request.request_id] = state
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request at once; its blocks go back to the pool. Unknown ids are ignored."""
+        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        if request is None:
+            return None
+        return self._output(request, finished=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns an output for each request that made progress."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        result = self.runner.execute(sched)
+        finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
+        outputs = []
+        for s in sched.scheduled:
+            request = s.request
+            rid = request.request_id
+            if rid not in result.sampled:
+                continue
+            if rid in result.logprobs:
+                request.logprobs.append(result.logprobs[rid])
+            state = self._text[rid]
+            state.append([result.sampled[rid]])
+            if state.stop_hit is not None and rid not in finished:
+                request.stop_reason = state.stop_hit
+                self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
+                finished.add(rid)
+            outputs.append(self._output(request, finished=rid in finished))
+        return outputs
+
+    def _output(self, request: Request, finished: bool) -> RequestOutput:
+        rid = request.request_id
+        state = self._text.pop(rid) if finished else self._text[rid]
+        release = state.releasable_chars(finished)
+        new_text = state.text[state.num_emitted_chars : release]
+        state.num_emitted_chars = release
+        new_tokens = request.output_token_ids[state.num_emitted_tokens :]
+        state.num_emitted_tokens = request.num_output_tokens
+        return RequestOutput(
+            request_id=rid,
+            prompt=state.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=state.text[:release],
+            new_token_ids=new_tokens,
+            new_text=new_text,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            stop_reason=request.stop_reason,
+            logprobs=list(request.logprobs) if request.sampling_params.logprobs is not None else None,
+            num_cached_tokens=request.num_cached_tokens,
+        )

@@ -1,0 +1,77 @@
+"""Loading a Hugging Face model folder: one or several `*.safetensors` files (with their index)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.attention.backend import AttentionBackend
+from engine.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that the model recomputes instead of loading.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: index names weight files that are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files found")
+    return files
+
+
+def load_model(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> LlamaForCausalLM:
+    """Build the model without allocating, then fill every parameter from the checkpoint."""
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, backend)
+    model = model.to(dtype).to_empty(device=device)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name not in params:
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue
+                    log.warning("ignoring unexpected tensor %s in %s", name, path.name)
+                    continue
+                tensor = f.get_tensor(name)
+                param = params[name]
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
+                        f"config implies {tuple(param.shape)}"
+                    )
+                with torch.no_grad():
+                    param.copy_(tensor.to(dtype))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} weights: {shown}")
+    model.rotary.build(device)
+    return model.eval().requires_grad_(False)

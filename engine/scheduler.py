@@ -1,0 +1,185 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step the scheduler hands out a token budget (`max_num_batched_tokens`):
+
+1. running requests, decodes first, then prefills in progress; each gets the tokens it still
+   needs, cut to the budget left (that cut is chunked prefill). When the pool runs out of blocks,
+   the most recently arrived running request is preempted: its blocks are freed, its progress
+   reset, and it goes back to the front of the waiting queue (it will recompute its prompt and
+   the tokens it already produced, mostly from the prefix cache).
+2. waiting requests, strictly first come first served, while the budget, `max_num_seqs` and
+   the free blocks allow. A request that does not fit stops admission: nobody overtakes it, so
+   nobody starves.
+
+Any token of a request is one unit of budget: a decode costs 1, a prefill chunk its length.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCacheManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens to compute this step, from request.num_computed_tokens on
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last known token, so logits get sampled."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    # Decodes first, then prefill chunks; the runner lays tokens out in this order.
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ):
+        self.kv = kv_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, "duplicate request id"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decodes_first = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for request in decodes_first:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request, num_tokens):
+                victim = max(self.running, key=lambda r: r.arrival_time)
+                budget += self._preempt(victim, out)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(
+                    ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
+                )
+                budget -= num_tokens
+
+        # Admitting while others were just preempted would only thrash the pool.
+        while self.waiting and budget > 0 and not out.preempted:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * self.kv.block_size
+            num_tokens = min(request.num_tokens - num_cached_tokens, budget)
+            if not self.kv.allocate(request, num_tokens, cached):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached_tokens
+            request.num_cached_tokens = num_cached_tokens
+            self.running.append(request)
+            out.scheduled.append(
+                ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
+            )
+            budget -= num_tokens
+        return out
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
+        """Preempt by recompute; returns the budget the victim had taken this step, if any."""
+        self.kv.free(victim)
+        self.running.remove(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        # Victims are taken latest-arrival first, so pushing each to the front keeps the waiting
+        # queue in arrival order.
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        for i, s in enumerate(out.scheduled):
+            if s.request is victim:
+                del out.scheduled[i]
+                return s.num_tokens
+        return 0
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance progress after the step ran, append sampled tokens, finish what must stop.
+
+        `sampled` maps request id to the token sampled for it this step. Returns the requests
+        that finished (their blocks are already back in the pool)."""
+        finished = []
+        for s in out.scheduled:
+            request = s.request
+            request.num_computed_tokens += s.num_tokens
+            self.kv.cache_computed_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token)
+            reason = self._check_stop(request, token)
+            if reason is not None:
+                self.finish(request.request_id, reason)
+                finished.append(request)
+        return finished
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request now (stop condition, stop string, abort): its blocks go back at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        return request
