@@ -32,6 +32,9 @@ class Reference:
 
         self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         self.model.eval()
+        # Generate past EOS without suppressing it, as the engine's `ignore_eos` does
+        # (`min_new_tokens` would instead forbid EOS and change the greedy choice).
+        self.model.generation_config.eos_token_id = None
 
     @functools.lru_cache(maxsize=None)
     def _greedy(self, prompt: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
@@ -40,7 +43,6 @@ class Reference:
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,  # ignore EOS, as the engine's ignore_eos does
                 do_sample=False,
                 pad_token_id=0,
             )

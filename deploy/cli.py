@@ -1,0 +1,82 @@
+"""The `baton` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine.testing import ensure_default_model
+
+    model = args.model or str(ensure_default_model())
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, num_blocks=args.num_blocks))
+    prompt = " ".join(args.prompt)
+    engine.add_request("cli", prompt, params)
+    start = time.perf_counter()
+    sys.stdout.write(prompt)
+    out = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(
+        f"[{len(out.token_ids)} tokens in {elapsed:.2f}s, finish_reason={out.finish_reason}, "
+        f"model={model}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for a prompt, offline")
+    gen.add_argument("prompt", nargs="+", help="the prompt text")
+    gen.add_argument(
+        "--model", default=None, help="Hugging Face model folder (default: the small demo model)"
+    )
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--num-blocks", type=int, default=None)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"baton: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
