@@ -61,7 +61,9 @@ class ModelConfig:
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{model_dir}: no config.json; is this a Hugging Face model folder?")
+            raise FileNotFoundError(
+                f"{model_dir}: no config.json; is this a Hugging Face model folder?"
+            )
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod
@@ -81,7 +83,9 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or hidden_size // num_heads
         num_kv_heads = cfg.get("num_key_value_heads") or num_heads
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {num_heads} not a multiple of kv heads {num_kv_heads}"
+            )
         # transformers 5 moved rope settings into `rope_parameters`; real checkpoints mostly still
         # carry `rope_theta` + `rope_scaling`. Accept both.
         rope_params = cfg.get("rope_parameters") or {}
@@ -128,7 +132,9 @@ def _check_rope_scaling(rope_scaling: dict | None) -> dict | None:
     if kind == "default":
         return None
     if kind not in ("llama3", "linear"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; Baton supports llama3 and linear")
+        raise ValueError(
+            f"unsupported rope_scaling type {kind!r}; Baton supports llama3 and linear"
+        )
     return {**rope_scaling, "rope_type": kind}
 
 
@@ -155,7 +161,9 @@ class EngineConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:

@@ -211,6 +211,8 @@ class LLMEngine:
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason,
-            logprobs=list(request.logprobs) if request.sampling_params.logprobs is not None else None,
+            logprobs=list(request.logprobs)
+            if request.sampling_params.logprobs is not None
+            else None,
             num_cached_tokens=request.num_cached_tokens,
         )

@@ -26,7 +26,9 @@ def weight_files(model_dir: Path) -> list[Path]:
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{model_dir}: index names weight files that are missing: {missing}")
+            raise FileNotFoundError(
+                f"{model_dir}: index names weight files that are missing: {missing}"
+            )
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -51,7 +53,7 @@ def load_model(
     loaded: set[str] = set()
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if name not in params:

@@ -51,9 +51,16 @@ class ModelRunner:
         self.backend = TorchAttentionBackend(spec)
         self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
-        shape = (2, self.num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
+        shape = (
+            2,
+            self.num_blocks,
+            self.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+        )
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(model_config.num_layers)
+            torch.zeros(shape, dtype=dtype, device=self.device)
+            for _ in range(model_config.num_layers)
         ]
         self.sampler = Sampler(self.device, config.seed)
 

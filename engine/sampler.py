@@ -81,7 +81,9 @@ class Sampler:
         logprobs = raw.log_softmax(dim=-1)
         max_n = max(n or 0 for n in wanted)
         top = logprobs.topk(max_n, dim=-1) if max_n else None
-        chosen = logprobs.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[
+            :, 0
+        ].tolist()
         result = []
         for i, n in enumerate(wanted):
             if n is None:
@@ -115,9 +117,13 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(request.all_token_ids)), device=logits.device)
             row = logits[i, seen]
-            logits[i, seen] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            logits[i, seen] = torch.where(
+                row > 0, row / p.repetition_penalty, row * p.repetition_penalty
+            )
         if request.output_token_ids and (p.presence_penalty or p.frequency_penalty):
             out = torch.tensor(request.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(
+                logits.dtype
+            )
     return logits

@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.testing import write_test_checkpoint
-from tests.conftest import PROMPT_LENGTHS, Reference, random_prompts
+from tests.helpers import PROMPT_LENGTHS, Reference, random_prompts
 
 MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

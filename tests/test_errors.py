@@ -49,8 +49,12 @@ def test_missing_folder_and_missing_tensor(tmp_path):
 
 @pytest.mark.parametrize(
     "prompt, match",
-    [("", "prompt is empty"), ([], "prompt is empty"), ([5] * 512, "longer than the context"),
-     ([5, 100000], "token ids must be integers in")],
+    [
+        ("", "prompt is empty"),
+        ([], "prompt is empty"),
+        ([5] * 512, "longer than the context"),
+        ([5, 100000], "token ids must be integers in"),
+    ],
 )
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.request import Request
 from engine.sampler import Sampler, apply_penalties
-from tests.conftest import random_prompts
+from tests.helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,9 @@ def test_top_p_keeps_the_nucleus():
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
     request = Request(
-        "r", [0, 1], SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+        "r",
+        [0, 1],
+        SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
     )
     request.append_output_token(2)
     request.append_output_token(2)
@@ -72,7 +74,8 @@ def test_stop_token_ids_and_max_tokens(llm):
     free = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
     stop_at = free.token_ids[5]
     out = llm.generate(
-        prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at])
+        prompt,
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_at]),
     )[0]
     first = free.token_ids.index(stop_at)
     assert out.token_ids == free.token_ids[: first + 1]
@@ -98,13 +101,19 @@ def test_stop_strings_truncate_text(llm):
     free = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
     assert len(free.text) > 6
     stop = free.text[3:6]
-    out = llm.generate(prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate(
+        prompt, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop])
+    )[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == free.text[: free.text.index(stop)]
     kept = llm.generate(
         prompt,
         SamplingParams(
-            max_tokens=20, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+            max_tokens=20,
+            temperature=0.0,
+            ignore_eos=True,
+            stop=[stop],
+            include_stop_str_in_output=True,
         ),
     )[0]
     assert kept.text == free.text[: free.text.index(stop) + len(stop)]
@@ -116,7 +125,9 @@ def test_streamed_deltas_add_up_and_hold_back_stop_prefixes(model_dir):
     prompt = "The café was"
     free = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0]
     stop = free.text[-4:]
-    engine.add_request("s", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop]))
+    engine.add_request(
+        "s", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop])
+    )
     deltas, tokens = [], []
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -132,7 +143,7 @@ def test_streamed_deltas_add_up_and_hold_back_stop_prefixes(model_dir):
 def test_logprobs_are_the_model_distribution(llm, reference):
     prompt = random_prompts([30], seed=15)[0]
     out = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0, logprobs=5))[0]
-    (chosen, top), = out.logprobs
+    ((chosen, top),) = out.logprobs
     ref = reference.last_logits(prompt).log_softmax(-1)
     values, indices = ref.topk(5)
     assert [t for t, _ in top] == indices.tolist()

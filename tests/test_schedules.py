@@ -9,7 +9,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.scheduler import Scheduler
-from tests.conftest import random_prompts
+from tests.helpers import random_prompts
 
 
 def check_invariants(engine):
@@ -65,8 +65,10 @@ def test_random_schedules_return_every_block(model_dir, reference, seed):
         steps += 1
         assert steps < 5000, "the engine stopped making progress"
     assert engine.kv_manager.num_free_blocks == num_blocks
-    print(f"seed {seed}: preemptions {engine.scheduler.num_preemptions} aborted {len(aborted)} "
-          f"hit rate {engine.kv_manager.stats.hit_rate:.2f}")
+    print(
+        f"seed {seed}: preemptions {engine.scheduler.num_preemptions} aborted {len(aborted)} "
+        f"hit rate {engine.kv_manager.stats.hit_rate:.2f}"
+    )
     assert set(finished) | aborted == set(range(len(prompts)))
     for i, tokens in finished.items():
         assert tokens == reference.greedy(prompts[i], max_tokens[i])

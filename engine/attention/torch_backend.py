@@ -61,7 +61,11 @@ class TorchAttentionBackend(AttentionBackend):
             decodes = _Decodes(token_idx, tables, visible[:, None, None, :])
         prefills = []
         for i in prefill_seqs:
-            start, end, seq_len = meta.query_start_loc[i], meta.query_start_loc[i + 1], meta.seq_lens[i]
+            start, end, seq_len = (
+                meta.query_start_loc[i],
+                meta.query_start_loc[i + 1],
+                meta.seq_lens[i],
+            )
             blocks = meta.block_tables[i, : -(-seq_len // bs)]
             query_len = end - start
             mask = None
@@ -96,7 +100,12 @@ class TorchAttentionBackend(AttentionBackend):
             k = gather_blocks(kv_cache[0], p.blocks)[: p.seq_len].transpose(0, 1).unsqueeze(0)
             v = gather_blocks(kv_cache[1], p.blocks)[: p.seq_len].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=p.mask, is_causal=p.mask is None, scale=spec.scale,
+                q,
+                k,
+                v,
+                attn_mask=p.mask,
+                is_causal=p.mask is None,
+                scale=spec.scale,
                 enable_gqa=True,
             )
             out[p.start : p.end] = o[0].transpose(0, 1)
