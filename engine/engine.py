@@ -7,7 +7,7 @@ Inputs are validated in `add_request`, before any model work, with errors that s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +17,7 @@ from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -36,39 +37,6 @@ class RequestOutput:
     stop_reason: int | str | None = None  # the stop token or string that ended it
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-
-@dataclass
-class _TextState:
-    """Detokenization and stop-string state of one request."""
-
-    prompt: str | None
-    detokenizer: IncrementalDetokenizer | None
-    stop: list[str]
-    include_stop: bool
-    text: str = ""
-    num_emitted_chars: int = 0
-    num_emitted_tokens: int = 0
-    stop_hit: str | None = field(default=None)
-
-    def append(self, new_token_ids: list[int]) -> None:
-        if self.detokenizer is None:
-            return
-        before = len(self.text)
-        self.text += self.detokenizer.append(new_token_ids)
-        for stop in self.stop:
-            # Only the new text and the tail that could complete a stop string need a look.
-            at = self.text.find(stop, max(0, before - len(stop) + 1))
-            if at != -1:
-                self.text = self.text[: at + len(stop) if self.include_stop else at]
-                self.stop_hit = stop
-                return
-
-    def releasable_chars(self, finished: bool) -> int:
-        """Text safe to stream: hold back a tail that may be the start of a stop string."""
-        if finished or not self.stop:
-            return len(self.text)
-        return max(self.num_emitted_chars, len(self.text) - (max(map(len, self.stop)) - 1))
 
 
 class LLMEngine:
@@ -99,13 +67,13 @@ class LLMEngine:
             self.max_model_len,
             eos,
         )
-        self._text: dict[str, _TextState] = {}
+        self._text: dict[str, TextStream] = {}
 
     # -- requests -------------------------------------------------------------------------
 
     def make_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> tuple[Request, _TextState]:
+    ) -> tuple[Request, TextStream]:
         """Validate and tokenize one prompt; changes nothing in the engine."""
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -143,14 +111,14 @@ class LLMEngine:
             if self.tokenizer
             else None
         )
-        state = _TextState(text_prompt, detok, params.stop, params.include_stop_str_in_output)
+        state = TextStream(text_prompt, detok, params.stop, params.include_stop_str_in_output)
         return request, state
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         request, state = self.make_request(request_id, prompt, params)
         self.enqueue(request, state)
 
-    def enqueue(self, request: Request, state: _TextState) -> None:
+    def enqueue(self, request: Request, state: TextStream) -> None:
         self.scheduler.add_request(request)
         self._text[request.request_id] = state
 
@@ -164,13 +132,52 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_schedulable_requests(self) -> bool:
+        return self.scheduler.has_schedulable()
+
+    # -- decode role: the prompt's KV and first token come from a prefill worker -------------
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Validate the request and hold blocks for its prompt KV; None if none are free now."""
+        request, state = self.make_request(request_id, prompt_token_ids, params)
+        block_ids = self.scheduler.reserve(request)
+        if block_ids is not None:
+            self._text[request_id] = state
+        return block_ids
+
+    def release(self, request_id: str) -> None:
+        """Give back a reservation whose KV will not come (failed or cancelled transfer)."""
+        self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        self._text.pop(request_id, None)
+
+    def admit_prefilled(
+        self, request_id: str, first_token: int, first_logprobs=None
+    ) -> RequestOutput | None:
+        """The prompt KV is in the reserved blocks: decode from `first_token` on. Returns the
+        final output if that token already ends the request, else None."""
+        request = self.scheduler.admit_prefilled(request_id, first_token)
+        if first_logprobs is not None:
+            request.logprobs.append(first_logprobs)
+        # The prefill worker drew once from this request's seeded stream; draw the same here so
+        # the samples continue exactly as on a single engine.
+        self.runner.sampler.skip_draw(request, self.model_config.vocab_size)
+        state = self._text[request_id]
+        state.append([first_token])
+        state.take_delta(finished=False)  # the prefill side already streamed token 1
+        state.num_emitted_tokens = 1
+        if request.is_finished:
+            return self._output(request, finished=True)
+        return None
+
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for each request that made progress."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_schedulable():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         result = self.runner.execute(sched)
@@ -195,9 +202,7 @@ class LLMEngine:
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id
         state = self._text.pop(rid) if finished else self._text[rid]
-        release = state.releasable_chars(finished)
-        new_text = state.text[state.num_emitted_chars : release]
-        state.num_emitted_chars = release
+        new_text = state.take_delta(finished)
         new_tokens = request.output_token_ids[state.num_emitted_tokens :]
         state.num_emitted_tokens = request.num_output_tokens
         return RequestOutput(
@@ -205,7 +210,7 @@ class LLMEngine:
             prompt=state.prompt,
             prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids),
-            text=state.text[:release],
+            text=state.text[: state.num_emitted_chars],
             new_token_ids=new_tokens,
             new_text=new_text,
             finished=finished,

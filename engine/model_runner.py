@@ -14,6 +14,7 @@ import torch
 from engine.attention.backend import AttentionMetadata, AttentionSpec
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig, ModelConfig
+from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
@@ -63,6 +64,8 @@ class ModelRunner:
             for _ in range(model_config.num_layers)
         ]
         self.sampler = Sampler(self.device, config.seed)
+        # Set by a prefill worker: moves KV out while the forward pass runs.
+        self.kv_connector: KVConnector | None = None
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -88,14 +91,21 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched)
         self.backend.prepare(meta)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_rows:
-            return RunnerOutput({}, {})
-        logits = self.model.compute_logits(hidden[sample_rows])
-        out: SamplerOutput = self.sampler(logits, sample_requests)
-        ids = [r.request_id for r in sample_requests]
-        logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
-        return RunnerOutput(dict(zip(ids, out.token_ids)), logprobs, logits)
+        connector = self.kv_connector
+        layer_done = None
+        if connector is not None and connector.on_step_start(sched):
+            layer_done = connector.on_layer_done
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
+        result = RunnerOutput({}, {})
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            out: SamplerOutput = self.sampler(logits, sample_requests)
+            ids = [r.request_id for r in sample_requests]
+            logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
+            result = RunnerOutput(dict(zip(ids, out.token_ids)), logprobs, logits)
+        if connector is not None:
+            connector.on_step_end(sched)
+        return result
 
     def _prepare(self, sched: SchedulerOutput):
         tokens: list[int] = []

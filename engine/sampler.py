@@ -65,6 +65,13 @@ class Sampler:
             noise[i].exponential_(generator=self._generator_for(request))
         return (probs / noise).argmax(dim=-1)
 
+    def skip_draw(self, request: Request, vocab_size: int) -> None:
+        """Advance a seeded request's stream past one sampling step done on another worker."""
+        params = request.sampling_params
+        if params.seed is not None and not params.greedy:
+            noise = torch.empty(vocab_size, device=self.device)
+            noise.exponential_(generator=self._generator_for(request))
+
     def _generator_for(self, request: Request) -> torch.Generator:
         seed = request.sampling_params.seed
         if seed is None:

@@ -67,6 +67,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in arrival order
         self.requests: dict[str, Request] = {}
+        # Decode role: requests holding blocks that another worker is filling with prompt KV.
+        self.reserved: dict[str, Request] = {}
         self.num_preemptions = 0
 
     def add_request(self, request: Request) -> None:
@@ -76,6 +78,10 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def has_schedulable(self) -> bool:
+        """Work a step can do now (reserved requests wait for their KV instead)."""
+        return bool(self.running or self.waiting)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -118,6 +124,36 @@ class Scheduler:
             )
             budget -= num_tokens
         return out
+
+    # -- decode role: prompt KV computed elsewhere ------------------------------------------
+
+    def reserve(self, request: Request) -> list[int] | None:
+        """Hold blocks for the request's prompt KV, which a prefill worker will write.
+
+        Returns the block ids, or None if `max_num_seqs` or the free blocks cannot take it now
+        (the caller retries later). Requests waiting to recompute locally go first."""
+        if self.waiting or len(self.running) + len(self.reserved) >= self.max_num_seqs:
+            return None
+        assert request.request_id not in self.requests, "duplicate request id"
+        if not self.kv.allocate(request, request.num_prompt_tokens):
+            return None
+        self.requests[request.request_id] = request
+        self.reserved[request.request_id] = request
+        return self.kv.block_ids(request.request_id)
+
+    def admit_prefilled(self, request_id: str, first_token: int) -> Request:
+        """The reserved request's prompt KV has arrived, with the token sampled after it: it
+        joins the running batch (or finishes at once if that token ends it)."""
+        request = self.reserved.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_computed_blocks(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        request.append_output_token(first_token)
+        reason = self._check_stop(request, first_token)
+        if reason is not None:
+            self.finish(request_id, reason)
+        return request
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Preempt by recompute; returns the budget the victim had taken this step, if any."""
@@ -179,7 +215,7 @@ class Scheduler:
         request.status = status
         if request in self.running:
             self.running.remove(request)
-        else:
+        elif self.reserved.pop(request_id, None) is None:
             self.waiting.remove(request)
         self.kv.free(request)
         return request

@@ -8,6 +8,7 @@ attends through the attention backend over the paged KV cache.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -158,11 +159,15 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[torch.Tensor],  # one per layer
         meta: AttentionMetadata,
+        layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [num_tokens, hidden_size]."""
+        """Hidden states after the final norm, [num_tokens, hidden_size]. `layer_done(i)` is
+        called once layer i has written its KV (KV transfer overlaps the later layers)."""
         x = self.model.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
             x = layer(positions, x, kv_cache, meta)
+            if layer_done is not None:
+                layer_done(i)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
