@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -19,7 +20,74 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from deploy.launcher import deploy, load_config
+
+    config = load_config(args.config, args.model)
+
+    async def serve() -> None:
+        deployment = await deploy(config, args.grpc_port)
+        print(
+            f"Baton serving {sorted(config.tiers)} on port {deployment.grpc_port} "
+            f"({len(deployment.actors)} workers). Try: baton generate --target "
+            f'localhost:{deployment.grpc_port} "Hello"',
+            flush=True,
+        )
+        try:
+            await deployment.grpc_server.wait_for_termination()
+        finally:
+            await deployment.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+def cmd_generate_remote(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto import serving_pb2, serving_pb2_grpc
+
+    sampling = serving_pb2.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = serving_pb2.GenerateRequest(
+        prompt=" ".join(args.prompt), sampling=sampling, model=args.tier
+    )
+    with grpc.insecure_channel(args.target) as channel:
+        stub = serving_pb2_grpc.BatonStub(channel)
+        try:
+            last = None
+            for last in stub.Generate(request, timeout=args.timeout):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            print(f"\nbaton: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    sys.stdout.write("\n")
+    if last is not None:
+        print(
+            f"[{last.usage.completion_tokens} tokens, finish_reason={last.finish_reason}, "
+            f"ttft={last.timings.ttft_ms:.1f}ms, e2e={last.timings.e2e_ms:.1f}ms, "
+            f"tier={last.model}, prefill={last.prefill_instance}, decode={last.decode_instance}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        return cmd_generate_remote(args)
     from engine import EngineConfig, LLMEngine, SamplingParams
     from engine.testing import ensure_default_model
 
@@ -59,15 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a completion for a prompt, offline")
+    gen = sub.add_parser("generate", help="generate a completion (offline, or from --target)")
     gen.add_argument("prompt", nargs="+", help="the prompt text")
     gen.add_argument(
         "--model", default=None, help="Hugging Face model folder (default: the small demo model)"
     )
+    gen.add_argument("--target", default=None, help="HOST:PORT of a Baton server (else: offline)")
+    gen.add_argument("--tier", default="", help="model tier on the server (default: auto)")
+    gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--num-blocks", type=int, default=None)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run the router and workers (default: embedded demo)")
+    serve.add_argument("--config", default=None, help="YAML config (default: embedded demo)")
+    serve.add_argument("--model", default=None, help="model folder for every tier")
+    serve.add_argument("--grpc-port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -1,0 +1,199 @@
+"""The decode worker: reserves blocks for a prompt's KV, receives it from a prefill worker,
+then decodes in its continuous batch and publishes one batched token update per step.
+
+Runs as a Ray actor (see deploy/launcher.py); the class itself is plain Python."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import torch
+from kvtransfer import KVTransferAgent, TransferState
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.engine_thread import EngineThread
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenUpdate:
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list | None = None  # one entry per new token, when asked for
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | None = None
+    error: str | None = None  # set when the request failed here (e.g. its KV never arrived)
+
+
+@dataclasses.dataclass
+class _Handoff:
+    transfer_id: int
+    arrived: bool = False
+    first: tuple[int, tuple | None] | None = None  # (first token, its logprobs), from the router
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_args: dict,
+        store_host: str,
+        store_port: int,
+        transfer_timeout_s: float = 30.0,
+        torch_threads: int | None = None,
+    ):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.worker_id = worker_id
+        self.engine = LLMEngine(EngineConfig(**engine_args))
+        self.agent = KVTransferAgent(
+            worker_id,
+            self.engine.runner.kv_caches,
+            store_host,
+            store_port,
+            role="decode",
+            timeout_s=transfer_timeout_s,
+        )
+        self._handoffs: dict[str, _Handoff] = {}  # reserved requests, by request id
+        self._by_transfer: dict[int, str] = {}
+        self._updates: list[list[TokenUpdate]] = []
+        self._updates_cv = threading.Condition()
+        self.num_transfers_failed = 0
+        self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
+
+    def ping(self) -> str:
+        return self.worker_id
+
+    def connect(self, peer_id: str) -> None:
+        """Build (once) the communicator to a prefill worker; it calls its side concurrently."""
+        self.agent.connect(peer_id)
+
+    def reserve(
+        self,
+        request_id: str,
+        transfer_id: int,
+        peer_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+    ) -> bool:
+        """Hold blocks for the prompt's KV and expect it from `peer_id` under `transfer_id`.
+        False when no blocks are free now (the router waits and asks again)."""
+
+        def fn(engine: LLMEngine) -> bool:
+            block_ids = engine.reserve(
+                request_id, prompt_token_ids, dataclasses.replace(params, stop=[])
+            )
+            if block_ids is None:
+                return False
+            self.agent.expect(transfer_id, peer_id, block_ids)
+            self._handoffs[request_id] = _Handoff(transfer_id)
+            self._by_transfer[transfer_id] = request_id
+            return True
+
+        return self.loop.call(fn)
+
+    def start(self, request_id: str, first_token: int, first_logprobs: tuple | None = None) -> None:
+        """The prefill worker sampled `first_token`; decode from it once the KV is in."""
+
+        def fn(engine: LLMEngine) -> None:
+            handoff = self._handoffs.get(request_id)
+            if handoff is None:
+                raise KeyError(f"no reservation for request {request_id}")
+            handoff.first = (first_token, first_logprobs)
+            self._try_admit(engine, request_id)
+
+        self.loop.call(fn)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel: a reservation is released (its transfer ignored), a running request ends."""
+
+        def fn(engine: LLMEngine) -> None:
+            handoff = self._handoffs.pop(request_id, None)
+            if handoff is not None:
+                self.agent.cancel(handoff.transfer_id)
+                self._by_transfer.pop(handoff.transfer_id, None)
+                engine.release(request_id)
+            else:
+                engine.abort_request(request_id)
+
+        self.loop.call(fn)
+
+    def poll_updates(self, timeout_s: float = 1.0) -> list[list[TokenUpdate]]:
+        """Long poll: every step's batched update since the last call (waits up to timeout_s
+        for the first one). One call carries all requests' tokens, not one message per token."""
+        with self._updates_cv:
+            if not self._updates:
+                self._updates_cv.wait(timeout_s)
+            updates, self._updates = self._updates, []
+        return updates
+
+    def _publish(self, batch: list[TokenUpdate]) -> None:
+        if batch:
+            with self._updates_cv:
+                self._updates.append(batch)
+                self._updates_cv.notify_all()
+
+    def _on_outputs(self, outputs) -> None:
+        batch = []
+        for out in outputs:
+            new = out.new_token_ids
+            logprobs = out.logprobs[-len(new) :] if out.logprobs and new else None
+            batch.append(
+                TokenUpdate(
+                    out.request_id,
+                    out.new_token_ids,
+                    logprobs,
+                    out.finish_reason,
+                    out.stop_reason if isinstance(out.stop_reason, int) else None,
+                )
+            )
+        self._publish(batch)
+
+    def _poll_transfers(self, engine: LLMEngine) -> bool:
+        failed = []
+        for transfer_id, state in self.agent.poll().items():
+            request_id = self._by_transfer.pop(transfer_id, None)
+            if request_id is None:
+                continue  # cancelled meanwhile
+            if state is TransferState.DONE:
+                self._handoffs[request_id].arrived = True
+                self._try_admit(engine, request_id)
+            else:
+                self._handoffs.pop(request_id, None)
+                engine.release(request_id)
+                self.num_transfers_failed += 1
+                failed.append(TokenUpdate(request_id, [], error=f"KV transfer {state.value}"))
+        self._publish(failed)
+        return bool(self._handoffs)
+
+    def _try_admit(self, engine: LLMEngine, request_id: str) -> None:
+        handoff = self._handoffs[request_id]
+        if not (handoff.arrived and handoff.first):
+            return
+        del self._handoffs[request_id]
+        final = engine.admit_prefilled(request_id, *handoff.first)
+        if final is not None:
+            self._on_outputs([final])
+
+    def stats(self) -> dict:
+        def fn(engine: LLMEngine) -> dict:
+            kv = engine.kv_manager
+            return {
+                "worker_id": self.worker_id,
+                "role": "decode",
+                "num_blocks": kv.num_blocks,
+                "num_free_blocks": kv.num_free_blocks,
+                "num_running": len(engine.scheduler.running),
+                "num_reserved": len(engine.scheduler.reserved),
+                "num_waiting": len(engine.scheduler.waiting),
+                "num_transfers_failed": self.num_transfers_failed,
+            }
+
+        return self.loop.call(fn)
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        self.agent.close()

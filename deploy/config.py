@@ -1,0 +1,109 @@
+"""Baton's deployment config: tiers (model + engine args) and worker pools. Loaded from YAML and
+validated here, so a bad config fails at start with a message naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass
+class TierConfig:
+    name: str
+    model: str | None = None  # a Hugging Face model folder; None: the embedded demo model
+    dtype: str = "auto"
+    engine_args: dict = field(default_factory=dict)  # EngineConfig fields (block_size, ...)
+    max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+
+
+@dataclass
+class PoolConfig:
+    tier: str
+    role: str
+    count: int = 1
+    # Ray resources per worker, e.g. {"GPU": 1, "prefill_gpu": 1} or {"CPU": 1}.
+    resources: dict = field(default_factory=lambda: {"CPU": 1})
+
+
+@dataclass
+class BatonConfig:
+    tiers: dict[str, TierConfig]
+    pools: list[PoolConfig]
+    default_tier: str
+    ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://...": join one
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    transfer_backend: str = "auto"  # gloo | nccl | auto
+    transfer_timeout_s: float = 30.0
+    max_attempts: int = 3  # placements per request before it fails
+
+    def __post_init__(self) -> None:
+        if not self.tiers:
+            raise ValueError("config: at least one tier is needed")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"config: default_tier {self.default_tier!r} is not a tier")
+        for pool in self.pools:
+            if pool.tier not in self.tiers:
+                raise ValueError(f"config: pool names unknown tier {pool.tier!r}")
+            if pool.role not in ROLES:
+                raise ValueError(f"config: pool role must be one of {ROLES}, got {pool.role!r}")
+            if pool.count < 1:
+                raise ValueError(f"config: pool count must be >= 1, got {pool.count}")
+        for name in self.tiers:
+            roles = {p.role for p in self.pools if p.tier == name}
+            if roles != set(ROLES):
+                raise ValueError(f"config: tier {name!r} needs a prefill and a decode pool")
+        if self.max_attempts < 1:
+            raise ValueError("config: max_attempts must be >= 1")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> BatonConfig:
+        raw = dict(raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"config: unknown keys {sorted(unknown)}")
+        tiers = {
+            name: _build(TierConfig, {"name": name, **(spec or {})}, f"tiers.{name}")
+            for name, spec in (raw.pop("tiers", None) or {}).items()
+        }
+        pools = [
+            _build(PoolConfig, spec, f"pools[{i}]") for i, spec in enumerate(raw.pop("pools", []))
+        ]
+        raw.setdefault("default_tier", next(iter(tiers), ""))
+        return cls(tiers=tiers, pools=pools, **raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BatonConfig:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    @classmethod
+    def embedded_default(cls) -> BatonConfig:
+        """One CPU machine: the demo model, one prefill and one decode worker."""
+        return cls.from_dict(
+            {
+                "tiers": {
+                    "tiny": {
+                        "engine_args": {"num_blocks": 512, "max_num_batched_tokens": 512},
+                    }
+                },
+                "pools": [
+                    {"tier": "tiny", "role": "prefill", "count": 1},
+                    {"tier": "tiny", "role": "decode", "count": 1},
+                ],
+            }
+        )
+
+
+def _build(cls, spec: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"config: {where} has unknown keys {sorted(unknown)}")
+    return cls(**spec)

@@ -1,0 +1,147 @@
+"""Starting Baton on Ray: the KV store, the worker actors of every pool, the router, gRPC.
+
+The driver process (this one) is the router. Pools map to Ray resources, so on a cluster
+started with `ray up deploy/cluster.yaml` prefill workers land on nodes that advertise
+`prefill_gpu` and decode workers on nodes that advertise `decode_gpu`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.config import BatonConfig, TierConfig
+from engine.config import ModelConfig
+from engine.tokenizer import Tokenizer
+from router.router import Router, TierInfo
+from router.server import start_grpc_server
+from router.workers import RayWorkerClient, Worker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(tier: TierConfig) -> str:
+    if tier.model:
+        return tier.model
+    from engine.testing import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+def tier_info(tier: TierConfig, path: str) -> TierInfo:
+    model_config = ModelConfig.from_pretrained(path)
+    max_len = tier.engine_args.get("max_model_len") or model_config.max_position_embeddings
+    return TierInfo(
+        name=tier.name,
+        path=path,
+        tokenizer=Tokenizer.from_pretrained(path),
+        vocab_size=model_config.vocab_size,
+        max_model_len=max_len,
+        max_tokens_limit=tier.max_tokens_limit,
+        default_max_tokens=tier.default_max_tokens,
+    )
+
+
+@dataclass
+class Deployment:
+    config: BatonConfig
+    router: Router
+    actors: dict[str, object] = field(default_factory=dict)  # worker id -> Ray actor handle
+    store: object = None
+    grpc_server: object = None
+    grpc_port: int = 0
+
+    async def stop(self) -> None:
+        import ray
+
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        await self.router.stop()
+        for actor in self.actors.values():
+            ray.kill(actor)
+
+
+def _ray_init(config: BatonConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.ray_address:
+        ray.init(address=config.ray_address)
+        return
+    # A local Ray with enough CPU slots for every worker, even on a 2-core machine.
+    needed = sum(p.count * p.resources.get("CPU", 0) for p in config.pools)
+    ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False)
+
+
+def start_workers(config: BatonConfig, store_host: str, store_port: int):
+    """Create every pool's actors; returns (workers, actors, tier infos)."""
+    import ray
+
+    from decode_worker import DecodeWorker
+    from prefill_worker import PrefillWorker
+
+    workers, actors, tiers = [], {}, {}
+    for name, tier in config.tiers.items():
+        path = resolve_model(tier)
+        tiers[name] = tier_info(tier, path)
+        engine_args = {"model": path, "dtype": tier.dtype, **tier.engine_args}
+        for pool in (p for p in config.pools if p.tier == name):
+            cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
+            resources = dict(pool.resources)
+            num_cpus = resources.pop("CPU", 1)
+            num_gpus = resources.pop("GPU", 0)
+            on_cpu = num_gpus == 0
+            for i in range(pool.count):
+                worker_id = f"{name}-{pool.role}-{i}"
+                actor = (
+                    ray.remote(cls)
+                    .options(
+                        name=f"baton:{worker_id}",
+                        num_cpus=num_cpus,
+                        num_gpus=num_gpus,
+                        resources=resources,
+                        max_concurrency=64,
+                        max_restarts=0,
+                    )
+                    .remote(
+                        worker_id,
+                        {**engine_args, "device": "cpu" if on_cpu else "cuda"},
+                        store_host,
+                        store_port,
+                        config.transfer_timeout_s,
+                        1 if on_cpu else None,
+                    )
+                )
+                actors[worker_id] = actor
+                workers.append(Worker(worker_id, pool.role, name, RayWorkerClient(actor)))
+    ray.get([a.ping.remote() for a in actors.values()])  # wait until every engine is loaded
+    return workers, actors, tiers
+
+
+async def deploy(config: BatonConfig, grpc_port: int | None = None) -> Deployment:
+    """Bring up everything and serve gRPC; returns once the port accepts requests."""
+    import ray
+    from kvtransfer.store import start_store
+
+    _ray_init(config)
+    host = ray.util.get_node_ip_address()
+    store, store_port = start_store(host)
+    workers, actors, tiers = await asyncio.to_thread(start_workers, config, host, store_port)
+    router = Router(tiers, config.default_tier, workers, config.max_attempts)
+    await router.start()
+    port = config.grpc_port if grpc_port is None else grpc_port
+    server, bound = await start_grpc_server(router, config.grpc_host, port)
+    log.info("Baton up: %d workers, gRPC on port %d", len(workers), bound)
+    return Deployment(config, router, actors, store, server, bound)
+
+
+def load_config(path: str | None, model: str | None) -> BatonConfig:
+    config = BatonConfig.load(path) if path else BatonConfig.embedded_default()
+    if model:
+        for tier in config.tiers.values():
+            tier.model = str(Path(model))
+    return config

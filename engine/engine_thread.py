@@ -1,0 +1,92 @@
+"""Runs an `LLMEngine` step loop on a thread of its own; other threads hand it calls to run
+between steps. This is how a worker process serves RPCs while its engine keeps stepping:
+engine state is only ever touched from the loop thread, so it needs no locks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from engine.engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+# How often the loop wakes up while it has nothing to step but `poll` may find work (transfers).
+_POLL_INTERVAL_S = 0.001
+
+
+class EngineThread:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_outputs: Callable[[list[RequestOutput]], None],
+        poll: Callable[[LLMEngine], bool] | None = None,
+    ):
+        """`on_outputs` gets each step's outputs (on the loop thread). `poll`, if given, runs on
+        the loop thread before every step and returns whether it still waits for something
+        (then the idle loop wakes every millisecond instead of sleeping until a call comes)."""
+        self.engine = engine
+        self._on_outputs = on_outputs
+        self._poll = poll
+        self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Run `fn(engine)` on the loop thread before its next step."""
+        future: Future = Future()
+        if self.error is not None:
+            future.set_exception(RuntimeError(f"engine loop died: {self.error!r}"))
+            return future
+        self._calls.put((fn, future))
+        self._wake.set()
+        return future
+
+    def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 60.0) -> Any:
+        return self.submit(fn).result(timeout)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as e:  # the caller gets it; the loop goes on
+                future.set_exception(e)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._wake.clear()
+                self._run_calls()
+                waiting = self._poll(self.engine) if self._poll else False
+                if self.engine.has_schedulable_requests():
+                    self._on_outputs(self.engine.step())
+                else:
+                    self._wake.wait(_POLL_INTERVAL_S if waiting else 1.0)
+        except BaseException as e:
+            log.exception("engine loop died")
+            self.error = e
+            self._run_calls_failing()
+
+    def _run_calls_failing(self) -> None:
+        while True:
+            try:
+                _, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(RuntimeError(f"engine loop died: {self.error!r}"))

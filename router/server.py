@@ -1,0 +1,125 @@
+"""The gRPC front door: `baton.v1.Baton` plus the standard health and reflection services."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.sampling_params import SamplingParams
+from proto import serving_pb2, serving_pb2_grpc
+from router.router import RequestError, Router
+
+log = logging.getLogger(__name__)
+
+
+def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:
+    """Proto → engine params; raises ValueError (→ INVALID_ARGUMENT) on bad values."""
+    kwargs = dict(
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        stop=list(sp.stop),
+        stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
+        include_stop_str_in_output=sp.include_stop_str_in_output,
+    )
+    for name in ("temperature", "top_p", "seed", "repetition_penalty", "logprobs"):
+        if sp.HasField(name):
+            kwargs[name] = getattr(sp, name)
+    return SamplingParams(**kwargs)
+
+
+def _logprobs_to_proto(token_ids, logprobs) -> list[serving_pb2.TokenLogprob]:
+    out = []
+    for token_id, entry in zip(token_ids, logprobs or []):
+        if entry is None:
+            continue
+        chosen, top = entry
+        out.append(
+            serving_pb2.TokenLogprob(
+                token_id=token_id,
+                logprob=chosen,
+                top_token_ids=[t for t, _ in top],
+                top_logprobs=[lp for _, lp in top],
+            )
+        )
+    return out
+
+
+class BatonServicer(serving_pb2_grpc.BatonServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def Generate(self, request: serving_pb2.GenerateRequest, context):
+        try:
+            params = sampling_from_proto(request.sampling)
+            max_tokens = (
+                request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+            )
+            req = self.router.validate(
+                request.prompt, list(request.prompt_token_ids), request.model, params, max_tokens
+            )
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RequestError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        if request.request_id:
+            req.request_id = request.request_id
+        try:
+            async for chunk in self.router.generate(req):
+                msg = serving_pb2.GenerateResponse(
+                    token_ids=chunk.token_ids,
+                    text=chunk.text,
+                    finish_reason=chunk.finish_reason or "",
+                    request_id=req.request_id,
+                    logprobs=_logprobs_to_proto(chunk.token_ids, chunk.logprobs),
+                    stop_reason=chunk.stop_reason or "",
+                )
+                if chunk.usage is not None:
+                    msg.usage.CopyFrom(serving_pb2.Usage(**chunk.usage))
+                    msg.timings.CopyFrom(serving_pb2.Timings(**chunk.timings))
+                    msg.model = chunk.tier
+                    msg.prefill_instance = chunk.prefill_instance
+                    msg.decode_instance = chunk.decode_instance
+                yield msg
+        except RequestError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+
+    async def ListModels(self, request, context):
+        models = []
+        for tier in self.router.tiers.values():
+            workers = [w for w in self.router.workers if w.tier == tier.name and w.alive]
+            models.append(
+                serving_pb2.ModelInfo(
+                    name=tier.name,
+                    path=tier.path,
+                    max_model_len=tier.max_model_len,
+                    prefill_instances=sum(w.role == "prefill" for w in workers),
+                    decode_instances=sum(w.role == "decode" for w in workers),
+                )
+            )
+        return serving_pb2.ListModelsResponse(models=models, default_model=self.router.default_tier)
+
+
+async def start_grpc_server(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Serve Baton, health and reflection on one port; returns the server and the bound port."""
+    server = grpc.aio.server()
+    serving_pb2_grpc.add_BatonServicer_to_server(BatonServicer(router), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        serving_pb2.DESCRIPTOR.services_by_name["Baton"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", service_names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC serving on %s:%d", host, bound)
+    return server, bound
