@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,8 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
     """Create every pool's actors; returns (workers, actors, tier infos)."""
     import ray
 
+    deployment_id = uuid.uuid4().hex[:8]  # actor names stay unique across deployments
+
     from decode_worker import DecodeWorker
     from prefill_worker import PrefillWorker
 
@@ -100,7 +103,7 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
                 actor = (
                     ray.remote(cls)
                     .options(
-                        name=f"baton:{worker_id}",
+                        name=f"baton-{deployment_id}:{worker_id}",
                         num_cpus=num_cpus,
                         num_gpus=num_gpus,
                         resources=resources,
