@@ -128,6 +128,7 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
 async def deploy(config: BatonConfig, grpc_port: int | None = None) -> Deployment:
     """Bring up everything and serve gRPC; returns once the port accepts requests."""
     import ray
+
     from kvtransfer.store import start_store
 
     _ray_init(config)
