@@ -44,6 +44,7 @@ class DecodeWorker:
         store_port: int,
         transfer_timeout_s: float = 30.0,
         torch_threads: int | None = None,
+        transfer_backend: str = "auto",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -54,8 +55,9 @@ class DecodeWorker:
             self.engine.runner.kv_caches,
             store_host,
             store_port,
-            role="decode",
+            backend=transfer_backend,
             timeout_s=transfer_timeout_s,
+            role="decode",
         )
         self._handoffs: dict[str, _Handoff] = {}  # reserved requests, by request id
         self._by_transfer: dict[int, str] = {}

@@ -117,6 +117,7 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
                         store_port,
                         config.transfer_timeout_s,
                         1 if on_cpu else None,
+                        config.transfer_backend,
                     )
                 )
                 actors[worker_id] = actor

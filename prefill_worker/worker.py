@@ -71,6 +71,7 @@ class PrefillWorker:
         store_port: int,
         transfer_timeout_s: float = 30.0,
         torch_threads: int | None = None,
+        transfer_backend: str = "auto",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -81,8 +82,9 @@ class PrefillWorker:
             self.engine.runner.kv_caches,
             store_host,
             store_port,
-            role="prefill",
+            backend=transfer_backend,
             timeout_s=transfer_timeout_s,
+            role="prefill",
         )
         self.connector = _SendConnector(self.agent)
         self.engine.runner.kv_connector = self.connector
