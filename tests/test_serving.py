@@ -24,7 +24,7 @@ MAX_TOKENS = 12
 class Server:
     """A deployment whose router runs on an event loop in a background thread."""
 
-    def __init__(self, model_dir, num_prefill=2, num_decode=2, num_blocks=256):
+    def __init__(self, model_dir, num_prefill=2, num_decode=2, num_blocks=256, resources=None):
         from deploy.launcher import deploy
 
         config = BatonConfig.from_dict(
@@ -42,8 +42,10 @@ class Server:
                     }
                 },
                 "pools": [
-                    {"tier": "tiny", "role": "prefill", "count": num_prefill},
-                    {"tier": "tiny", "role": "decode", "count": num_decode},
+                    {"tier": "tiny", "role": "prefill", "count": num_prefill,
+                     "resources": resources or {"CPU": 1}},
+                    {"tier": "tiny", "role": "decode", "count": num_decode,
+                     "resources": resources or {"CPU": 1}},
                 ],
                 "transfer_timeout_s": 5.0,
             }
