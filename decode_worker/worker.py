@@ -10,10 +10,11 @@ import logging
 import threading
 
 import torch
-from kvtransfer import KVTransferAgent, TransferState
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.engine_thread import EngineThread
+from engine.metrics import EngineMetrics
+from kvtransfer import KVTransferAgent, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class DecodeWorker:
         transfer_timeout_s: float = 30.0,
         torch_threads: int | None = None,
         transfer_backend: str = "auto",
+        tier: str = "",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -64,6 +66,7 @@ class DecodeWorker:
         self._updates: list[list[TokenUpdate]] = []
         self._updates_cv = threading.Condition()
         self.num_transfers_failed = 0
+        self.metrics = EngineMetrics(tier, "decode", worker_id)
         self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
 
     def ping(self) -> str:
@@ -139,6 +142,10 @@ class DecodeWorker:
                 self._updates_cv.notify_all()
 
     def _on_outputs(self, outputs) -> None:
+        self.metrics.observe_step(self.engine)
+        self._publish_outputs(outputs)
+
+    def _publish_outputs(self, outputs) -> None:
         batch = []
         for out in outputs:
             new = out.new_token_ids
@@ -167,6 +174,7 @@ class DecodeWorker:
                 self._handoffs.pop(request_id, None)
                 engine.release(request_id)
                 self.num_transfers_failed += 1
+                self.metrics.observe_transfer(0, 0.0, ok=False)
                 failed.append(TokenUpdate(request_id, [], error=f"KV transfer {state.value}"))
         self._publish(failed)
         return bool(self._handoffs)
@@ -178,7 +186,7 @@ class DecodeWorker:
         del self._handoffs[request_id]
         final = engine.admit_prefilled(request_id, *handoff.first)
         if final is not None:
-            self._on_outputs([final])
+            self._publish_outputs([final])
 
     def stats(self) -> dict:
         def fn(engine: LLMEngine) -> dict:
@@ -195,6 +203,11 @@ class DecodeWorker:
             }
 
         return self.loop.call(fn)
+
+    def metrics_text(self) -> bytes:
+        """This worker's Prometheus metrics, in the text exposition format."""
+        self.loop.call(self.metrics.update_gauges)
+        return self.metrics.render()
 
     def shutdown(self) -> None:
         self.loop.stop()

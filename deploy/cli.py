@@ -28,10 +28,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.model)
 
     async def serve() -> None:
-        deployment = await deploy(config, args.grpc_port)
+        deployment = await deploy(config, args.grpc_port, args.metrics_port)
         print(
             f"Baton serving {sorted(config.tiers)} on port {deployment.grpc_port} "
-            f"({len(deployment.actors)} workers). Try: baton generate --target "
+            f"({len(deployment.actors)} workers), metrics on :{deployment.metrics_port}/metrics. "
+            f"Try: baton generate --target "
             f'localhost:{deployment.grpc_port} "Hello"',
             flush=True,
         )
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=None, help="YAML config (default: embedded demo)")
     serve.add_argument("--model", default=None, help="model folder for every tier")
     serve.add_argument("--grpc-port", type=int, default=None)
+    serve.add_argument("--metrics-port", type=int, default=None, help="default 9400")
     serve.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)

@@ -20,6 +20,9 @@ class TierConfig:
     engine_args: dict = field(default_factory=dict)  # EngineConfig fields (block_size, ...)
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     default_max_tokens: int = 64
+    # SLOs for requests without hints; goodput counts requests that meet them.
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 200.0
 
 
 @dataclass
@@ -39,6 +42,7 @@ class BatonConfig:
     ray_address: str | None = None  # None: start a local Ray; "auto" or "ray://...": join one
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
+    metrics_port: int = 9400  # the router's Prometheus /metrics (workers' metrics included)
     transfer_backend: str = "auto"  # gloo | nccl | auto
     transfer_timeout_s: float = 30.0
     max_attempts: int = 3  # placements per request before it fails

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import start_http_server
+
 from deploy.config import BatonConfig, TierConfig
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
@@ -43,6 +45,8 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         max_model_len=max_len,
         max_tokens_limit=tier.max_tokens_limit,
         default_max_tokens=tier.default_max_tokens,
+        ttft_slo_ms=tier.ttft_slo_ms,
+        tpot_slo_ms=tier.tpot_slo_ms,
     )
 
 
@@ -54,12 +58,16 @@ class Deployment:
     store: object = None
     grpc_server: object = None
     grpc_port: int = 0
+    metrics_server: object = None
+    metrics_port: int = 0
 
     async def stop(self) -> None:
         import ray
 
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         await self.router.stop()
         for actor in self.actors.values():
             ray.kill(actor)
@@ -118,6 +126,7 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
                         config.transfer_timeout_s,
                         1 if on_cpu else None,
                         config.transfer_backend,
+                        name,
                     )
                 )
                 actors[worker_id] = actor
@@ -126,8 +135,11 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
     return workers, actors, tiers
 
 
-async def deploy(config: BatonConfig, grpc_port: int | None = None) -> Deployment:
-    """Bring up everything and serve gRPC; returns once the port accepts requests."""
+async def deploy(
+    config: BatonConfig, grpc_port: int | None = None, metrics_port: int | None = None
+) -> Deployment:
+    """Bring up everything and serve gRPC and /metrics; returns once the ports accept requests.
+    A port of 0 picks a free one (see the returned Deployment)."""
     import ray
 
     from kvtransfer.store import start_store
@@ -140,8 +152,11 @@ async def deploy(config: BatonConfig, grpc_port: int | None = None) -> Deploymen
     await router.start()
     port = config.grpc_port if grpc_port is None else grpc_port
     server, bound = await start_grpc_server(router, config.grpc_host, port)
-    log.info("Baton up: %d workers, gRPC on port %d", len(workers), bound)
-    return Deployment(config, router, actors, store, server, bound)
+    metrics_port = config.metrics_port if metrics_port is None else metrics_port
+    metrics_server, _ = start_http_server(metrics_port, config.grpc_host, router.metrics.registry)
+    metrics_bound = metrics_server.server_address[1]
+    log.info("Baton up: %d workers, gRPC on %d, metrics on %d", len(workers), bound, metrics_bound)
+    return Deployment(config, router, actors, store, server, bound, metrics_server, metrics_bound)
 
 
 def load_config(path: str | None, model: str | None) -> BatonConfig:

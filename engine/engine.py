@@ -7,6 +7,7 @@ Inputs are validated in `add_request`, before any model work, with errors that s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,17 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+@dataclass
+class StepStats:
+    """What the last step did, for metrics. A one-token chunk counts as a decode."""
+
+    duration_s: float = 0.0
+    num_decode_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_seqs: int = 0
+    num_preempted: int = 0
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -68,6 +80,7 @@ class LLMEngine:
             eos,
         )
         self._text: dict[str, TextStream] = {}
+        self.last_step = StepStats()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -180,7 +193,15 @@ class LLMEngine:
             if self.scheduler.has_schedulable():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
+        start = time.perf_counter()
         result = self.runner.execute(sched)
+        self.last_step = StepStats(
+            duration_s=time.perf_counter() - start,
+            num_decode_tokens=sum(1 for s in sched.scheduled if s.num_tokens == 1),
+            num_prefill_tokens=sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1),
+            num_seqs=len(sched.scheduled),
+            num_preempted=len(sched.preempted),
+        )
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
         for s in sched.scheduled:

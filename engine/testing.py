@@ -34,6 +34,13 @@ PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 MIN_TOKENIZER_VOCAB = 256 + 3
 # Standard deviation of the random model's logits: ~40% top-1 probability at vocab 512.
 LOGIT_STD = 4.0
+# ChatML turns after BOS, as Qwen2's template writes them (here <|im_start|> and <|im_end|> are
+# plain text, not added tokens: the tokenizer stays as trained).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 # Public-domain English (Carroll, "Alice's Adventures in Wonderland"; Austen, "Pride and
 # Prejudice") and a closing line of our own with multi-byte characters (2-, 3- and 4-byte UTF-8),
@@ -332,6 +339,7 @@ def _write_tokenizer(path: Path, *, vocab_size: int, model_max_length: int) -> N
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
+            "chat_template": CHAT_TEMPLATE,
         },
     )
 
@@ -340,12 +348,17 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+# Bumped whenever the demo model's files change, so an older cached copy is not reused
+# (v2: a chat template).
+DEMO_MODEL_NAME = "tiny-llama-v2"
+
+
 def default_model_dir() -> Path:
-    """Where the embedded demo model lives: `$BATON_HOME/models/tiny-llama`, else under
+    """Where the embedded demo model lives: `$BATON_HOME/models/tiny-llama-v2`, else under
     `~/.cache/baton`."""
     home = os.environ.get("BATON_HOME")
     base = Path(home) if home else Path.home() / ".cache" / "baton"
-    return base / "models" / "tiny-llama"
+    return base / "models" / DEMO_MODEL_NAME
 
 
 # The demo model: big enough to look like a model, small enough to write in a second on CPU.

@@ -85,14 +85,16 @@ class Tokenizer:
             add_bos_token=tokenizer_config.get("add_bos_token"),
         )
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, starting with one BOS token if the checkpoint uses one.
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, starting with one BOS token if the checkpoint uses one (unless
+        `add_special_tokens` is False: a rendered chat template writes its own BOS).
 
         Special-token text in `text` (e.g. "</s>") is parsed as that special token, as
         Hugging Face tokenizers do.
         """
-        ids = self._backend.encode(text, add_special_tokens=True).ids
-        return [self._bos_token_id, *ids] if self._prepend_bos else ids
+        ids = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        prepend_bos = self._prepend_bos and add_special_tokens
+        return [self._bos_token_id, *ids] if prepend_bos else ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Bytes of an incomplete UTF-8 character decode to U+FFFD."""

@@ -12,12 +12,13 @@ import time
 from concurrent.futures import Future
 
 import torch
-from kvtransfer import KVTransferAgent, SendHandle, TransferState
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.engine_thread import EngineThread
 from engine.kv_connector import KVConnector
+from engine.metrics import EngineMetrics
 from engine.scheduler import SchedulerOutput
+from kvtransfer import KVTransferAgent, SendHandle, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,13 @@ class _SendConnector(KVConnector):
     """Starts a request's transfer in the step that completes its prompt, sends each layer as
     soon as the forward pass has written it, and waits for the sends before blocks may be freed."""
 
-    def __init__(self, agent: KVTransferAgent):
+    def __init__(self, agent: KVTransferAgent, metrics: EngineMetrics, bytes_per_block: int):
         self.agent = agent
+        self.metrics = metrics
+        self.bytes_per_block = bytes_per_block
         self.targets: dict[str, tuple[int, str]] = {}  # request id -> (transfer id, decode peer)
         self.results: dict[str, TransferState] = {}
-        self._active: list[tuple[str, SendHandle]] = []
+        self._active: list[tuple[str, SendHandle, int, float]] = []
 
     def on_step_start(self, sched: SchedulerOutput) -> bool:
         self._active = []
@@ -49,16 +52,21 @@ class _SendConnector(KVConnector):
             rid = s.request.request_id
             if s.samples and rid in self.targets:
                 transfer_id, peer = self.targets.pop(rid)
-                self._active.append((rid, self.agent.start_send(transfer_id, peer, s.block_ids)))
+                handle = self.agent.start_send(transfer_id, peer, s.block_ids)
+                num_bytes = len(s.block_ids) * self.bytes_per_block
+                self._active.append((rid, handle, num_bytes, time.perf_counter()))
         return bool(self._active)
 
     def on_layer_done(self, layer_idx: int) -> None:
-        for _, handle in self._active:
+        for _, handle, _, _ in self._active:
             self.agent.send_layer(handle, layer_idx)
 
     def on_step_end(self, sched: SchedulerOutput) -> None:
-        for rid, handle in self._active:
-            self.results[rid] = self.agent.finish_send(handle)
+        for rid, handle, num_bytes, start in self._active:
+            state = self.agent.finish_send(handle)
+            self.results[rid] = state
+            ok = state is TransferState.DONE
+            self.metrics.observe_transfer(num_bytes, time.perf_counter() - start, ok)
         self._active = []
 
 
@@ -72,6 +80,7 @@ class PrefillWorker:
         transfer_timeout_s: float = 30.0,
         torch_threads: int | None = None,
         transfer_backend: str = "auto",
+        tier: str = "",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -86,7 +95,10 @@ class PrefillWorker:
             timeout_s=transfer_timeout_s,
             role="prefill",
         )
-        self.connector = _SendConnector(self.agent)
+        self.metrics = EngineMetrics(tier, "prefill", worker_id)
+        self.connector = _SendConnector(
+            self.agent, self.metrics, self.engine.runner.kv_bytes_per_block
+        )
         self.engine.runner.kv_connector = self.connector
         self._pending: dict[str, tuple[Future, float]] = {}
         self.num_prefills = 0
@@ -132,6 +144,7 @@ class PrefillWorker:
         self.loop.call(fn)
 
     def _on_outputs(self, outputs) -> None:
+        self.metrics.observe_step(self.engine)
         for out in outputs:
             if not out.finished:
                 continue
@@ -171,6 +184,11 @@ class PrefillWorker:
             }
 
         return self.loop.call(fn)
+
+    def metrics_text(self) -> bytes:
+        """This worker's Prometheus metrics, in the text exposition format."""
+        self.loop.call(self.metrics.update_gauges)
+        return self.metrics.render()
 
     def shutdown(self) -> None:
         self.loop.stop()

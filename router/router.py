@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from router.metrics import RouterMetrics, WorkerMetricsCollector
 from router.placement import LeastLoaded, NoWorkerAvailable
 from router.workers import Worker, WorkerDied
 
@@ -49,6 +50,8 @@ class TierInfo:
     max_model_len: int
     max_tokens_limit: int
     default_max_tokens: int
+    ttft_slo_ms: float = 2000.0  # defaults for requests that give no SLO hints (goodput)
+    tpot_slo_ms: float = 200.0
 
 
 @dataclass
@@ -87,6 +90,8 @@ class _Request:
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float | None = None
+    ttft_slo_ms: float = 0.0
+    tpot_slo_ms: float = 0.0
 
 
 class Router:
@@ -106,11 +111,32 @@ class Router:
         self._streams: dict[str, asyncio.Queue] = {}  # worker-level request id -> updates
         self._transfer_ids = itertools.count(1)
         self._pollers: list[asyncio.Task] = []
+        self.metrics = RouterMetrics()
+        self.worker_metrics = WorkerMetricsCollector()
+        self.metrics.registry.register(self.worker_metrics)
+        self.metrics_refresh_s = 1.0
 
     async def start(self) -> None:
         for worker in self.workers:
             if worker.role == "decode":
                 self._pollers.append(asyncio.create_task(self._poll_decode(worker)))
+        self._pollers.append(asyncio.create_task(self._refresh_worker_metrics()))
+
+    async def _refresh_worker_metrics(self) -> None:
+        """Keep a recent copy of every worker's metrics for the router's /metrics."""
+        while True:
+            for worker in self.workers:
+                text = None
+                if worker.alive:
+                    try:
+                        text = (await worker.client.call("metrics_text")).decode()
+                    except WorkerDied:
+                        worker.alive = False
+                    except Exception as e:
+                        log.debug("metrics of %s: %s", worker.worker_id, e)
+                        continue
+                self.worker_metrics.update(worker.worker_id, text)
+            await asyncio.sleep(self.metrics_refresh_s)
 
     async def stop(self) -> None:
         for task in self._pollers:
@@ -125,8 +151,29 @@ class Router:
         model: str,
         params: SamplingParams | None,
         max_tokens: int | None,
+        ttft_slo_ms: float = 0.0,
+        itl_slo_ms: float = 0.0,
     ) -> _Request:
-        """Everything a worker would reject, rejected here first (raises RequestError)."""
+        """Everything a worker would reject, rejected here first (raises RequestError).
+        SLO hints of 0 take the tier's defaults."""
+        try:
+            req = self._validate(prompt, prompt_token_ids, model, params, max_tokens)
+        except RequestError as e:
+            tier = model if model in self.tiers else self.default_tier
+            self.metrics.requests.labels(tier, e.code).inc()
+            raise
+        req.ttft_slo_ms = ttft_slo_ms or req.tier.ttft_slo_ms
+        req.tpot_slo_ms = itl_slo_ms or req.tier.tpot_slo_ms
+        return req
+
+    def _validate(
+        self,
+        prompt: str,
+        prompt_token_ids: list[int],
+        model: str,
+        params: SamplingParams | None,
+        max_tokens: int | None,
+    ) -> _Request:
         tier_name = self.default_tier if model in ("", "auto") else model
         tier = self.tiers.get(tier_name)
         if tier is None:
@@ -178,6 +225,46 @@ class Router:
     # -- the lifecycle ----------------------------------------------------------------------
 
     async def generate(self, req: _Request) -> AsyncIterator[Chunk]:
+        """Serve the request; yields chunks to stream. Records its metrics however it ends."""
+        tier = req.tier.name
+        outcome = "abort"  # unless it finishes or fails below: the client went away
+        last_chunk_at = None
+        try:
+            async for chunk in self._generate(req):
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if last_chunk_at is None:
+                        self.metrics.ttft.labels(tier).observe(now - req.received)
+                        self.metrics.queue.labels(tier).observe(req.queue_ms / 1e3)
+                    else:
+                        self.metrics.itl.labels(tier).observe(now - last_chunk_at)
+                    last_chunk_at = now
+                    self.metrics.generation_tokens.labels(tier).inc(len(chunk.token_ids))
+                if chunk.finish_reason is not None:
+                    self.metrics.observe_finished(
+                        tier,
+                        chunk.prefill_instance,
+                        chunk.decode_instance,
+                        ttft_s=(req.ttft_ms or 0.0) / 1e3,
+                        e2e_s=now - req.received,
+                        num_tokens=len(req.output_token_ids),
+                        num_prompt_tokens=len(req.prompt_token_ids),
+                        ttft_slo_s=req.ttft_slo_ms / 1e3,
+                        tpot_slo_s=req.tpot_slo_ms / 1e3,
+                        outcome=chunk.finish_reason,
+                    )
+                    outcome = ""  # counted
+                yield chunk
+        except RequestError as e:
+            outcome = e.code
+            raise
+        finally:
+            if req.attempts > 1:
+                self.metrics.retries.labels(tier).inc(req.attempts - 1)
+            if outcome:
+                self.metrics.requests.labels(tier, outcome).inc()
+
+    async def _generate(self, req: _Request) -> AsyncIterator[Chunk]:
         failed_workers: set[str] = set()
         last_error = ""
         while req.attempts < self.max_attempts:

@@ -61,7 +61,13 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
                 request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
             )
             req = self.router.validate(
-                request.prompt, list(request.prompt_token_ids), request.model, params, max_tokens
+                request.prompt,
+                list(request.prompt_token_ids),
+                request.model,
+                params,
+                max_tokens,
+                request.ttft_slo_ms,
+                request.itl_slo_ms,
             )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -42,10 +42,18 @@ class Server:
                     }
                 },
                 "pools": [
-                    {"tier": "tiny", "role": "prefill", "count": num_prefill,
-                     "resources": resources or {"CPU": 1}},
-                    {"tier": "tiny", "role": "decode", "count": num_decode,
-                     "resources": resources or {"CPU": 1}},
+                    {
+                        "tier": "tiny",
+                        "role": "prefill",
+                        "count": num_prefill,
+                        "resources": resources or {"CPU": 1},
+                    },
+                    {
+                        "tier": "tiny",
+                        "role": "decode",
+                        "count": num_decode,
+                        "resources": resources or {"CPU": 1},
+                    },
                 ],
                 "transfer_timeout_s": 5.0,
             }
@@ -53,7 +61,7 @@ class Server:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.deployment = self.run(deploy(config, 0), timeout=180)
+        self.deployment = self.run(deploy(config, 0, 0), timeout=180)
         self.channel = grpc.insecure_channel(f"localhost:{self.deployment.grpc_port}")
         self.stub = serving_pb2_grpc.BatonStub(self.channel)
 
@@ -246,3 +254,51 @@ def test_decode_worker_killed_mid_stream(ray_local, model_dir):
         assert stats[victim]["alive"] is False
     finally:
         server.close()
+
+
+def test_metrics_agree_with_the_client(server):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://localhost:{server.deployment.metrics_port}/metrics"
+
+    def scrape() -> dict[tuple, float]:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def total(samples, name, **labels):
+        return sum(
+            v
+            for (n, ls), v in samples.items()
+            if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+        )
+
+    before = scrape()
+    prompts = random_prompts([20, 40, 60, 80], seed=34)
+    for p in prompts:
+        generate(server.stub, p)
+    server.wait_all_blocks_free()
+    time.sleep(1.5)  # the router refreshes worker metrics every second
+    after = scrape()
+
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta("baton_requests_total", tier="tiny", outcome="length") == 4
+    assert delta("baton_time_to_first_token_seconds_count", tier="tiny") == 4
+    assert delta("baton_generation_tokens_total", tier="tiny") == 4 * MAX_TOKENS
+    assert delta("baton_prompt_tokens_total", tier="tiny") == sum(map(len, prompts))
+    assert delta("baton_slo_requests_total", role="prefill") == 4
+    assert delta("baton_slo_requests_total", role="decode") == 4
+    # Worker metrics, re-exported with their instance labels.
+    assert delta("baton_kv_transfers_total", role="prefill") == 4
+    assert delta("baton_kv_transfer_bytes_total", role="prefill") > 0
+    assert delta("baton_prefill_tokens_total", role="prefill") > 0
+    assert delta("baton_decode_tokens_total", role="decode") >= 4 * (MAX_TOKENS - 1)
+    instances = {dict(ls).get("instance") for (n, ls) in after if n == "baton_kv_cache_usage_ratio"}
+    assert instances == {"tiny-prefill-0", "tiny-prefill-1", "tiny-decode-0", "tiny-decode-1"}
