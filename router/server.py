@@ -106,6 +106,7 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
                     max_model_len=tier.max_model_len,
                     prefill_instances=sum(w.role == "prefill" for w in workers),
                     decode_instances=sum(w.role == "decode" for w in workers),
+                    vocab_size=tier.vocab_size,
                 )
             )
         return serving_pb2.ListModelsResponse(models=models, default_model=self.router.default_tier)
