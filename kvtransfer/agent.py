@@ -1,0 +1,501 @@
+"""KVTransferAgent: one per worker process; moves a request's paged KV from a prefill worker's
+blocks into a decode worker's blocks over a size-2 torch.distributed group per pair.
+
+    prefill worker (rank 0)                                decode worker (rank 1)
+    connect(D)  <------------- handshake (store) ------------->  connect(P)
+                                                                 expect(t, P, dst_blocks)
+    h = start_send(t, D, src_blocks) -- header (store) -------->  receiver thread claims t
+    send_layer(h, 0..L-1)  ---- messages, ≥ min_message_bytes ->  index_copy_ into dst_blocks
+    finish_send(h) -> DONE | FAILED                              poll() -> {t: DONE | FAILED}
+
+The agent never frees or allocates blocks: the scheduler owns them, and learns from
+`finish_send` (prefill) and `poll` (decode) when a transfer no longer needs them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransfer.pair import (
+    DECODE,
+    PREFILL,
+    RANK,
+    abort_group,
+    handshake,
+    new_group,
+    other_role,
+    pair_base,
+    read_hello,
+    wait_work,
+)
+from kvtransfer.protocol import BROKEN, CLOSE, TRANSFER, Header, KVLayout, layers_per_message
+from kvtransfer.protocol import message_plan as plan_messages
+from kvtransfer.receiver import Receiver
+from kvtransfer.store import connect_store
+
+log = logging.getLogger(__name__)
+
+# The receiver thread's store connection blocks while the pair is idle; this bounds one wait.
+_IDLE_WAIT_S = 24 * 3600.0
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class SendHandle:
+    """One transfer on the prefill side, from `start_send` to `finish_send`. `state` is
+    TRANSFERRING until `finish_send` says DONE, or FAILED (also set when the pair breaks)."""
+
+    transfer_id: int
+    peer_id: str
+    num_blocks: int
+    state: TransferState = TransferState.PENDING
+    _pair: _Pair | None = None
+    _index: torch.Tensor | None = None  # the source block ids, on the cache's device
+    _per_message: int = 1  # layers per message
+    _plan: list[tuple[int, int]] = field(default_factory=list)
+    _next_layer: int = 0
+    _buffers: list[torch.Tensor] = field(default_factory=list)  # one per message, filled in order
+    _gathered: int = 0  # messages whose every layer is in its buffer
+    _works: list = field(default_factory=list)  # one posted send per message
+
+    def _release(self) -> None:
+        self._buffers, self._works, self._index = [], [], None
+
+
+@dataclass(eq=False)
+class _Expectation:
+    transfer_id: int
+    peer_id: str
+    block_ids: list[int]
+    state: TransferState = TransferState.PENDING
+    cancelled: bool = False
+    # Held by the receiver while it writes into `block_ids`, and by `cancel`: after `cancel`
+    # returns, nothing more is written into the blocks.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stream: torch.cuda.Stream | None = None
+
+
+@dataclass(eq=False)
+class _Pair:
+    peer_id: str
+    generation: int
+    peer_nonce: int
+    hello: str  # what this side's hello key holds while the pair is live
+    group: object  # ProcessGroupGloo | ProcessGroupNCCL, ranks: prefill 0, decode 1
+    backend: str
+    client: object  # this pair's store connection (the group's store; the sender's headers)
+    queue_key: str  # the store queue of headers
+    stream: torch.cuda.Stream | None = None  # decode side on CUDA: where received KV is scattered
+    broken: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    send_order: deque[SendHandle] = field(default_factory=deque)  # started, messages not all posted
+    in_flight: set[SendHandle] = field(default_factory=set)  # started, not finished
+    receiver: Receiver | None = None
+
+
+class KVTransferAgent:
+    """One per worker process; owns this worker's pairwise communicators. Never frees blocks:
+    it reports what finished.
+
+    `role` ("prefill" | "decode") fixes the direction: prefill workers send (rank 0 of each pair),
+    decode workers receive (rank 1). `timeout_s` bounds `connect` and every wait of a transfer
+    in flight; an idle pair may stay connected forever."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        kv_caches: list[torch.Tensor],
+        store_host: str,
+        store_port: int,
+        backend: str = "auto",
+        timeout_s: float = 30.0,
+        min_message_bytes: int = 16 << 20,
+        *,
+        role: str,
+    ):
+        if role not in (PREFILL, DECODE):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        if "/" in worker_id or not worker_id:
+            raise ValueError(f"worker_id must be non-empty and contain no '/', got {worker_id!r}")
+        if timeout_s <= 0 or min_message_bytes < 0:
+            raise ValueError("timeout_s must be > 0 and min_message_bytes >= 0")
+        self.layout = KVLayout.of(kv_caches)
+        on_cuda = self.layout.device.type == "cuda"
+        if backend == "auto":
+            backend = "nccl" if on_cuda else "gloo"
+        if backend not in ("gloo", "nccl") or (backend == "nccl") != on_cuda:
+            raise ValueError(f"backend {backend!r} does not fit caches on {self.layout.device}")
+        self.worker_id, self.role, self.backend = worker_id, role, backend
+        self.kv_caches = kv_caches
+        self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
+        self._store_addr = (store_host, store_port)
+        self._store = connect_store(store_host, store_port, timeout_s)
+        self._lock = threading.Lock()  # guards the dicts below
+        self._pairs: dict[str, _Pair] = {}
+        self._connect_locks: dict[str, threading.Lock] = {}
+        self._expected: dict[int, _Expectation] = {}
+        self._results: dict[int, TransferState] = {}
+        # NOTE: dropping a gloo group joins its threads, which may wait out a pending op's
+        # timeout; broken groups are kept here so that never happens on a caller's thread.
+        self._retired: list[object] = []
+        self._closed = False
+
+    # ---------------------------------------------------------------- pairs
+
+    def connect(self, peer_id: str) -> None:
+        """Make the pair with `peer_id` usable; both ends call this, in either order, from any
+        thread. Returns at once if the pair is up and the peer is still the one it was built
+        with; otherwise (first time, broken, or the peer reconnected) handshakes a new
+        generation. Raises TimeoutError if the peer does not show up within `timeout_s`."""
+        self._check_open()
+        with self._lock:
+            connect_lock = self._connect_locks.setdefault(peer_id, threading.Lock())
+        with connect_lock:
+            pair = self._pairs.get(peer_id)
+            if pair is not None and not pair.broken and self._peer_unchanged(pair):
+                return
+            if pair is not None:
+                self._break(pair, "reconnecting", quiet=True)
+            pair = self._new_pair(peer_id)
+            with self._lock:
+                self._pairs[peer_id] = pair
+            if self.role == DECODE:
+                client = connect_store(*self._store_addr, _IDLE_WAIT_S)
+                pair.receiver = Receiver(self, pair, client)
+                pair.receiver.start()
+
+    def generation(self, peer_id: str) -> int | None:
+        """The generation of the live pair with `peer_id` (it grows with every reconnect)."""
+        pair = self._pairs.get(peer_id)
+        return None if pair is None or pair.broken else pair.generation
+
+    def _ids(self, peer_id: str) -> tuple[str, str]:
+        return (self.worker_id, peer_id) if self.role == PREFILL else (peer_id, self.worker_id)
+
+    def _peer_unchanged(self, pair: _Pair) -> bool:
+        base = pair_base(*self._ids(pair.peer_id))
+        hello = read_hello(self._store, f"{base}/hello/{other_role(self.role)}")
+        return hello is not None and hello.nonce == pair.peer_nonce
+
+    def _new_pair(self, peer_id: str) -> _Pair:
+        base = pair_base(*self._ids(peer_id))
+        generation, peer_nonce, hello = handshake(
+            self._store, base, self.role, self.layout.describe(), self.timeout_s
+        )
+        client = connect_store(*self._store_addr, self.timeout_s)
+        group = self._build_group(client, f"{base}/{generation}")
+        stream = None
+        if self.role == DECODE and self.layout.device.type == "cuda":
+            stream = torch.cuda.Stream(self.layout.device)
+        log.info(
+            "KV pair %s/%s up, generation %d (%s)", *self._ids(peer_id), generation, self.backend
+        )
+        return _Pair(
+            peer_id,
+            generation,
+            peer_nonce,
+            hello,
+            group,
+            self.backend,
+            client,
+            f"{base}/{generation}/headers",
+            stream,
+        )
+
+    def _build_group(self, client, prefix: str):
+        """Build the group and push one tiny message through it (NCCL creates its communicator
+        on first use; that must happen here, not inside a forward pass), within `timeout_s`."""
+        rank, built = RANK[self.role], {}
+
+        def build():
+            try:
+                if self.layout.device.type == "cuda":
+                    torch.cuda.set_device(self.layout.device)
+                group = new_group(client, prefix, rank, self.backend, self.timeout_s)
+                probe = torch.ones(1, device=self.layout.device)
+                work = group.send([probe], 1, 0) if rank == 0 else group.recv([probe], 0, 0)
+                wait_work(work, self.backend, self.timeout_s)
+                built["group"] = group
+            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+                built["error"] = e
+
+        thread = threading.Thread(target=build, name="kvtransfer-connect", daemon=True)
+        thread.start()
+        thread.join(2 * self.timeout_s)
+        if "group" in built:
+            return built["group"]
+        if "error" in built:
+            raise built["error"]
+        raise TimeoutError(f"building the process group {prefix} took over {self.timeout_s} s")
+
+    def _break(self, pair: _Pair, reason: str, quiet: bool = False) -> None:
+        """Mark the pair broken: its transfers in flight fail, its group is aborted, and the
+        next `connect` on either side builds a new generation."""
+        with pair.lock:
+            if pair.broken:
+                return
+            pair.broken = True
+            failed = list(pair.in_flight)
+            pair.in_flight.clear()
+            pair.send_order.clear()
+        for handle in failed:
+            # NOTE: buffers stay until finish_send: the step thread may be inside send_layer.
+            handle.state = TransferState.FAILED
+        (log.info if quiet else log.warning)(
+            "KV pair %s/%s generation %d broken: %s",
+            *self._ids(pair.peer_id),
+            pair.generation,
+            reason,
+        )
+        base = pair_base(*self._ids(pair.peer_id))
+        notice = Header(BROKEN if self.role == PREFILL else CLOSE).encode()
+        for action in (
+            # compare_set: a newer handshake of this side may already own the key
+            lambda: self._store.compare_set(f"{base}/hello/{self.role}", pair.hello, "broken"),
+            # wakes the decode side's receiver thread (ours on decode, the peer's on prefill)
+            lambda: pair.client.queue_push(pair.queue_key, notice),
+        ):
+            try:
+                action()
+            except Exception as e:  # noqa: BLE001 - the store may be gone too
+                log.debug("notifying of a broken pair failed: %s", e)
+        abort_group(pair.group)
+        with self._lock:
+            self._retired.append(pair.group)
+
+    # ---------------------------------------------------------------- prefill side
+
+    def start_send(self, transfer_id: int, peer_id: str, block_ids: list[int]) -> SendHandle:
+        """Begin sending these blocks (all layers) to `peer_id`: pushes the transfer's header.
+        Called from the engine's step thread before the forward pass that finalises the blocks.
+        Never raises for network reasons: on a missing or broken pair the handle is FAILED."""
+        self._check_role(PREFILL)
+        self._check_blocks(block_ids)
+        handle = SendHandle(transfer_id, peer_id, len(block_ids))
+        pair = self._pairs.get(peer_id)
+        if pair is None or pair.broken:
+            log.warning("transfer %d: no live pair with %s", transfer_id, peer_id)
+            handle.state = TransferState.FAILED
+            return handle
+        layer_bytes = self.layout.layer_bytes(len(block_ids))
+        per_message = layers_per_message(
+            layer_bytes, self.min_message_bytes, self.layout.num_layers
+        )
+        handle._pair, handle._index = pair, self._index_tensor(block_ids)
+        handle._per_message = per_message
+        handle._plan = plan_messages(self.layout.num_layers, per_message)
+        header = Header(TRANSFER, transfer_id, len(block_ids), per_message)
+        with pair.lock:
+            if pair.broken:
+                handle.state = TransferState.FAILED
+                return handle
+            try:
+                pair.client.queue_push(pair.queue_key, header.encode())
+            except Exception as e:
+                self._break(pair, f"pushing the header of transfer {transfer_id} failed: {e}")
+                handle.state = TransferState.FAILED
+                return handle
+            handle.state = TransferState.TRANSFERRING
+            pair.send_order.append(handle)
+            pair.in_flight.add(handle)
+        return handle
+
+    def send_layer(self, handle: SendHandle, layer_idx: int) -> None:
+        """Called once per layer, in order 0..L-1, as soon as the layer's KV for all the blocks
+        is final (inside the forward pass, on the engine's stream). Gathers the layer into the
+        current message's buffer; posts the message once its last layer is in. Never waits on
+        the network. A no-op on a FAILED handle."""
+        if handle.state is not TransferState.TRANSFERRING:
+            return
+        if layer_idx != handle._next_layer:
+            raise ValueError(
+                f"transfer {handle.transfer_id}: expected layer "
+                f"{handle._next_layer}, got {layer_idx}"
+            )
+        message, position = divmod(layer_idx, handle._per_message)
+        layers_in_message = handle._plan[message][1]
+        if position == 0:
+            shape = self.layout.message_shape(layers_in_message, handle.num_blocks)
+            handle._buffers.append(
+                torch.empty(shape, dtype=self.layout.dtype, device=self.layout.device)
+            )
+        out = handle._buffers[message][position]
+        torch.index_select(self.kv_caches[layer_idx], 1, handle._index, out=out)
+        handle._next_layer += 1
+        if position == layers_in_message - 1:
+            handle._gathered += 1
+            self._post_sends(handle._pair)
+
+    def _post_sends(self, pair: _Pair) -> None:
+        # NOTE: messages leave in header order. A transfer's messages wait until every transfer
+        # started before it on the same pair has posted its last message: the receiver matches
+        # messages to transfers by order alone. Two requests prefilled in one step for the same
+        # decode worker therefore overlap only the first one's sends with the forward pass.
+        with pair.lock:
+            try:
+                while pair.send_order and not pair.broken:
+                    head = pair.send_order[0]
+                    while len(head._works) < head._gathered:
+                        buf = head._buffers[len(head._works)]
+                        head._works.append(pair.group.send([buf], 1, 0))
+                    if len(head._works) < len(head._plan):
+                        return
+                    pair.send_order.popleft()
+            except Exception as e:
+                self._break(pair, f"posting a send failed: {e}")
+
+    def finish_send(self, handle: SendHandle) -> TransferState:
+        """Wait, at most `timeout_s` in all, until every message of the transfer has left.
+        Returns DONE, or FAILED (the pair is then broken; the next `connect` builds a new
+        generation). Called after the last `send_layer`; calling it earlier abandons the
+        transfer (FAILED). The handle's buffers are freed either way."""
+        try:
+            if handle.state is TransferState.TRANSFERRING:
+                self._wait_sent(handle)
+            return handle.state
+        finally:
+            handle._release()
+
+    def _wait_sent(self, handle: SendHandle) -> None:
+        pair = handle._pair
+        if handle._next_layer < self.layout.num_layers:
+            self._break(pair, f"transfer {handle.transfer_id} finished before all its layers")
+            return
+        self._post_sends(pair)
+        if len(handle._works) < len(handle._plan):
+            self._break(pair, f"transfer {handle.transfer_id} is queued behind an unfinished one")
+            return
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            for work in handle._works:
+                wait_work(work, self.backend, deadline - time.monotonic())
+        except Exception as e:
+            self._break(pair, f"sending transfer {handle.transfer_id} failed: {e}")
+            return
+        with pair.lock:
+            pair.in_flight.discard(handle)
+            if handle.state is TransferState.TRANSFERRING:
+                handle.state = TransferState.DONE
+
+    # ---------------------------------------------------------------- decode side
+
+    def expect(self, transfer_id: int, peer_id: str, block_ids: list[int]) -> None:
+        """Register where transfer `transfer_id` from `peer_id` must land: this worker's reserved
+        blocks, as many as the sender's. Must be called before the sender's `start_send`: a
+        header nobody expects is drained and dropped."""
+        self._check_role(DECODE)
+        self._check_blocks(block_ids)
+        with self._lock:
+            if transfer_id in self._expected or transfer_id in self._results:
+                raise ValueError(f"transfer {transfer_id} is already expected")
+            self._expected[transfer_id] = _Expectation(transfer_id, peer_id, list(block_ids))
+
+    def poll(self) -> dict[int, TransferState]:
+        """Transfers that reached DONE or FAILED since the last call, each reported once. DONE:
+        the KV is in `kv_caches` (on CUDA: synchronized, safe to read from any stream). An
+        expected transfer whose header never came stays unreported until cancelled."""
+        with self._lock:
+            results, self._results = self._results, {}
+        return results
+
+    def cancel(self, transfer_id: int) -> None:
+        """Stop expecting the transfer. Once this returns nothing more is written into its
+        blocks; data still arriving is drained and dropped, and it is never reported."""
+        with self._lock:
+            self._results.pop(transfer_id, None)
+            expectation = self._expected.pop(transfer_id, None)
+        if expectation is None:
+            return
+        with expectation.lock:
+            expectation.cancelled = True
+        if expectation.stream is not None:
+            expectation.stream.synchronize()  # scatters launched before the flag was set
+
+    def _claim(self, transfer_id: int, peer_id: str, num_blocks: int) -> _Expectation | None:
+        """The receiver thread takes a transfer whose header arrived; None means drain it."""
+        with self._lock:
+            expectation = self._expected.get(transfer_id)
+            if expectation is None or expectation.peer_id != peer_id:
+                log.info("dropping transfer %d from %s: not expected", transfer_id, peer_id)
+                return None
+            if len(expectation.block_ids) != num_blocks:
+                log.warning(
+                    "transfer %d: %d blocks sent, %d expected",
+                    transfer_id,
+                    num_blocks,
+                    len(expectation.block_ids),
+                )
+                del self._expected[transfer_id]
+                self._results[transfer_id] = TransferState.FAILED
+                return None
+            expectation.state = TransferState.TRANSFERRING
+            pair = self._pairs.get(peer_id)
+            expectation.stream = pair.stream if pair is not None else None
+            return expectation
+
+    def _finish(self, expectation: _Expectation, failed: bool) -> None:
+        with self._lock:
+            if self._expected.get(expectation.transfer_id) is expectation:  # not cancelled
+                del self._expected[expectation.transfer_id]
+                state = TransferState.FAILED if failed else TransferState.DONE
+                self._results[expectation.transfer_id] = state
+
+    # ---------------------------------------------------------------- shared
+
+    def close(self) -> None:
+        """Break every pair and stop the receiver threads. Expected transfers are forgotten."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            pairs = list(self._pairs.values())
+        for pair in pairs:
+            self._break(pair, "agent closed", quiet=True)
+        for pair in pairs:
+            if pair.receiver is not None:
+                pair.receiver.join(timeout=1.0)
+                pair.receiver = None  # the thread refers back to this agent
+            pair.group = None
+        with self._lock:
+            # Destroying the groups closes their sockets and listening ports. NOTE: a gloo
+            # group's destructor waits out its pending ops, up to `timeout_s`.
+            self._retired.clear()
+            self._pairs.clear()
+
+    def _index_tensor(self, block_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        if self.layout.device.type != "cuda":
+            return index
+        # Pinned + non_blocking: a pageable copy would stall the calling thread's stream.
+        return index.pin_memory().to(self.layout.device, non_blocking=True)
+
+    def _check_blocks(self, block_ids: list[int]) -> None:
+        num_blocks = self.kv_caches[0].shape[1]
+        if not block_ids:
+            raise ValueError("block_ids is empty")
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError("block_ids has duplicates")
+        if min(block_ids) < 0 or max(block_ids) >= num_blocks:
+            raise ValueError(f"block ids must lie in [0, {num_blocks})")
+
+    def _check_role(self, role: str) -> None:
+        self._check_open()
+        if self.role != role:
+            raise RuntimeError(f"a {self.role} agent cannot do what the {role} side does")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the KV transfer agent is closed")

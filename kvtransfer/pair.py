@@ -1,0 +1,159 @@
+"""One prefill-decode pair: the handshake that agrees on a generation, its size-2 process group,
+and bounded waits on that group's work.
+
+Store keys of a pair (prefill worker P, decode worker D), under ``baton/pair/{P}/{D}``:
+
+    attempts            counter; every connect attempt of either side draws a fresh nonce from it
+    hello/prefill       "{nonce} {peer nonce seen} {layout}" written by P while it connects
+    hello/decode        the same, written by D
+    {generation}/...    the process group's bootstrap keys and the header queue of one generation
+
+A connect attempt is complete on a side when the peer's hello says it has seen this side's
+nonce. Both sides then know both nonces and take ``generation = max(prefill nonce, decode
+nonce)``: a number no earlier pair of these two workers used, so a stale key from a dead process
+or an abandoned attempt can never be mistaken for a live one. Breaking a pair overwrites the
+side's hello with "broken", which tells the peer's next `connect` to handshake again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from torch.distributed import PrefixStore, TCPStore
+
+log = logging.getLogger(__name__)
+
+PREFILL, DECODE = "prefill", "decode"
+RANK = {PREFILL: 0, DECODE: 1}  # the prefill side sends, as rank 0
+
+# NOTE: NCCL's watchdog aborts (and by default tears down the process) on a collective that
+# outlives the group's timeout. A pair may sit idle for hours, so the group's own timeout is
+# effectively infinite and every wait in this package is bounded by the agent's `timeout_s`.
+NCCL_GROUP_TIMEOUT = timedelta(days=1)
+_HANDSHAKE_POLL_S = 0.005
+_env_lock = threading.Lock()
+
+
+def pair_base(prefill_id: str, decode_id: str) -> str:
+    return f"baton/pair/{prefill_id}/{decode_id}"
+
+
+def other_role(role: str) -> str:
+    return DECODE if role == PREFILL else PREFILL
+
+
+@dataclass(frozen=True)
+class Hello:
+    nonce: int
+    seen: int
+    layout: str
+
+    def encode(self) -> str:
+        return f"{self.nonce} {self.seen} {self.layout}"
+
+    @staticmethod
+    def decode(raw: bytes) -> Hello | None:
+        parts = raw.decode().split(" ", 2)
+        if len(parts) != 3:
+            return None  # "broken", or a key from an incompatible version
+        return Hello(int(parts[0]), int(parts[1]), parts[2])
+
+
+def read_hello(store: TCPStore, key: str) -> Hello | None:
+    if not store.check([key]):
+        return None
+    return Hello.decode(store.get(key))
+
+
+def handshake(
+    store: TCPStore, base: str, role: str, layout: str, timeout_s: float
+) -> tuple[int, int, str]:
+    """Meet the peer of `role` under `base`. Returns (generation, peer nonce, this side's hello).
+
+    Raises TimeoutError if the peer does not complete a handshake with this attempt within
+    `timeout_s`, ValueError if it did but its KV layout differs from `layout`."""
+    nonce = store.add(f"{base}/attempts", 1)
+    my_key, peer_key = f"{base}/hello/{role}", f"{base}/hello/{other_role(role)}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        peer = read_hello(store, peer_key)
+        hello = Hello(nonce, peer.nonce if peer else 0, layout).encode()
+        store.set(my_key, hello)
+        if peer is not None and peer.seen == nonce:
+            if peer.layout != layout:
+                raise ValueError(f"KV layout differs: this side {layout}, peer {peer.layout}")
+            return max(nonce, peer.nonce), peer.nonce, hello
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"peer did not connect within {timeout_s:.1f} s ({base})")
+        time.sleep(_HANDSHAKE_POLL_S)
+
+
+@contextlib.contextmanager
+def _nccl_keeps_process_on_error():
+    # NOTE: by default ProcessGroupNCCL tears the whole process down when one of its works fails
+    # (TORCH_NCCL_ASYNC_ERROR_HANDLING=3, read in its constructor). A broken KV pair must cost one
+    # transfer, not the worker, so this package's groups are built with error handling off (0):
+    # errors surface on the work, where the waits below turn them into FAILED.
+    with _env_lock:
+        old = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"]
+            else:
+                os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = old
+
+
+def new_group(store: TCPStore, prefix: str, rank: int, backend: str, timeout_s: float):
+    """A size-2 ProcessGroupGloo / ProcessGroupNCCL on `PrefixStore(prefix, store)`; no default
+    (world) group is involved. Gloo's own timeout is `timeout_s`: gloo work cannot be polled
+    (`is_completed` stays False until `wait`), so its waits block with that bound instead."""
+    prefixed = PrefixStore(prefix, store)
+    if backend == "gloo":
+        return torch.distributed.ProcessGroupGloo(prefixed, rank, 2, timedelta(seconds=timeout_s))
+    options = torch.distributed.ProcessGroupNCCL.Options()
+    options._timeout = NCCL_GROUP_TIMEOUT
+    options.is_high_priority_stream = True  # KV sends overlap compute; let them start first
+    with _nccl_keeps_process_on_error():
+        return torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, options)
+
+
+def wait_work(work, backend: str, timeout_s: float) -> None:
+    """Wait for one send/recv. Raises TimeoutError after `timeout_s`, RuntimeError if it failed.
+
+    Gloo blocks in `wait` (on expiry gloo also aborts the group: the pair is broken anyway). NCCL
+    is polled, so a peer that never answers costs `timeout_s` and not a hung thread; the final
+    `wait()` raises a stored error and orders the caller's current stream after the transfer."""
+    if backend == "gloo":
+        work.wait(timedelta(seconds=max(timeout_s, 1e-3)))
+        return
+    deadline = time.monotonic() + timeout_s
+    sleep_s = 20e-6
+    while not work.is_completed():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"transfer did not complete within {timeout_s:.1f} s")
+        time.sleep(sleep_s)
+        sleep_s = min(sleep_s * 2, 1e-3)
+    work.wait()
+
+
+def abort_group(group) -> None:
+    """Best effort: stop the group's pending work (NCCL kernels spinning on a dead peer)."""
+    for name in ("abort", "_abort", "shutdown"):
+        fn = getattr(group, name, None)
+        if fn is None:
+            continue
+        try:
+            fn()
+            return
+        except Exception as e:  # noqa: BLE001 - a failing abort must not mask the original error
+            log.debug("%s() on a broken KV pair group failed: %s", name, e)

@@ -1,0 +1,89 @@
+"""What travels on a pair: one header per transfer through the store, then the KV messages.
+
+A transfer of blocks B (same count on both sides, different ids) is, after its header:
+
+    message 0: layers [0, k)      one contiguous tensor [k, 2, len(B), block_size, heads, head_dim]
+    message 1: layers [k, 2k)     layer i of the message = kv_caches[first + i][:, B]
+    ...
+    message m-1: the rest         (fewer layers when k does not divide num_layers)
+
+k (`layers_per_message`) is the sender's choice, written in the header, so the receiver sizes its
+buffers without knowing the sender's `min_message_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+TRANSFER, BROKEN, CLOSE = "transfer", "broken", "close"
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: str  # TRANSFER; BROKEN (the sender broke the pair); CLOSE (the receiver stops itself)
+    transfer_id: int = -1
+    num_blocks: int = 0
+    layers_per_message: int = 0
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @staticmethod
+    def decode(raw: bytes) -> Header:
+        return Header(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape every layer's cache shares: [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    num_layers: int
+    block_shape: tuple[int, int, int]  # block_size, num_kv_heads, head_dim
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(kv_caches: list[torch.Tensor]) -> KVLayout:
+        if not kv_caches:
+            raise ValueError("kv_caches is empty")
+        first = kv_caches[0]
+        if first.dim() != 5 or first.shape[0] != 2:
+            raise ValueError(
+                f"each layer's cache must be [2, num_blocks, block_size, heads, head_dim], "
+                f"got {tuple(first.shape)}"
+            )
+        for i, kv in enumerate(kv_caches):
+            if kv.shape != first.shape or kv.dtype != first.dtype or kv.device != first.device:
+                raise ValueError(
+                    f"layer {i}'s cache {tuple(kv.shape)} {kv.dtype} {kv.device} differs from "
+                    f"layer 0's {tuple(first.shape)} {first.dtype} {first.device}"
+                )
+        return KVLayout(len(kv_caches), tuple(first.shape[2:]), first.dtype, first.device)
+
+    def describe(self) -> str:
+        """What both ends of a pair must agree on (num_blocks may differ)."""
+        block_size, heads, head_dim = self.block_shape
+        return f"layers={self.num_layers},block={block_size}x{heads}x{head_dim},{self.dtype}"
+
+    def layer_bytes(self, num_blocks: int) -> int:
+        return 2 * num_blocks * math.prod(self.block_shape) * self.dtype.itemsize
+
+    def message_shape(self, num_layers: int, num_blocks: int) -> tuple[int, ...]:
+        return (num_layers, 2, num_blocks, *self.block_shape)
+
+
+def layers_per_message(layer_bytes: int, min_message_bytes: int, num_layers: int) -> int:
+    """The fewest consecutive layers whose KV reaches `min_message_bytes` (at least 1)."""
+    wanted = math.ceil(min_message_bytes / max(layer_bytes, 1))
+    return max(1, min(num_layers, wanted))
+
+
+def message_plan(num_layers: int, per_message: int) -> list[tuple[int, int]]:
+    """(first layer, layer count) of each message, in sending order."""
+    return [
+        (first, min(per_message, num_layers - first)) for first in range(0, num_layers, per_message)
+    ]

@@ -1,0 +1,426 @@
+"""kvtransfer on CPU (gloo): KV lands exactly in the receiver's blocks and nowhere else, in real
+processes and in threads; coalescing settings agree; cancel drains; a dead or stalled peer turns
+into FAILED within the timeout and the pair reconnects with a new generation."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+from kvtransfer import KVTransferAgent, TransferState, start_store
+from kvtransfer.protocol import layers_per_message, message_plan
+from kvtransfer.store import connect_store
+
+NUM_LAYERS = 5
+BLOCK_SHAPE = (4, 2, 8)  # block_size, kv heads, head_dim: 512 bytes per block and layer (fp32)
+PREFILL_BLOCKS, DECODE_BLOCKS = 40, 48
+PREFILL_SEED, DECODE_SEEDS = 1, {"d0": 2, "d1": 3}
+# Prefill agents of one process, by min_message_bytes: a message per layer, 2 layers per
+# message for 3-block transfers (uneven last message), one message per transfer.
+PREFILLS = {"p-layer": 0, "p-mid": 3000, "p-whole": 1 << 30}
+UNEXPECTED_TID, CANCELLED_TID = 900, 901
+DONE, FAILED = TransferState.DONE, TransferState.FAILED
+
+
+@pytest.fixture(scope="module")
+def port():
+    """One master store for the whole module, as in a deployment: a fresh one per test could
+    land on the port of a gloo listener that a finished test is still closing (seen here)."""
+    store, port = start_store()
+    yield port
+    del store
+
+
+def make_caches(seed: int, num_blocks: int, num_layers: int = NUM_LAYERS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, num_blocks, *BLOCK_SHAPE, generator=g) for _ in range(num_layers)]
+
+
+def transfer_plan() -> list[tuple[int, str, str, list[int], list[int]]]:
+    """(transfer id, prefill, decode, source blocks, destination blocks): three transfers per
+    pair; destinations never overlap within a decode worker."""
+    rng = random.Random(0)
+    free = {d: rng.sample(range(DECODE_BLOCKS), DECODE_BLOCKS) for d in DECODE_SEEDS}
+    plan, tid = [], 100
+    for prefill in PREFILLS:
+        for decode in DECODE_SEEDS:
+            for _ in range(3):
+                n = rng.randint(1, 4)
+                src = rng.sample(range(PREFILL_BLOCKS), n)
+                dst = [free[decode].pop() for _ in range(n)]
+                plan.append((tid, prefill, decode, src, dst))
+                tid += 1
+    # The unexpected and the cancelled transfer: their destinations must stay untouched.
+    plan.append((UNEXPECTED_TID, "p-layer", "d1", [0, 1], [free["d1"].pop(), free["d1"].pop()]))
+    plan.append((CANCELLED_TID, "p-mid", "d0", [2, 3, 4], [free["d0"].pop() for _ in range(3)]))
+    return plan
+
+
+def expected_caches(decode: str, done: set[int]) -> list[torch.Tensor]:
+    """What decode's caches must hold once the transfers `done` landed."""
+    want = make_caches(DECODE_SEEDS[decode], DECODE_BLOCKS)
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+    for tid, _, d, src_blocks, dst_blocks in transfer_plan():
+        if d == decode and tid in done:
+            for layer in range(NUM_LAYERS):
+                want[layer][:, dst_blocks] = src[layer][:, src_blocks]
+    return want
+
+
+def wait_for(agent: KVTransferAgent, tids: set[int], timeout_s: float) -> dict[int, TransferState]:
+    results: dict[int, TransferState] = {}
+    deadline = time.monotonic() + timeout_s
+    while not tids <= results.keys() and time.monotonic() < deadline:
+        results.update(agent.poll())
+        time.sleep(0.005)
+    return results
+
+
+def send_all(agent: KVTransferAgent, tid: int, peer: str, blocks: list[int]) -> TransferState:
+    handle = agent.start_send(tid, peer, blocks)
+    for layer in range(len(agent.kv_caches)):
+        agent.send_layer(handle, layer)
+    return agent.finish_send(handle)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def prefill_process(port: int, out) -> None:
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+    agents = {
+        name: KVTransferAgent(
+            name, caches, "127.0.0.1", port, timeout_s=10, min_message_bytes=m, role="prefill"
+        )
+        for name, m in PREFILLS.items()
+    }
+    for agent in agents.values():
+        for decode in DECODE_SEEDS:
+            agent.connect(decode)
+    store = connect_store("127.0.0.1", port, 20)
+    store.wait([f"test/ready/{d}" for d in DECODE_SEEDS])
+    plan = transfer_plan()
+    states = {}
+    # Extras first: the receivers must drain them and carry on.
+    for tid, prefill, decode, src, _ in plan[-2:]:
+        states[tid] = send_all(agents[prefill], tid, decode, src)
+    # One transfer per pair in sequence, then the rest interleaved: layer by layer across all of
+    # them, two per pair, so one pair's second transfer queues behind its first.
+    sequential = [t for i, t in enumerate(plan[:-2]) if i % 3 == 0]
+    interleaved = [t for i, t in enumerate(plan[:-2]) if i % 3 != 0]
+    for tid, prefill, decode, src, _ in sequential:
+        states[tid] = send_all(agents[prefill], tid, decode, src)
+    handles = [(tid, agents[p], agents[p].start_send(tid, d, s)) for tid, p, d, s, _ in interleaved]
+    for layer in range(NUM_LAYERS):
+        for _, agent, handle in handles:
+            agent.send_layer(handle, layer)
+    for tid, agent, handle in reversed(handles):
+        states[tid] = agent.finish_send(handle)
+    store.wait([f"test/done/{d}" for d in DECODE_SEEDS])
+    for agent in agents.values():
+        agent.close()
+    out.put(("prefill", {tid: s.value for tid, s in states.items()}))
+
+
+def decode_process(name: str, port: int, out) -> None:
+    caches = make_caches(DECODE_SEEDS[name], DECODE_BLOCKS)
+    agent = KVTransferAgent(name, caches, "127.0.0.1", port, timeout_s=10, role="decode")
+    for prefill in PREFILLS:
+        agent.connect(prefill)
+    mine = [t for t in transfer_plan() if t[2] == name and t[0] != UNEXPECTED_TID]
+    for tid, prefill, _, _, dst in mine:
+        agent.expect(tid, prefill, dst)
+    agent.cancel(CANCELLED_TID)
+    store = connect_store("127.0.0.1", port, 20)
+    store.set(f"test/ready/{name}", "1")
+    wanted = {tid for tid, *_ in mine} - {CANCELLED_TID}
+    results = wait_for(agent, wanted, timeout_s=20)
+    time.sleep(0.2)  # anything reported late (the cancelled, the unexpected) would show now
+    results.update(agent.poll())
+    store.set(f"test/done/{name}", "1")
+    want = expected_caches(name, {t for t, s in results.items() if s is DONE})
+    exact = all(torch.equal(c, w) for c, w in zip(caches, want))
+    agent.close()
+    out.put((name, {"results": {t: s.value for t, s in results.items()}, "exact": exact}))
+
+
+def run_processes(targets: list[tuple], timeout_s: float) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, out), daemon=True) for fn, *args in targets]
+    for p in procs:
+        p.start()
+    try:
+        return dict(out.get(timeout=timeout_s) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.mark.timeout(90)
+def test_transfers_between_processes_land_exactly(port):
+    reports = run_processes(
+        [(prefill_process, port)] + [(decode_process, d, port) for d in DECODE_SEEDS], 60
+    )
+    plan = transfer_plan()
+    assert reports["prefill"] == {tid: "done" for tid, *_ in plan}
+    for decode in DECODE_SEEDS:
+        wanted = {tid for tid, _, d, *_ in plan if d == decode}
+        wanted -= {UNEXPECTED_TID, CANCELLED_TID}
+        assert reports[decode]["results"] == {tid: "done" for tid in wanted}
+        # the three coalescing settings, the drained transfers and nothing else written
+        assert reports[decode]["exact"]
+
+
+def dying_sender(port: int, out) -> None:
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+    agent = KVTransferAgent(
+        "p-dies", caches, "127.0.0.1", port, timeout_s=5, min_message_bytes=0, role="prefill"
+    )
+    agent.connect("d-survives")
+    connect_store("127.0.0.1", port, 20).wait(["test/expecting"])
+    handle = agent.start_send(1, "d-survives", [0, 1, 2])
+    agent.send_layer(handle, 0)  # header and the first of five messages, then death
+    time.sleep(0.3)
+    out.put(("sender", "dying"))
+    out.close()
+    out.join_thread()  # flush the queue: os._exit skips that
+    os._exit(1)
+
+
+@pytest.mark.timeout(60)
+def test_dead_sender_fails_within_timeout_then_reconnects(port):
+    store = connect_store("127.0.0.1", port, 10)
+    caches = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS)
+    decode = KVTransferAgent("d-survives", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=dying_sender, args=(port, out), daemon=True)
+    proc.start()
+    try:
+        decode.connect("p-dies")
+        first_generation = decode.generation("p-dies")
+        decode.expect(1, "p-dies", [5, 6, 7])
+        store.set("test/expecting", "1")
+        assert out.get(timeout=30) == ("sender", "dying")
+        start = time.monotonic()
+        assert wait_for(decode, {1}, timeout_s=10) == {1: FAILED}
+        assert time.monotonic() - start < 3 + 1.5
+    finally:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    # A new process under the same worker id (here a thread) connects: a new generation works.
+    prefill = KVTransferAgent(
+        "p-dies", make_caches(PREFILL_SEED, PREFILL_BLOCKS), "127.0.0.1", port, role="prefill"
+    )
+    connect_both(prefill, decode)
+    assert decode.generation("p-dies") > first_generation
+    decode.expect(2, "p-dies", [8, 9])
+    assert send_all(prefill, 2, "d-survives", [10, 11]) is DONE
+    assert wait_for(decode, {2}, timeout_s=10) == {2: DONE}
+    for layer in range(NUM_LAYERS):
+        assert torch.equal(caches[layer][:, [8, 9]], prefill.kv_caches[layer][:, [10, 11]])
+    prefill.close()
+    decode.close()
+
+
+# ---------------------------------------------------------------- threads, one process
+
+
+def connect_both(prefill: KVTransferAgent, decode: KVTransferAgent) -> None:
+    errors = []
+
+    def run():
+        try:
+            decode.connect(prefill.worker_id)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    prefill.connect(decode.worker_id)
+    thread.join()
+    assert not errors
+
+
+@pytest.fixture
+def pair(port):
+    """A connected prefill/decode pair in this process, 1 s timeout, a message per layer."""
+    prefill = KVTransferAgent(
+        "p", make_caches(PREFILL_SEED, PREFILL_BLOCKS), "127.0.0.1", port,
+        timeout_s=1.0, min_message_bytes=0, role="prefill",
+    )  # fmt: skip
+    decode = KVTransferAgent(
+        "d", make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS), "127.0.0.1", port,
+        timeout_s=1.0, role="decode",
+    )  # fmt: skip
+    connect_both(prefill, decode)
+    yield prefill, decode
+    prefill.close()
+    decode.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("min_message_bytes", [0, 1000, 2500, 1 << 30])
+def test_coalescing_settings_give_identical_blocks(port, min_message_bytes):
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS, num_layers=7)
+    dst = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, num_layers=7)
+    want = [t.clone() for t in dst]
+    prefill = KVTransferAgent(
+        "p", src, "127.0.0.1", port, min_message_bytes=min_message_bytes, role="prefill"
+    )
+    decode = KVTransferAgent("d", dst, "127.0.0.1", port, role="decode")
+    connect_both(prefill, decode)
+    transfers = [
+        (1, [3, 1, 4], [40, 2, 17]),
+        (2, [15, 9], [0, 47]),
+        (3, [26, 5, 35, 8], [9, 8, 7, 6]),
+    ]
+    for tid, src_blocks, dst_blocks in transfers:
+        decode.expect(tid, "p", dst_blocks)
+        assert send_all(prefill, tid, "d", src_blocks) is DONE
+        for layer in range(7):
+            want[layer][:, dst_blocks] = src[layer][:, src_blocks]
+    assert wait_for(decode, {1, 2, 3}, timeout_s=10) == {1: DONE, 2: DONE, 3: DONE}
+    assert all(torch.equal(d, w) for d, w in zip(dst, want))
+    prefill.close()
+    decode.close()
+
+
+@pytest.mark.timeout(30)
+def test_cancel_mid_transfer_drains_and_writes_nothing_more(pair):
+    prefill, decode = pair
+    before = [t.clone() for t in decode.kv_caches]
+    decode.expect(1, "p", [10, 11])
+    handle = prefill.start_send(1, "d", [0, 1])
+    prefill.send_layer(handle, 0)
+    prefill.send_layer(handle, 1)
+    time.sleep(0.2)  # layers 0-1 may well be written: the blocks were still reserved then
+    decode.cancel(1)
+    for layer in range(2, NUM_LAYERS):
+        prefill.send_layer(handle, layer)
+    assert prefill.finish_send(handle) is DONE  # the receiver drained the rest
+    decode.expect(2, "p", [12])
+    assert send_all(prefill, 2, "d", [5]) is DONE
+    assert wait_for(decode, {2}, timeout_s=5) == {2: DONE}  # the cancelled one is never reported
+    for layer in range(2, NUM_LAYERS):
+        assert torch.equal(decode.kv_caches[layer][:, [10, 11]], before[layer][:, [10, 11]])
+    assert torch.equal(decode.kv_caches[0][:, 12], prefill.kv_caches[0][:, 5])
+
+
+@pytest.mark.timeout(30)
+def test_stalled_sender_fails_within_timeout_and_pair_rebuilds(pair):
+    prefill, decode = pair
+    generation = decode.generation("p")
+    decode.expect(1, "p", [10, 11])
+    handle = prefill.start_send(1, "d", [0, 1])
+    prefill.send_layer(handle, 0)  # ...and nothing more: the sender stalls
+    start = time.monotonic()
+    assert wait_for(decode, {1}, timeout_s=5) == {1: FAILED}
+    assert 0.9 < time.monotonic() - start < 2.5
+    assert decode.generation("p") is None  # broken
+    assert prefill.finish_send(handle) is FAILED  # abandoned before its last layer
+    connect_both(prefill, decode)
+    assert decode.generation("p") > generation
+    decode.expect(2, "p", [12])
+    assert send_all(prefill, 2, "d", [5]) is DONE
+    assert wait_for(decode, {2}, timeout_s=5) == {2: DONE}
+
+
+@pytest.mark.timeout(30)
+def test_sender_fails_within_timeout_when_receiver_is_gone(pair):
+    prefill, decode = pair
+    decode.close()  # the receiver stops receiving
+    handle = prefill.start_send(1, "d", [0, 1])
+    for layer in range(NUM_LAYERS):
+        prefill.send_layer(handle, layer)
+    start = time.monotonic()
+    assert prefill.finish_send(handle) is FAILED
+    assert time.monotonic() - start < 2.5
+    assert prefill.start_send(2, "d", [0]).state is FAILED  # until connect rebuilds the pair
+
+
+@pytest.mark.timeout(30)
+def test_block_count_mismatch_fails_on_receiver_and_pair_survives(pair):
+    prefill, decode = pair
+    decode.expect(1, "p", [10, 11, 12])
+    assert send_all(prefill, 1, "d", [0, 1]) is DONE  # drained on the other side
+    decode.expect(2, "p", [13])
+    assert send_all(prefill, 2, "d", [2]) is DONE
+    assert wait_for(decode, {1, 2}, timeout_s=5) == {1: FAILED, 2: DONE}
+
+
+@pytest.mark.timeout(30)
+def test_connect_times_out_when_peer_never_comes(port):
+    agent = KVTransferAgent(
+        "p", make_caches(0, 4), "127.0.0.1", port, timeout_s=0.5, role="prefill"
+    )
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        agent.connect("ghost")
+    assert time.monotonic() - start < 2.0
+    agent.close()
+
+
+@pytest.mark.timeout(30)
+def test_connect_is_idempotent_and_rejects_other_layouts(port):
+    prefill = KVTransferAgent("p", make_caches(0, 4), "127.0.0.1", port, role="prefill")
+    decode = KVTransferAgent("d", make_caches(1, 6), "127.0.0.1", port, role="decode")
+    connect_both(prefill, decode)
+    generation = prefill.generation("d")
+    prefill.connect("d")
+    decode.connect("p")
+    assert prefill.generation("d") == decode.generation("p") == generation
+    other = KVTransferAgent(
+        "d2", make_caches(1, 6, num_layers=3), "127.0.0.1", port, timeout_s=2, role="decode"
+    )
+    with pytest.raises(ValueError, match="layout"):
+        connect_both(prefill, other)
+    for agent in (prefill, decode, other):
+        agent.close()
+
+
+def test_bad_calls_get_clear_errors(pair):
+    prefill, decode = pair
+    with pytest.raises(ValueError, match="duplicates"):
+        prefill.start_send(1, "d", [1, 1])
+    with pytest.raises(ValueError, match="lie in"):
+        decode.expect(1, "p", [DECODE_BLOCKS])
+    with pytest.raises(RuntimeError, match="prefill"):
+        decode.start_send(1, "p", [0])
+    decode.expect(1, "p", [0])
+    with pytest.raises(ValueError, match="already expected"):
+        decode.expect(1, "p", [1])
+    handle = prefill.start_send(1, "d", [0])
+    with pytest.raises(ValueError, match="expected layer 0"):
+        prefill.send_layer(handle, 1)
+    with pytest.raises(ValueError, match="role"):
+        KVTransferAgent("x", prefill.kv_caches, "127.0.0.1", 1, role="both")
+    with pytest.raises(ValueError, match="backend"):
+        KVTransferAgent("x", prefill.kv_caches, "127.0.0.1", 1, backend="nccl", role="decode")
+
+
+def test_message_plan_covers_every_layer_once():
+    assert message_plan(5, 2) == [(0, 2), (2, 2), (4, 1)]
+    assert message_plan(32, 32) == [(0, 32)]
+    assert layers_per_message(layer_bytes=8 << 20, min_message_bytes=16 << 20, num_layers=32) == 2
+    assert layers_per_message(layer_bytes=8 << 20, min_message_bytes=0, num_layers=32) == 1
+    assert layers_per_message(layer_bytes=1, min_message_bytes=1 << 30, num_layers=32) == 32
+
+
+def test_store_helpers_roundtrip():
+    store, port = start_store()
+    client = connect_store("127.0.0.1", port, 5)
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    assert client.timeout == timedelta(seconds=5)
