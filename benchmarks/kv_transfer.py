@@ -1,0 +1,351 @@
+"""KV handoff between a prefill and a decode process: bandwidth and the TTFT it adds.
+
+Two processes (prefill on cuda:0, decode on cuda:1, NCCL; or both on CPU with gloo) hold a
+Llama-3-8B-shaped paged KV cache (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token,
+block size 16). For each prompt length, in one run:
+
+  raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group
+  agent    KVTransferAgent: start_send, send_layer x32, finish_send, until the receiver's poll()
+           says DONE; scattered random block ids on both sides; one agent pair per
+           --min-message-bytes setting; reported as GB/s and as a ratio to raw
+  ttft     a simulated prefill, 32 layer steps of one matmul each (2*8e9*tokens FLOPs in all,
+           an 8B model's linear layers), without sends, then with send_layer after each layer:
+           the compute slowdown, and the tail after the last layer until the receiver's DONE
+
+Times cross processes through time.perf_counter (CLOCK_MONOTONIC: one clock per host); each
+number is the median of --repeats runs after a warm-up.
+
+    python -m benchmarks.kv_transfer                       # 2 GPUs
+    python -m benchmarks.kv_transfer --device cpu          # smoke test: gloo, small shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+import torch
+
+from kvtransfer import KVTransferAgent, TransferState
+from kvtransfer.pair import new_group, wait_work
+from kvtransfer.store import connect_store, start_store
+
+GPU_SHAPE = dict(layers=32, kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+CPU_SHAPE = dict(layers=32, kv_heads=2, head_dim=32, block_size=16, dtype="float32")
+# The simulated layer: x[tokens, hidden] @ w[hidden, width]; 2*hidden*width = 2 * 8e9 / 32.
+GPU_MATMUL, CPU_MATMUL = (4096, 61440), (256, 512)
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def label(num_bytes: int) -> str:
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if num_bytes >= size and num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return str(num_bytes)
+
+
+class Clock:
+    """Cross-process timing of one event pair: the sender starts, the receiver stamps the end."""
+
+    def __init__(self, store, name: str):
+        self.store, self.name = store, name
+
+    def ready(self, key: str) -> None:  # receiver: posted / expecting
+        self.store.set(f"{self.name}/{key}/ready", "1")
+
+    def wait_ready(self, key: str) -> None:  # sender
+        self.store.wait([f"{self.name}/{key}/ready"])
+
+    def stamp(self, key: str) -> None:  # receiver: the end
+        self.store.set(f"{self.name}/{key}/end", repr(time.perf_counter()))
+
+    def end(self, key: str) -> float:  # sender
+        return float(self.store.get(f"{self.name}/{key}/end"))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_caches(args, num_blocks: int, device: torch.device, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (2, num_blocks, args.block_size, args.kv_heads, args.head_dim)
+    dtype = getattr(torch, args.dtype)
+    return [torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(args.layers)]
+
+
+def block_ids(num_blocks: int, count: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_blocks, generator=g)[:count].tolist()
+
+
+def worker(role: str, args, port: int, out) -> None:
+    try:
+        out.put((role, run_worker(role, args, port)))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        import traceback
+
+        out.put((role, {"error": f"{e!r}\n{traceback.format_exc()}"}))
+
+
+def run_worker(role: str, args, port: int) -> dict:
+    rank = 0 if role == "prefill" else 1
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = connect_store("127.0.0.1", port, 600)
+    clock = Clock(store, "bench")
+    max_blocks = max(args.tokens) // args.block_size
+    num_blocks = 2 * max_blocks + 7  # room for scattered ids
+    caches = make_caches(args, num_blocks, device, seed=rank)
+    # One agent pair per coalescing setting, all on the same caches.
+    agents = {}
+    for m in args.min_message_bytes:
+        me, peer = (f"p-{label(m)}", f"d-{label(m)}")[:: 1 if role == "prefill" else -1]
+        agent = KVTransferAgent(
+            me, caches, "127.0.0.1", port, backend, timeout_s=60, min_message_bytes=m, role=role
+        )
+        agent.connect(peer)
+        agents[m] = (agent, peer)
+    raw = new_group(connect_store("127.0.0.1", port, 60), "bench/raw", rank, backend, 60)
+    probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
+    wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    results: dict = {"info": info, "raw": {}, "agent": {}, "ttft": {}}
+    for tokens in args.tokens:
+        n = tokens // args.block_size
+        total = args.layers * agents[args.min_message_bytes[0]][0].layout.layer_bytes(n)
+        results["raw"][tokens] = bench_raw(role, raw, backend, device, clock, tokens, total, args)
+        for m, (agent, peer) in agents.items():
+            key = f"{tokens}/{m}"
+            ids = block_ids(num_blocks, n, seed=tokens * 7 + rank)
+            results["agent"][key] = bench_agent(role, agent, peer, device, clock, key, ids, args)
+            if not args.skip_ttft:
+                results["ttft"][key] = bench_ttft(role, agent, peer, device, clock, key, ids, args)
+    for agent, _ in agents.values():
+        agent.close()
+    return results
+
+
+def bench_raw(role, group, backend, device, clock, tokens, total_bytes, args) -> list[float]:
+    buf = torch.empty(total_bytes, dtype=torch.uint8, device=device)
+    if role == "prefill":
+        buf.random_(0, 255)
+    times = []
+    for i in range(args.repeats + 1):
+        key = f"raw/{tokens}/{i}"
+        if role == "decode":
+            work = group.recv([buf], 0, 0)
+            clock.ready(key)
+            wait_work(work, backend, 60)
+            sync(device)
+            clock.stamp(key)
+        else:
+            clock.wait_ready(key)
+            sync(device)
+            start = time.perf_counter()
+            wait_work(group.send([buf], 1, 0), backend, 60)
+            times.append(clock_end(clock, key) - start)
+    return times[1:]
+
+
+def clock_end(clock: Clock, key: str) -> float:
+    clock.store.wait([f"{clock.name}/{key}/end"])
+    return clock.end(key)
+
+
+def receive(agent: KVTransferAgent, clock: Clock, key: str, tid: int, peer: str, ids) -> None:
+    agent.expect(tid, peer, ids)
+    clock.ready(key)
+    while True:
+        state = agent.poll().get(tid)
+        if state is not None:
+            assert state is TransferState.DONE, f"transfer {tid}: {state}"
+            clock.stamp(key)
+            return
+        time.sleep(50e-6)
+
+
+def bench_agent(role, agent, peer, device, clock, key, ids, args) -> list[float]:
+    times = []
+    for i in range(args.repeats + 1):
+        tid = zlib.crc32(f"bw/{key}/{i}".encode())
+        rep = f"agent/{key}/{i}"
+        if role == "decode":
+            receive(agent, clock, rep, tid, peer, ids)
+            continue
+        clock.wait_ready(rep)
+        sync(device)
+        start = time.perf_counter()
+        handle = agent.start_send(tid, peer, ids)
+        for layer in range(args.layers):
+            agent.send_layer(handle, layer)
+        assert agent.finish_send(handle) is TransferState.DONE
+        times.append(clock_end(clock, rep) - start)
+    return times[1:]
+
+
+def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
+    """Prefill compute without and with per-layer sends; the tail until the receiver's DONE."""
+    tokens = int(key.split("/")[0])
+    runs: dict[str, list[float]] = {"compute": [], "compute_sending": [], "done": []}
+    if role == "prefill":
+        hidden, width = GPU_MATMUL if device.type == "cuda" else CPU_MATMUL
+        dtype = getattr(torch, args.dtype)
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        w = torch.randn(hidden, width, device=device, dtype=dtype) / hidden**0.5
+        y = torch.empty(tokens, width, device=device, dtype=dtype)
+    for i in range(args.repeats + 1):
+        tid = zlib.crc32(f"ttft/{key}/{i}".encode())
+        rep = f"ttft/{key}/{i}"
+        if role == "decode":
+            receive(agent, clock, rep, tid, peer, ids)
+            continue
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.layers):
+            torch.matmul(x, w, out=y)
+        sync(device)
+        compute = time.perf_counter() - start
+        clock.wait_ready(rep)
+        sync(device)
+        start = time.perf_counter()
+        handle = agent.start_send(tid, peer, ids)
+        for layer in range(args.layers):
+            torch.matmul(x, w, out=y)
+            agent.send_layer(handle, layer)
+        sync(device)
+        compute_sending = time.perf_counter() - start
+        assert agent.finish_send(handle) is TransferState.DONE
+        done = clock_end(clock, rep) - start
+        if i > 0:
+            runs["compute"].append(compute)
+            runs["compute_sending"].append(compute_sending)
+            runs["done"].append(done)
+    return runs
+
+
+def median_ms(values: list[float]) -> float:
+    return 1e3 * statistics.median(values)
+
+
+def report(args, results: dict, kv_bytes_per_token: int) -> str:
+    prefill = results["prefill"]
+    lines = [
+        f"bandwidth (GB/s = 1e9 B/s), median of {args.repeats}; agent = start_send .. receiver "
+        "DONE, scattered block ids",
+        f"{'tokens':>6} {'MiB':>6} {'raw GB/s':>9} | "
+        + " | ".join(
+            f"{'min ' + label(m):>10} {'GB/s':>6} {'ratio':>5}" for m in args.min_message_bytes
+        ),
+    ]
+    for tokens in args.tokens:
+        total = tokens * kv_bytes_per_token
+        raw = total / statistics.median(prefill["raw"][tokens]) / 1e9
+        cells = []
+        for m in args.min_message_bytes:
+            bw = total / statistics.median(prefill["agent"][f"{tokens}/{m}"]) / 1e9
+            cells.append(f"{'':>10} {bw:6.1f} {bw / raw:5.2f}")
+        lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
+    if not args.skip_ttft:
+        lines += [
+            "",
+            "TTFT: prefill = 32 matmul layer steps; +send = with send_layer after each layer; "
+            "tail = last layer -> receiver DONE; handoff = (DONE - start - prefill) / prefill",
+            f"{'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} {'compute +%':>10} "
+            f"{'tail ms':>8} {'handoff +%':>10}",
+        ]
+        for tokens in args.tokens:
+            for m in args.min_message_bytes:
+                runs = prefill["ttft"][f"{tokens}/{m}"]
+                base, sending = median_ms(runs["compute"]), median_ms(runs["compute_sending"])
+                done = median_ms(runs["done"])
+                tails = [d - c for d, c in zip(runs["done"], runs["compute_sending"])]
+                lines.append(
+                    f"{tokens:6d} {label(m):>7} {base:10.2f} {sending:9.2f} "
+                    f"{100 * (sending - base) / base:10.2f} {median_ms(tails):8.2f} "
+                    f"{100 * (done - base) / base:10.2f}"
+                )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tokens", default=None, help="prompt lengths, comma separated")
+    p.add_argument(
+        "--min-message-bytes",
+        default="0,16M,64M,1G",
+        help="coalescing settings to compare (0: one message per layer), e.g. 0,16M,64M",
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-ttft", action="store_true")
+    p.add_argument("--json", default=None, help="also write the raw timings here")
+    for name in GPU_SHAPE:
+        p.add_argument(f"--{name.replace('_', '-')}", default=None)
+    args = p.parse_args()
+    shape = GPU_SHAPE if args.device == "cuda" else CPU_SHAPE
+    for name, default in shape.items():
+        value = getattr(args, name)
+        setattr(args, name, default if value is None else type(default)(value))
+    default_tokens = "512,1024,2048,4096,8192" if args.device == "cuda" else "256,1024"
+    args.tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
+    args.min_message_bytes = [parse_bytes(m) for m in args.min_message_bytes.split(",")]
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: never needed here
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+    store, port = start_store()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, args, port, out)) for r in ("prefill", "decode")]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    for role, res in results.items():
+        if "error" in res:
+            sys.exit(f"{role} failed:\n{res['error']}")
+    dtype = getattr(torch, args.dtype)
+    kv_bytes_per_token = 2 * args.layers * args.kv_heads * args.head_dim * dtype.itemsize
+    commit = (
+        os.environ.get("BATON_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    print(
+        f"commit {commit or 'unknown'}, {results['prefill']['info']['device']} -> "
+        f"{results['decode']['info']['device']}, torch {torch.__version__}, "
+        f"{platform.machine()}"
+    )
+    print(
+        f"KV: {args.layers} layers x {args.kv_heads} KV heads x head_dim {args.head_dim}, "
+        f"{args.dtype}, block {args.block_size}: {kv_bytes_per_token // 1024} KiB per token"
+    )
+    print(report(args, results, kv_bytes_per_token))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
