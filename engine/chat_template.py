@@ -29,9 +29,7 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
 
-    def render(
-        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs
-    ) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         return render_chat_template(
             self.source,
             messages,
@@ -42,7 +40,9 @@ class ChatTemplate:
         )
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, override: str | None = None) -> ChatTemplate | None:
+    def from_pretrained(
+        cls, model_dir: str | Path, override: str | None = None
+    ) -> ChatTemplate | None:
         """The template a model folder defines, or `override` (template text or a file path)
         in its place; None if there is neither. Called once per tier at startup."""
         model_dir = Path(model_dir)
@@ -59,7 +59,9 @@ class ChatTemplate:
                 source = named.get("default")
         if not source:
             return None
-        return cls(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+        return cls(
+            source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        )
 
 
 def read_template(value: str) -> str:

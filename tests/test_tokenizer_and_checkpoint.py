@@ -290,7 +290,7 @@ def test_incremental_detokenizer_skips_special_tokens_unless_asked(tokenizer):
 
 def test_ensure_default_model_writes_once(tmp_path, monkeypatch):
     monkeypatch.setenv("BATON_HOME", str(tmp_path))
-    assert default_model_dir() == tmp_path / "models" / "tiny-llama"
+    assert default_model_dir() == tmp_path / "models" / "tiny-llama-v2"
     path = ensure_default_model()
     assert path == default_model_dir()
     config = json.loads((path / "config.json").read_text())
@@ -303,4 +303,4 @@ def test_ensure_default_model_writes_once(tmp_path, monkeypatch):
     written_at = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_default_model() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == written_at
-    assert [p.name for p in path.parent.iterdir()] == ["tiny-llama"]  # no temp dirs left
+    assert [p.name for p in path.parent.iterdir()] == ["tiny-llama-v2"]  # no temp dirs left
