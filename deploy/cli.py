@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -20,12 +22,17 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
+_API_KEY_HELP = "Bearer token for HTTP and gRPC (default: $BATON_API_KEY; unset: no key)"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from deploy.launcher import deploy, load_config
 
     config = load_config(args.config, args.model)
+    overrides = {"http_port": args.http_port, "api_key": args.api_key}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     async def serve() -> None:
         deployment = await deploy(config, args.grpc_port, args.metrics_port)
@@ -36,6 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f'localhost:{deployment.grpc_port} "Hello"',
             flush=True,
         )
+        if deployment.http_server is not None:
+            key_note = " (API key required)" if config.api_key else ""
+            print(f"OpenAI API on http://localhost:{deployment.http_port}/v1{key_note}", flush=True)
         try:
             await deployment.grpc_server.wait_for_termination()
         finally:
@@ -69,7 +79,8 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
         stub = serving_pb2_grpc.BatonStub(channel)
         try:
             last = None
-            for last in stub.Generate(request, timeout=args.timeout):
+            metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+            for last in stub.Generate(request, timeout=args.timeout, metadata=metadata):
                 sys.stdout.write(last.text)
                 sys.stdout.flush()
         except grpc.RpcError as e:
@@ -84,6 +95,12 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.serving import main as bench_main
+
+    return bench_main(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     gen.add_argument("--target", default=None, help="HOST:PORT of a Baton server (else: offline)")
     gen.add_argument("--tier", default="", help="model tier on the server (default: auto)")
+    gen.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help=_API_KEY_HELP)
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--num-blocks", type=int, default=None)
@@ -146,7 +164,40 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", default=None, help="model folder for every tier")
     serve.add_argument("--grpc-port", type=int, default=None)
     serve.add_argument("--metrics-port", type=int, default=None, help="default 9400")
+    serve.add_argument("--http-port", type=int, default=None, help="OpenAI API; default 8000")
+    serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help=_API_KEY_HELP)
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="load-test a running server (gRPC)")
+    bench.add_argument("--target", default="localhost:50051", help="HOST:PORT")
+    bench.add_argument("--tier", default="", help="model tier (default: the server's default)")
+    bench.add_argument("--rate", default="4", help="requests/s, or a comma list to sweep; inf")
+    bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    bench.add_argument("--num-requests", type=int, default=100)
+    bench.add_argument("--max-concurrency", type=int, default=None)
+    bench.add_argument(
+        "--dataset", choices=["synthetic", "shared-prefix", "jsonl"], default="synthetic"
+    )
+    bench.add_argument("--input-len", type=int, default=128)
+    bench.add_argument("--output-len", type=int, default=64)
+    bench.add_argument("--range-ratio", type=float, default=0.0, help="length spread, 0..1")
+    bench.add_argument("--prefix-len", type=int, default=256, help="shared-prefix dataset")
+    bench.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix dataset")
+    bench.add_argument("--jsonl", default=None, help="prompts file for --dataset jsonl")
+    bench.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    bench.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    bench.add_argument(
+        "--find-max-rate",
+        action="store_true",
+        help="binary-search the highest rate with >= 90%% SLO attainment",
+    )
+    bench.add_argument("--max-rate", type=float, default=64.0, help="search upper bound")
+    bench.add_argument("--iterations", type=int, default=6, help="binary search steps")
+    bench.add_argument("--num-gpus", type=int, default=None, help="default: instances served")
+    bench.add_argument("--output", default=None, help="write results as JSON here")
+    bench.add_argument("--plot", default=None, help="latency percentiles vs rate, PNG")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.chat_template import read_template
+
 ROLES = ("prefill", "decode")
 
 
@@ -23,6 +25,15 @@ class TierConfig:
     # SLOs for requests without hints; goodput counts requests that meet them.
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 200.0
+    # For /v1/chat/completions: Jinja2 text or a file path; None: the model's own template.
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.chat_template is not None:
+            try:
+                read_template(self.chat_template)
+            except ValueError as e:
+                raise ValueError(f"config: tiers.{self.name}.{e}") from None
 
 
 @dataclass
@@ -43,6 +54,9 @@ class BatonConfig:
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
     metrics_port: int = 9400  # the router's Prometheus /metrics (workers' metrics included)
+    http_host: str = "0.0.0.0"
+    http_port: int | None = 8000  # the OpenAI-compatible API; None: off
+    api_key: str | None = None  # None: no key needed; else HTTP Bearer / gRPC metadata
     transfer_backend: str = "auto"  # gloo | nccl | auto
     transfer_timeout_s: float = 30.0
     max_attempts: int = 3  # placements per request before it fails
@@ -65,6 +79,8 @@ class BatonConfig:
                 raise ValueError(f"config: tier {name!r} needs a prefill and a decode pool")
         if self.max_attempts < 1:
             raise ValueError("config: max_attempts must be >= 1")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"config: http_port must be in [0, 65535], got {self.http_port}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> BatonConfig:

@@ -1,4 +1,5 @@
-"""Starting Baton on Ray: the KV store, the worker actors of every pool, the router, gRPC.
+"""Starting Baton on Ray: the KV store, the worker actors of every pool, the router, gRPC and
+the OpenAI-compatible HTTP API.
 
 The driver process (this one) is the router. Pools map to Ray resources, so on a cluster
 started with `ray up deploy/cluster.yaml` prefill workers land on nodes that advertise
@@ -17,8 +18,10 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from deploy.config import BatonConfig, TierConfig
+from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig
 from engine.tokenizer import Tokenizer
+from router.openai_api import start_openai_server
 from router.router import Router, TierInfo
 from router.server import start_grpc_server
 from router.workers import RayWorkerClient, Worker
@@ -47,6 +50,7 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         default_max_tokens=tier.default_max_tokens,
         ttft_slo_ms=tier.ttft_slo_ms,
         tpot_slo_ms=tier.tpot_slo_ms,
+        chat_template=ChatTemplate.from_pretrained(path, tier.chat_template),
     )
 
 
@@ -60,10 +64,14 @@ class Deployment:
     grpc_port: int = 0
     metrics_server: object = None
     metrics_port: int = 0
+    http_server: object = None  # router.openai_api.HttpServer; None when http_port is None
+    http_port: int = 0
 
     async def stop(self) -> None:
         import ray
 
+        if self.http_server is not None:
+            await self.http_server.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=1.0)
         if self.metrics_server is not None:
@@ -151,12 +159,20 @@ async def deploy(
     router = Router(tiers, config.default_tier, workers, config.max_attempts)
     await router.start()
     port = config.grpc_port if grpc_port is None else grpc_port
-    server, bound = await start_grpc_server(router, config.grpc_host, port)
+    server, bound = await start_grpc_server(router, config.grpc_host, port, config.api_key)
     metrics_port = config.metrics_port if metrics_port is None else metrics_port
     metrics_server, _ = start_http_server(metrics_port, config.grpc_host, router.metrics.registry)
     metrics_bound = metrics_server.server_address[1]
     log.info("Baton up: %d workers, gRPC on %d, metrics on %d", len(workers), bound, metrics_bound)
-    return Deployment(config, router, actors, store, server, bound, metrics_server, metrics_bound)
+    deployment = Deployment(
+        config, router, actors, store, server, bound, metrics_server, metrics_bound
+    )
+    if config.http_port is not None:
+        deployment.http_server = await start_openai_server(
+            router, config.http_host, config.http_port, config.api_key
+        )
+        deployment.http_port = deployment.http_server.port
+    return deployment
 
 
 def load_config(path: str | None, model: str | None) -> BatonConfig:
