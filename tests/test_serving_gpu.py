@@ -21,7 +21,9 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False
+    )
     yield
     ray.shutdown()
 
