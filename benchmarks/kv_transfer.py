@@ -35,7 +35,7 @@ import zlib
 import torch
 
 from kvtransfer import KVTransferAgent, TransferState
-from kvtransfer.pair import new_group, wait_work
+from kvtransfer.pair import abort_group, new_group, wait_work
 from kvtransfer.store import connect_store, start_store
 
 GPU_SHAPE = dict(layers=32, kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
@@ -140,6 +140,7 @@ def run_worker(role: str, args, port: int) -> dict:
                 results["ttft"][key] = bench_ttft(role, agent, peer, device, clock, key, ids, args)
     for agent, _ in agents.values():
         agent.close()
+    abort_group(raw)
     return results
 
 

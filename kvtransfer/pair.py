@@ -38,6 +38,9 @@ RANK = {PREFILL: 0, DECODE: 1}  # the prefill side sends, as rank 0
 # effectively infinite and every wait in this package is bounded by the agent's `timeout_s`.
 NCCL_GROUP_TIMEOUT = timedelta(days=1)
 _HANDSHAKE_POLL_S = 0.005
+# Polling an NCCL work: the cap bounds how late a finished transfer is noticed (a 16 MiB
+# message takes ~50 us on NVLink; a whole transfer, milliseconds).
+_POLL_MIN_S, _POLL_MAX_S = 20e-6, 200e-6
 _env_lock = threading.Lock()
 
 
@@ -137,12 +140,12 @@ def wait_work(work, backend: str, timeout_s: float) -> None:
         work.wait(timedelta(seconds=max(timeout_s, 1e-3)))
         return
     deadline = time.monotonic() + timeout_s
-    sleep_s = 20e-6
+    sleep_s = _POLL_MIN_S
     while not work.is_completed():
         if time.monotonic() >= deadline:
             raise TimeoutError(f"transfer did not complete within {timeout_s:.1f} s")
         time.sleep(sleep_s)
-        sleep_s = min(sleep_s * 2, 1e-3)
+        sleep_s = min(sleep_s * 2, _POLL_MAX_S)
     work.wait()
 
 

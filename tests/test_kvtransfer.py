@@ -38,9 +38,12 @@ def port():
     del store
 
 
-def make_caches(seed: int, num_blocks: int, num_layers: int = NUM_LAYERS) -> list[torch.Tensor]:
+def make_caches(
+    seed: int, num_blocks: int, num_layers: int = NUM_LAYERS, device: str = "cpu"
+) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, num_blocks, *BLOCK_SHAPE, generator=g) for _ in range(num_layers)]
+    caches = [torch.randn(2, num_blocks, *BLOCK_SHAPE, generator=g) for _ in range(num_layers)]
+    return [c.to(device) for c in caches]
 
 
 def transfer_plan() -> list[tuple[int, str, str, list[int], list[int]]]:
@@ -93,8 +96,8 @@ def send_all(agent: KVTransferAgent, tid: int, peer: str, blocks: list[int]) -> 
 # ---------------------------------------------------------------- processes
 
 
-def prefill_process(port: int, out) -> None:
-    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+def prefill_process(port: int, device: str, run: str, out) -> None:
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS, device=device)
     agents = {
         name: KVTransferAgent(
             name, caches, "127.0.0.1", port, timeout_s=10, min_message_bytes=m, role="prefill"
@@ -105,7 +108,7 @@ def prefill_process(port: int, out) -> None:
         for decode in DECODE_SEEDS:
             agent.connect(decode)
     store = connect_store("127.0.0.1", port, 20)
-    store.wait([f"test/ready/{d}" for d in DECODE_SEEDS])
+    store.wait([f"{run}/ready/{d}" for d in DECODE_SEEDS])
     plan = transfer_plan()
     states = {}
     # Extras first: the receivers must drain them and carry on.
@@ -123,14 +126,14 @@ def prefill_process(port: int, out) -> None:
             agent.send_layer(handle, layer)
     for tid, agent, handle in reversed(handles):
         states[tid] = agent.finish_send(handle)
-    store.wait([f"test/done/{d}" for d in DECODE_SEEDS])
+    store.wait([f"{run}/done/{d}" for d in DECODE_SEEDS])
     for agent in agents.values():
         agent.close()
     out.put(("prefill", {tid: s.value for tid, s in states.items()}))
 
 
-def decode_process(name: str, port: int, out) -> None:
-    caches = make_caches(DECODE_SEEDS[name], DECODE_BLOCKS)
+def decode_process(name: str, port: int, device: str, run: str, out) -> None:
+    caches = make_caches(DECODE_SEEDS[name], DECODE_BLOCKS, device=device)
     agent = KVTransferAgent(name, caches, "127.0.0.1", port, timeout_s=10, role="decode")
     for prefill in PREFILLS:
         agent.connect(prefill)
@@ -139,14 +142,14 @@ def decode_process(name: str, port: int, out) -> None:
         agent.expect(tid, prefill, dst)
     agent.cancel(CANCELLED_TID)
     store = connect_store("127.0.0.1", port, 20)
-    store.set(f"test/ready/{name}", "1")
+    store.set(f"{run}/ready/{name}", "1")
     wanted = {tid for tid, *_ in mine} - {CANCELLED_TID}
     results = wait_for(agent, wanted, timeout_s=20)
     time.sleep(0.2)  # anything reported late (the cancelled, the unexpected) would show now
     results.update(agent.poll())
-    store.set(f"test/done/{name}", "1")
+    store.set(f"{run}/done/{name}", "1")
     want = expected_caches(name, {t for t, s in results.items() if s is DONE})
-    exact = all(torch.equal(c, w) for c, w in zip(caches, want))
+    exact = all(torch.equal(c.cpu(), w) for c, w in zip(caches, want))
     agent.close()
     out.put((name, {"results": {t: s.value for t, s in results.items()}, "exact": exact}))
 
@@ -167,9 +170,22 @@ def run_processes(targets: list[tuple], timeout_s: float) -> dict:
 
 
 @pytest.mark.timeout(90)
-def test_transfers_between_processes_land_exactly(port):
+@pytest.mark.parametrize(
+    "devices",
+    [
+        ("cpu", "cpu"),
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
+    ],
+)
+def test_transfers_between_processes_land_exactly(port, devices):
+    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    prefill_device, decode_device = devices
+    run = f"test/{prefill_device}"
     reports = run_processes(
-        [(prefill_process, port)] + [(decode_process, d, port) for d in DECODE_SEEDS], 60
+        [(prefill_process, port, prefill_device, run)]
+        + [(decode_process, d, port, decode_device, run) for d in DECODE_SEEDS],
+        60,
     )
     plan = transfer_plan()
     assert reports["prefill"] == {tid: "done" for tid, *_ in plan}
@@ -232,6 +248,77 @@ def test_dead_sender_fails_within_timeout_then_reconnects(port):
         assert torch.equal(caches[layer][:, [8, 9]], prefill.kv_caches[layer][:, [10, 11]])
     prefill.close()
     decode.close()
+
+
+def nccl_failures_prefill(port: int, out) -> None:
+    store = connect_store("127.0.0.1", port, 30)
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS, device="cuda:0")
+    agent = KVTransferAgent("gp", caches, "127.0.0.1", port, timeout_s=3, role="prefill")
+    agent.connect("gd")
+    agent.connect("gd2")
+    report = {}
+    # 1. The sender stalls after layer 0: the receiver fails on its own, by its timeout.
+    store.wait(["nccl/ready1"])
+    handle = agent.start_send(1, "gd", [0, 1, 2])
+    agent.send_layer(handle, 0)
+    store.wait(["nccl/failed1"])
+    report["abandoned"] = agent.finish_send(handle).value
+    # 2. Both reconnect: a new generation (new communicator) carries the next transfer.
+    agent.connect("gd")
+    store.wait(["nccl/ready2"])
+    report["after_reconnect"] = send_all(agent, 2, "gd", [3, 4, 5]).value
+    # 3. The receiver's agent is closed: the sender fails within its timeout, not hangs.
+    store.wait(["nccl/closed"])
+    start = time.monotonic()
+    report["receiver_gone"] = send_all(agent, 3, "gd2", [6, 7]).value
+    report["receiver_gone_s"] = time.monotonic() - start
+    store.set("nccl/finished", "1")
+    agent.close()
+    out.put(("prefill", report))
+
+
+def nccl_failures_decode(port: int, out) -> None:
+    store = connect_store("127.0.0.1", port, 30)
+    caches = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, device="cuda:1")
+    agent = KVTransferAgent("gd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    other = KVTransferAgent("gd2", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    agent.connect("gp")
+    other.connect("gp")
+    report = {}
+    agent.expect(1, "gp", [10, 11, 12])
+    store.set("nccl/ready1", "1")
+    start = time.monotonic()
+    report["stalled"] = wait_for(agent, {1}, timeout_s=15)[1].value
+    report["stalled_s"] = time.monotonic() - start
+    store.set("nccl/failed1", "1")
+    agent.connect("gp")
+    agent.expect(2, "gp", [20, 21, 22])
+    store.set("nccl/ready2", "1")
+    report["after_reconnect"] = wait_for(agent, {2}, timeout_s=15)[2].value
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+    report["exact"] = all(
+        torch.equal(caches[layer][:, [20, 21, 22]].cpu(), src[layer][:, [3, 4, 5]])
+        for layer in range(NUM_LAYERS)
+    )
+    other.close()
+    store.set("nccl/closed", "1")
+    store.wait(["nccl/finished"])
+    agent.close()
+    out.put(("decode", report))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_nccl_stall_reconnect_and_dead_receiver(port):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    reports = run_processes([(nccl_failures_prefill, port), (nccl_failures_decode, port)], 90)
+    prefill, decode = reports["prefill"], reports["decode"]
+    assert decode["stalled"] == "failed" and decode["stalled_s"] < 3 + 1.5
+    assert prefill["abandoned"] == "failed"
+    assert prefill["after_reconnect"] == decode["after_reconnect"] == "done"
+    assert decode["exact"]
+    assert prefill["receiver_gone"] == "failed" and prefill["receiver_gone_s"] < 3 + 1.5
 
 
 # ---------------------------------------------------------------- threads, one process
