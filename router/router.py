@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from engine.chat_template import ChatTemplate
 from engine.sampling_params import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -52,6 +53,7 @@ class TierInfo:
     default_max_tokens: int
     ttft_slo_ms: float = 2000.0  # defaults for requests that give no SLO hints (goodput)
     tpot_slo_ms: float = 200.0
+    chat_template: ChatTemplate | None = None  # None: the tier serves no chat requests
 
 
 @dataclass

@@ -10,6 +10,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.sampling_params import SamplingParams
 from proto import serving_pb2, serving_pb2_grpc
+from router.auth import ApiKeyInterceptor
 from router.router import RequestError, Router
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,12 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
         return serving_pb2.ListModelsResponse(models=models, default_model=self.router.default_tier)
 
 
-async def start_grpc_server(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Serve Baton, health and reflection on one port; returns the server and the bound port."""
-    server = grpc.aio.server()
+async def start_grpc_server(
+    router: Router, host: str, port: int, api_key: str | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve Baton, health and reflection on one port; returns the server and the bound port.
+    With `api_key`, Baton's methods need `authorization: Bearer <key>` metadata."""
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
     serving_pb2_grpc.add_BatonServicer_to_server(BatonServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -22,9 +22,19 @@ MAX_TOKENS = 12
 
 
 class Server:
-    """A deployment whose router runs on an event loop in a background thread."""
+    """A deployment whose router runs on an event loop in a background thread. `http_port`
+    (0: a free one; None: no HTTP) and `api_key` go to the config as `baton serve` sets them."""
 
-    def __init__(self, model_dir, num_prefill=2, num_decode=2, num_blocks=256, resources=None):
+    def __init__(
+        self,
+        model_dir,
+        num_prefill=2,
+        num_decode=2,
+        num_blocks=256,
+        resources=None,
+        http_port=0,
+        api_key=None,
+    ):
         from deploy.launcher import deploy
 
         config = BatonConfig.from_dict(
@@ -56,6 +66,8 @@ class Server:
                     },
                 ],
                 "transfer_timeout_s": 5.0,
+                "http_port": http_port,
+                "api_key": api_key,
             }
         )
         self.loop = asyncio.new_event_loop()
