@@ -25,6 +25,7 @@ class TierConfig:
     # SLOs for requests without hints; goodput counts requests that meet them.
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 200.0
+    profile: str | None = None  # latency profile from `baton profile`, seeds placement's models
     # For /v1/chat/completions: Jinja2 text or a file path; None: the model's own template.
     chat_template: str | None = None
 
@@ -60,6 +61,8 @@ class BatonConfig:
     transfer_backend: str = "auto"  # gloo | nccl | auto
     transfer_timeout_s: float = 30.0
     max_attempts: int = 3  # placements per request before it fails
+    placement: str = "goodput"  # goodput | least_loaded | round_robin
+    overload_policy: str = "queue"  # when no placement meets the SLOs: queue | reject
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -77,6 +80,10 @@ class BatonConfig:
             roles = {p.role for p in self.pools if p.tier == name}
             if roles != set(ROLES):
                 raise ValueError(f"config: tier {name!r} needs a prefill and a decode pool")
+        if self.placement not in ("goodput", "least_loaded", "round_robin"):
+            raise ValueError(f"config: unknown placement {self.placement!r}")
+        if self.overload_policy not in ("queue", "reject"):
+            raise ValueError("config: overload_policy must be queue or reject")
         if self.max_attempts < 1:
             raise ValueError("config: max_attempts must be >= 1")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:

@@ -19,9 +19,11 @@ from prometheus_client import start_http_server
 
 from deploy.config import BatonConfig, TierConfig
 from engine.chat_template import ChatTemplate
-from engine.config import ModelConfig
+from engine.config import ModelConfig, parse_dtype
 from engine.tokenizer import Tokenizer
+from router.latency_model import load_profile
 from router.openai_api import start_openai_server
+from router.placement import POLICIES, GoodputPlacement, Placement
 from router.router import Router, TierInfo
 from router.server import start_grpc_server
 from router.workers import RayWorkerClient, Worker
@@ -40,6 +42,8 @@ def resolve_model(tier: TierConfig) -> str:
 def tier_info(tier: TierConfig, path: str) -> TierInfo:
     model_config = ModelConfig.from_pretrained(path)
     max_len = tier.engine_args.get("max_model_len") or model_config.max_position_embeddings
+    dtype = model_config.torch_dtype if tier.dtype == "auto" else tier.dtype
+    dtype_bytes = parse_dtype(dtype).itemsize
     return TierInfo(
         name=tier.name,
         path=path,
@@ -48,6 +52,8 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         max_model_len=max_len,
         max_tokens_limit=tier.max_tokens_limit,
         default_max_tokens=tier.default_max_tokens,
+        block_size=tier.engine_args.get("block_size", 16),
+        kv_bytes_per_token=model_config.kv_elements_per_token * dtype_bytes,
         ttft_slo_ms=tier.ttft_slo_ms,
         tpot_slo_ms=tier.tpot_slo_ms,
         chat_template=ChatTemplate.from_pretrained(path, tier.chat_template),
@@ -156,7 +162,9 @@ async def deploy(
     host = ray.util.get_node_ip_address()
     store, store_port = start_store(host)
     workers, actors, tiers = await asyncio.to_thread(start_workers, config, host, store_port)
-    router = Router(tiers, config.default_tier, workers, config.max_attempts)
+    router = Router(
+        tiers, config.default_tier, workers, config.max_attempts, make_placement(config)
+    )
     await router.start()
     port = config.grpc_port if grpc_port is None else grpc_port
     server, bound = await start_grpc_server(router, config.grpc_host, port, config.api_key)
@@ -173,6 +181,15 @@ async def deploy(
         )
         deployment.http_port = deployment.http_server.port
     return deployment
+
+
+def make_placement(config: BatonConfig) -> Placement:
+    if config.placement != "goodput":
+        return POLICIES[config.placement]()
+    profiles = {
+        name: load_profile(tier.profile) for name, tier in config.tiers.items() if tier.profile
+    }
+    return GoodputPlacement(config.overload_policy, profiles)
 
 
 def load_config(path: str | None, model: str | None) -> BatonConfig:

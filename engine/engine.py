@@ -49,6 +49,10 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_seqs: int = 0
     num_preempted: int = 0
+    # Latency-model features: context tokens the step attends over, and the sum over sequences
+    # of (new tokens x context length), attention's quadratic term.
+    num_context_tokens: int = 0
+    attention_pairs: int = 0
 
 
 class LLMEngine:
@@ -193,6 +197,7 @@ class LLMEngine:
             if self.scheduler.has_schedulable():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
+        context = [s.request.num_computed_tokens + s.num_tokens for s in sched.scheduled]
         start = time.perf_counter()
         result = self.runner.execute(sched)
         self.last_step = StepStats(
@@ -201,6 +206,8 @@ class LLMEngine:
             num_prefill_tokens=sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1),
             num_seqs=len(sched.scheduled),
             num_preempted=len(sched.preempted),
+            num_context_tokens=sum(context),
+            attention_pairs=sum(s.num_tokens * c for s, c in zip(sched.scheduled, context)),
         )
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []

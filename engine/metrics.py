@@ -7,6 +7,8 @@ Every series carries the labels `tier`, `role`, `instance`.
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LABELS = ("tier", "role", "instance")
@@ -56,11 +58,24 @@ class EngineMetrics:
             TRANSFER_BUCKETS,
         )
         self._seen_queried = self._seen_hits = 0
+        # Raw samples for the router's latency models, drained by `take_samples`:
+        #   ("prefill", new tokens, attention pairs, seconds)   steps that only prefill
+        #   ("decode", batch size, context tokens, seconds)     steps that only decode
+        #   ("transfer", bytes, 0, seconds)
+        self._samples: deque[tuple[str, int, int, float]] = deque(maxlen=1024)
 
     def observe_step(self, engine) -> None:
         """Called by the worker after each `engine.step()` (on the engine thread)."""
         step = engine.last_step
         self.step_time.observe(step.duration_s)
+        if step.num_prefill_tokens and not step.num_decode_tokens:
+            self._samples.append(
+                ("prefill", step.num_prefill_tokens, step.attention_pairs, step.duration_s)
+            )
+        elif step.num_decode_tokens and not step.num_prefill_tokens:
+            self._samples.append(
+                ("decode", step.num_decode_tokens, step.num_context_tokens, step.duration_s)
+            )
         if step.num_decode_tokens:
             self.batch_size.observe(step.num_decode_tokens)
             if not step.num_prefill_tokens:
@@ -84,11 +99,19 @@ class EngineMetrics:
 
     def observe_transfer(self, num_bytes: int, seconds: float, ok: bool) -> None:
         if ok:
+            self._samples.append(("transfer", num_bytes, 0, seconds))
             self.transfers.inc()
             self.transfer_bytes.inc(num_bytes)
             self.transfer_time.observe(seconds)
         else:
             self.transfer_failures.inc()
+
+    def take_samples(self) -> list[tuple[str, int, int, float]]:
+        """The samples recorded since the last call (thread-safe enough: deque ops are atomic)."""
+        taken = []
+        while self._samples:
+            taken.append(self._samples.popleft())
+        return taken
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

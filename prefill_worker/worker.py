@@ -185,6 +185,10 @@ class PrefillWorker:
 
         return self.loop.call(fn)
 
+    def step_samples(self) -> list[tuple[str, int, int, float]]:
+        """Step and transfer timings since the last call, for the router's latency models."""
+        return self.metrics.take_samples()
+
     def metrics_text(self) -> bytes:
         """This worker's Prometheus metrics, in the text exposition format."""
         self.loop.call(self.metrics.update_gauges)

@@ -25,7 +25,13 @@ from engine.sampling_params import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from router.metrics import RouterMetrics, WorkerMetricsCollector
-from router.placement import LeastLoaded, NoWorkerAvailable
+from router.placement import (
+    GoodputPlacement,
+    NoWorkerAvailable,
+    Overloaded,
+    Placement,
+    PlacementInfo,
+)
 from router.workers import Worker, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ class TierInfo:
     max_model_len: int
     max_tokens_limit: int
     default_max_tokens: int
+    block_size: int = 16
+    kv_bytes_per_token: int = 0  # all layers, K and V: what a prompt token costs to transfer
     ttft_slo_ms: float = 2000.0  # defaults for requests that give no SLO hints (goodput)
     tpot_slo_ms: float = 200.0
     chat_template: ChatTemplate | None = None  # None: the tier serves no chat requests
@@ -103,12 +111,13 @@ class Router:
         default_tier: str,
         workers: list[Worker],
         max_attempts: int = 3,
+        placement: Placement | None = None,
     ):
         self.tiers = tiers
         self.default_tier = default_tier
         self.workers = workers
         self.max_attempts = max_attempts
-        self.placement = LeastLoaded()
+        self.placement = placement or GoodputPlacement()
         self._connected: set[tuple[str, str]] = set()
         self._streams: dict[str, asyncio.Queue] = {}  # worker-level request id -> updates
         self._transfer_ids = itertools.count(1)
@@ -132,6 +141,9 @@ class Router:
                 if worker.alive:
                     try:
                         text = (await worker.client.call("metrics_text")).decode()
+                        samples = await worker.client.call("step_samples")
+                        self.placement.observe_samples(worker, samples)
+                        self.placement.observe_stats(worker, await worker.client.call("stats"))
                     except WorkerDied:
                         worker.alive = False
                     except Exception as e:
@@ -271,13 +283,25 @@ class Router:
         last_error = ""
         while req.attempts < self.max_attempts:
             req.attempts += 1
+            info = PlacementInfo(
+                tier=req.tier.name,
+                # After a failure the tokens already streamed join the prompt (re-prefill).
+                prompt_token_ids=req.prompt_token_ids + req.output_token_ids,
+                max_tokens=req.params.max_tokens - len(req.output_token_ids),
+                ttft_slo_s=req.ttft_slo_ms / 1e3,
+                tpot_slo_s=req.tpot_slo_ms / 1e3,
+                block_size=req.tier.block_size,
+                kv_bytes_per_token=req.tier.kv_bytes_per_token,
+            )
             try:
-                prefill, decode = self.placement.choose(self.workers, req.tier.name, failed_workers)
+                prefill, decode = self.placement.choose(self.workers, info, failed_workers)
             except NoWorkerAvailable as e:
                 raise RequestError("UNAVAILABLE", str(e)) from None
+            except Overloaded as e:
+                raise RequestError("RESOURCE_EXHAUSTED", f"{e}; retry later") from None
             wid = f"{req.request_id}.{req.attempts}"
             try:
-                async for chunk in self._attempt(req, wid, prefill, decode):
+                async for chunk in self._attempt(req, wid, prefill, decode, info):
                     yield chunk
                     if chunk.finish_reason is not None:
                         return
@@ -293,19 +317,17 @@ class Router:
         )
 
     async def _attempt(
-        self, req: _Request, wid: str, prefill: Worker, decode: Worker
+        self, req: _Request, wid: str, prefill: Worker, decode: Worker, info: PlacementInfo
     ) -> AsyncIterator[Chunk]:
-        # After a failure the tokens already streamed become part of the prompt (re-prefill).
-        prompt = req.prompt_token_ids + req.output_token_ids
-        params = dataclasses.replace(
-            req.params, max_tokens=req.params.max_tokens - len(req.output_token_ids)
-        )
+        prompt = info.prompt_token_ids
+        params = dataclasses.replace(req.params, max_tokens=info.max_tokens)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[wid] = queue
         prefill.requests.add(wid)
         decode.requests.add(wid)
         finished = False
         decode_finished = False  # the decode worker ended it itself (nothing left to abort)
+        self.placement.on_placed(prefill, decode, info, wid)
         try:
             await self._connect(prefill, decode)
             transfer_id = next(self._transfer_ids)
@@ -320,6 +342,7 @@ class Router:
                 raise
             prefill.requests.discard(wid)  # done there: nothing to abort on the prefill side
             req.prefill_ms += (time.perf_counter() - start) * 1e3
+            self.placement.on_prefill_done(prefill, info, wid, time.perf_counter() - start)
             if result.transfer != "done":
                 raise _AttemptFailed(
                     f"KV transfer {result.transfer} from {prefill.worker_id}", prefill.worker_id
@@ -347,6 +370,7 @@ class Router:
                 if update.error:
                     raise _AttemptFailed(update.error, None)
                 decode_finished = update.finish_reason is not None
+                self.placement.on_tokens(decode, wid, len(update.new_token_ids))
                 chunk = self._advance(
                     req,
                     update.new_token_ids,
@@ -355,6 +379,7 @@ class Router:
                     update.stop_reason,
                 )
         finally:
+            self.placement.on_finished(prefill, decode, wid)
             self._streams.pop(wid, None)
             still_prefilling = wid in prefill.requests
             decode.requests.discard(wid)

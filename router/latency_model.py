@@ -1,0 +1,125 @@
+"""Latency models per instance, fitted online from the workers' step timings.
+
+    prefill step   t = a + b·tokens + c·pairs        pairs = Σ new tokens × context length
+                                                      (DistServe's form: linear + attention's
+                                                      quadratic term)
+    decode step    t = a + b·batch + c·context       context = Σ tokens attended
+    KV transfer    t = a + b·bytes
+
+Each is a least-squares fit (ridge, non-negative coefficients) over a window of recent samples,
+seeded by a profile (`baton profile`) or by a prior, refitted as samples arrive. On top, a
+multiplicative correction learnt from the measured error of whole predictions (predicted TTFT
+vs measured) absorbs what the features miss (queueing jitter, contention).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class LinearModel:
+    """t ≈ coef · [1, x1, x2], refitted on a window of samples."""
+
+    coef: np.ndarray
+    window: int = 256
+    ridge: float = 1e-9
+    _xs: deque = field(default_factory=lambda: deque(maxlen=256))
+    _ys: deque = field(default_factory=lambda: deque(maxlen=256))
+    _since_fit: int = 0
+
+    def predict(self, x1: float, x2: float) -> float:
+        return float(self.coef @ np.array([1.0, x1, x2]))
+
+    def add(self, x1: float, x2: float, seconds: float) -> None:
+        self._xs.append((1.0, float(x1), float(x2)))
+        self._ys.append(float(seconds))
+        self._since_fit += 1
+        if self._since_fit >= 8 and len(self._ys) >= 8:
+            self.fit()
+
+    def fit(self) -> None:
+        self._since_fit = 0
+        x = np.asarray(self._xs)
+        y = np.asarray(self._ys)
+        # Scale columns so the ridge term treats them alike, then solve; clip to >= 0 (time
+        # never falls as work grows), refitting without the clipped columns.
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+        xs = x / scale
+        active = np.ones(3, dtype=bool)
+        coef = np.zeros(3)
+        for _ in range(3):
+            a = xs[:, active]
+            sol = np.linalg.solve(a.T @ a + self.ridge * np.eye(a.shape[1]), a.T @ y)
+            coef[:] = 0.0
+            coef[active] = sol
+            if (coef >= 0).all():
+                break
+            active &= coef > 0
+            if not active.any():
+                coef[:] = 0.0
+                coef[0] = y.mean()
+                break
+        self.coef = coef / scale
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._ys)
+
+
+@dataclass
+class InstanceModel:
+    """Everything the router predicts about one worker."""
+
+    prefill: LinearModel
+    decode: LinearModel
+    transfer: LinearModel
+    # predicted × correction ≈ measured, learnt from whole-request errors (EWMA of the ratio).
+    ttft_correction: float = 1.0
+
+    def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
+        pairs = new_tokens * (context_tokens + context_tokens - new_tokens + 1) / 2
+        return max(self.prefill.predict(new_tokens, pairs), 0.0)
+
+    def decode_step(self, batch: int, context: int) -> float:
+        return max(self.decode.predict(batch, context), 0.0)
+
+    def transfer_time(self, num_bytes: int) -> float:
+        return max(self.transfer.predict(num_bytes, 0), 0.0)
+
+    def add_sample(self, kind: str, x1: int, x2: int, seconds: float) -> None:
+        getattr(self, kind).add(x1, x2, seconds)
+
+    def correct(self, predicted: float, measured: float, weight: float = 0.1) -> None:
+        if predicted > 1e-6 and measured > 0:
+            ratio = min(max(measured / predicted, 0.2), 5.0)
+            self.ttft_correction += weight * (ratio - self.ttft_correction)
+
+
+# A prior for an instance nobody profiled: CPU-tiny-model-like costs, replaced by the first fits.
+PRIOR = {
+    "prefill": [2e-3, 2e-5, 1e-9],
+    "decode": [2e-3, 2e-4, 1e-7],
+    "transfer": [1e-3, 1e-9, 0.0],
+}
+
+
+def new_instance_model(profile: dict | None = None) -> InstanceModel:
+    coefs = profile or PRIOR
+    return InstanceModel(
+        *(LinearModel(np.array(coefs[k], dtype=float)) for k in ("prefill", "decode", "transfer"))
+    )
+
+
+def load_profile(path: str | Path) -> dict:
+    """A profile written by `baton profile`: {"prefill": [a, b, c], "decode": ..., ...}."""
+    data = json.loads(Path(path).read_text())
+    for key in ("prefill", "decode", "transfer"):
+        if len(data.get(key, [])) != 3:
+            raise ValueError(f"{path}: profile needs 3 coefficients for {key!r}")
+    return data

@@ -1,0 +1,113 @@
+"""Placement policies decide as they should on constructed states; latency models fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router.latency_model import LinearModel
+from router.placement import (
+    GoodputPlacement,
+    LeastLoaded,
+    Overloaded,
+    PlacementInfo,
+    RoundRobin,
+)
+from router.workers import Worker
+
+
+def workers(num_prefill=2, num_decode=2):
+    ws = [Worker(f"p{i}", "prefill", "t", client=None) for i in range(num_prefill)]
+    return ws + [Worker(f"d{i}", "decode", "t", client=None) for i in range(num_decode)]
+
+
+def info(prompt, max_tokens=16, ttft=1.0, tpot=0.1):
+    return PlacementInfo(
+        "t", list(prompt), max_tokens, ttft, tpot, block_size=16, kv_bytes_per_token=1024
+    )
+
+
+def test_linear_model_recovers_coefficients():
+    model = LinearModel(np.zeros(3))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x1, x2 = rng.integers(1, 500), rng.integers(1, 50000)
+        model.add(x1, x2, 0.002 + 1e-4 * x1 + 3e-8 * x2)
+    assert model.coef == pytest.approx([0.002, 1e-4, 3e-8], rel=1e-3)
+    assert model.predict(100, 1000) == pytest.approx(0.002 + 0.01 + 3e-5, rel=1e-3)
+
+
+def test_linear_model_never_goes_negative():
+    model = LinearModel(np.zeros(3))
+    for i in range(1, 50):
+        model.add(i, 0, 0.01)  # time independent of x1: no negative slope appears
+    assert (model.coef >= 0).all() and model.predict(10, 0) == pytest.approx(0.01, rel=1e-2)
+
+
+def test_round_robin_and_least_loaded():
+    ws = workers()
+    rr = RoundRobin()
+    picks = [rr.choose(ws, info([1] * 8)) for _ in range(4)]
+    assert [p.worker_id for p, _ in picks] == ["p0", "p1", "p0", "p1"]
+    ws[0].requests.update({"a", "b"})
+    ws[3].requests.add("c")
+    p, d = LeastLoaded().choose(ws, info([1] * 8))
+    assert (p.worker_id, d.worker_id) == ("p1", "d0")
+
+
+def test_goodput_prefers_the_prefill_instance_holding_the_prefix():
+    ws = workers()
+    policy = GoodputPlacement()
+    shared = list(range(3, 3 + 320))
+    first = info(shared + [7] * 8)
+    # p1 served a request with this prefix before: its cache holds the 20 shared blocks.
+    policy.on_placed(ws[1], ws[2], first, "w1")
+    policy.on_prefill_done(ws[1], first, "w1", ttft_s=0.05)
+    policy.on_finished(ws[1], ws[2], "w1")
+    second = info(shared + [9] * 8)
+    assert policy.cached_tokens(ws[1], second) == 320 and policy.cached_tokens(ws[0], second) == 0
+    prefill, _ = policy.choose(ws, second)
+    assert prefill.worker_id == "p1"
+
+
+def test_goodput_avoids_a_queued_prefill_instance():
+    ws = workers()
+    policy = GoodputPlacement()
+    for i in range(4):  # p0 has four long prompts queued
+        policy.on_placed(ws[0], ws[2], info([5 + i] * 1000), f"q{i}")
+    prefill, _ = policy.choose(ws, info([8] * 100))
+    assert prefill.worker_id == "p1"
+    assert policy.predict_ttft(ws[0], info([8] * 100)) > policy.predict_ttft(ws[1], info([8] * 100))
+
+
+def test_goodput_decode_headroom_and_free_blocks():
+    ws = workers()
+    policy = GoodputPlacement()
+    for i in range(8):  # d0 runs a big batch
+        policy.on_placed(ws[0], ws[2], info([4] * 500), f"r{i}")
+    _, decode = policy.choose(ws, info([8] * 100))
+    assert decode.worker_id == "d1"
+    policy.observe_stats(ws[3], {"num_free_blocks": 2, "num_blocks": 100})  # d1 is full
+    _, decode = policy.choose(ws, info([8] * 100))
+    assert decode.worker_id == "d0"
+
+
+def test_overload_policy_reject_or_queue():
+    ws = workers(1, 1)
+    tight = info([8] * 100, tpot=1e-6)  # no decode step is this fast
+    with pytest.raises(Overloaded):
+        GoodputPlacement("reject").choose(ws, tight)
+    prefill, decode = GoodputPlacement("queue").choose(ws, tight)
+    assert (prefill.worker_id, decode.worker_id) == ("p0", "d0")
+
+
+def test_goodput_learns_from_samples():
+    ws = workers(1, 1)
+    policy = GoodputPlacement()
+    samples = [("decode", b, 100 * b, 0.001 + 0.004 * b) for b in range(1, 40)]
+    policy.observe_samples(ws[1], samples)
+    for i in range(10):
+        policy.on_placed(ws[0], ws[1], info([3] * 100), f"r{i}")
+    assert policy.predict_step(ws[1], info([3] * 100)) == pytest.approx(
+        0.001 + 0.004 * 11, rel=0.05
+    )
