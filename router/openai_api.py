@@ -108,13 +108,13 @@ def _render_chat(tier: TierInfo, body: ChatCompletionRequest) -> list[int]:
             400,
             f"model {tier.name!r} has no chat template: set chat_template in its tier config, "
             "or use /v1/completions",
-            "messages",
+            param="messages",
         )
     messages = [m.for_template() for m in body.messages]
     try:
         text = tier.chat_template.render(messages, **(body.chat_template_kwargs or {}))
     except (ValueError, TypeError) as e:
-        raise APIError(400, str(e), "messages") from None
+        raise APIError(400, str(e), param="messages") from None
     # The template wrote the special tokens it wants (BOS, turn markers): add none.
     return tier.tokenizer.encode(text, add_special_tokens=False)
 
@@ -220,7 +220,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return await api_error(request, APIError(e.status_code, str(e.detail), kind))
+        return await api_error(request, APIError(e.status_code, str(e.detail), type=kind))
 
 
 class _RequireApiKey:

@@ -28,8 +28,9 @@ class APIError(Exception):
         self,
         status: int,
         message: str,
-        type: str = "invalid_request_error",
+        *,
         param: str | None = None,
+        type: str = "invalid_request_error",
         code: str | None = None,
     ):
         super().__init__(message)
@@ -84,7 +85,7 @@ class _SamplingRequest(BaseModel):
 
     def check_supported(self) -> None:
         if self.n != 1:
-            raise APIError(400, f"n must be 1 (got {self.n}): send separate requests", "n")
+            raise APIError(400, f"n must be 1 (got {self.n}): send separate requests", param="n")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit_bias")
 
@@ -143,7 +144,7 @@ class CompletionRequest(_SamplingRequest):
                 raise APIError(
                     400,
                     f"one prompt per request (got {len(prompt)}): send separate requests",
-                    "prompt",
+                    param="prompt",
                 )
             prompt = prompt[0]
         return (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
@@ -186,7 +187,7 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.tools:
             raise unsupported("tools", "tools")
         if self.top_logprobs is not None and not self.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
     @property
     def max_output_tokens(self) -> int | None:
