@@ -212,6 +212,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, e: RequestValidationError) -> JSONResponse:
         problems, param = [], None
         for error in e.errors():
+            if error.get("type") == "json_invalid":  # loc is ("body", character offset)
+                reason = error.get("ctx", {}).get("error", error.get("msg"))
+                problems.append(f"the body is not valid JSON: {reason}")
+                continue
             loc = [str(part) for part in error.get("loc", ()) if part != "body"]
             param = param or (".".join(loc) or None)
             problems.append(f"{'.'.join(loc) or 'body'}: {error.get('msg')}")

@@ -63,7 +63,7 @@ def http(server, method, path, body=None, key=KEY) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    data = None if body is None else json.dumps(body).encode()
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     url = f"http://localhost:{server.deployment.http_port}{path}"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method)) as r:
@@ -226,6 +226,12 @@ def test_bad_requests_get_openai_errors_and_no_work(
     if status == 404:
         assert err.value.body["code"] == "model_not_found"
     assert {k: s.get("num_prefills") for k, s in server.stats().items()} == before
+
+
+def test_malformed_json_gets_400_or_401_without_the_key(server):
+    status, error = http(server, "POST", "/v1/completions", b'{"model": ')
+    assert status == 400 and "not valid JSON" in error["error"]["message"]
+    assert http(server, "POST", "/v1/completions", b'{"model": ', key=None)[0] == 401
 
 
 def test_chat_without_a_template_is_refused(server, client, monkeypatch):
