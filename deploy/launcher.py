@@ -176,9 +176,13 @@ async def deploy(
         config, router, actors, store, server, bound, metrics_server, metrics_bound
     )
     if config.http_port is not None:
-        deployment.http_server = await start_openai_server(
-            router, config.http_host, config.http_port, config.api_key
-        )
+        try:
+            deployment.http_server = await start_openai_server(
+                router, config.http_host, config.http_port, config.api_key
+            )
+        except OSError:  # e.g. the port is taken: stop what is up before saying so
+            await deployment.stop()
+            raise
         deployment.http_port = deployment.http_server.port
     return deployment
 
