@@ -80,6 +80,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sync_compute(device: torch.device) -> None:
+    """Wait for the compute stream only: the first token needs the last layer, not the sends
+    still running on NCCL's stream."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def make_caches(args, num_blocks: int, device: torch.device, seed: int) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (2, num_blocks, args.block_size, args.kv_heads, args.head_dim)
@@ -128,6 +135,9 @@ def run_worker(role: str, args, port: int) -> dict:
     wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results: dict = {"info": info, "raw": {}, "agent": {}, "ttft": {}}
+    results["header_latency"] = header_latency(role, port)
+    agent = agents[args.min_message_bytes[0]][0]
+    results["copy"] = bench_copy(role, agent, max(args.tokens) // args.block_size, device)
     for tokens in args.tokens:
         n = tokens // args.block_size
         total = args.layers * agents[args.min_message_bytes[0]][0].layout.layer_bytes(n)
@@ -142,6 +152,42 @@ def run_worker(role: str, args, port: int) -> dict:
         agent.close()
     abort_group(raw)
     return results
+
+
+def bench_copy(role: str, agent: KVTransferAgent, num_blocks: int, device, repeats: int = 5):
+    """Seconds for the 32 per-layer copies of one transfer, alone: the sender's gather
+    (index_select of K/V rows) or the receiver's scatter (index_copy_)."""
+    layout = agent.layout
+    index = agent._index_tensor(block_ids(agent.kv_caches[0].shape[1], num_blocks, seed=3))
+    buf = torch.empty(layout.message_shape(layout.num_layers, num_blocks), dtype=layout.dtype,
+                      device=device)  # fmt: skip
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        for layer, rows in enumerate(agent._rows):
+            if role == "prefill":
+                torch.index_select(rows, 0, index, out=layout.as_rows(buf[layer]))
+            else:
+                rows.index_copy_(0, index, layout.as_rows(buf[layer]))
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {"bytes": buf.nbytes, "seconds": times[1:]}
+
+
+def header_latency(role: str, port: int, samples: int = 50) -> list[float]:
+    """Push -> pop through the store queue, as a transfer's header travels (an idle receiver
+    thread blocked in queue_pop on its own connection)."""
+    store = connect_store("127.0.0.1", port, 60)
+    latencies = []
+    for _ in range(samples):
+        if role == "prefill":
+            time.sleep(0.002)
+            store.queue_push("bench/header", repr(time.perf_counter()))
+        else:
+            pushed_at = float(store.queue_pop("bench/header"))
+            latencies.append(time.perf_counter() - pushed_at)
+    return latencies
 
 
 def bench_raw(role, group, backend, device, clock, tokens, total_bytes, args) -> list[float]:
@@ -222,7 +268,7 @@ def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
         start = time.perf_counter()
         for _ in range(args.layers):
             torch.matmul(x, w, out=y)
-        sync(device)
+        sync_compute(device)
         compute = time.perf_counter() - start
         clock.wait_ready(rep)
         sync(device)
@@ -231,7 +277,7 @@ def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
         for layer in range(args.layers):
             torch.matmul(x, w, out=y)
             agent.send_layer(handle, layer)
-        sync(device)
+        sync_compute(device)
         compute_sending = time.perf_counter() - start
         assert agent.finish_send(handle) is TransferState.DONE
         done = clock_end(clock, rep) - start
@@ -267,8 +313,9 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
     if not args.skip_ttft:
         lines += [
             "",
-            "TTFT: prefill = 32 matmul layer steps; +send = with send_layer after each layer; "
-            "tail = last layer -> receiver DONE; handoff = (DONE - start - prefill) / prefill",
+            "TTFT: prefill = 32 matmul layer steps; +send = the same with send_layer after each "
+            "layer (until the compute stream is done); tail = that -> receiver DONE; "
+            "handoff = (DONE - start - prefill) / prefill",
             f"{'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} {'compute +%':>10} "
             f"{'tail ms':>8} {'handoff +%':>10}",
         ]
@@ -342,6 +389,15 @@ def main() -> None:
         f"KV: {args.layers} layers x {args.kv_heads} KV heads x head_dim {args.head_dim}, "
         f"{args.dtype}, block {args.block_size}: {kv_bytes_per_token // 1024} KiB per token"
     )
+    latency = statistics.median(results["decode"]["header_latency"])
+    print(f"header through the store: median {1e6 * latency:.0f} us (push -> receiver pop)")
+    for role, what in (("prefill", "gather (index_select)"), ("decode", "scatter (index_copy_)")):
+        copy = results[role]["copy"]
+        seconds = statistics.median(copy["seconds"])
+        print(
+            f"{role} {what} of {copy['bytes'] / 2**20:.0f} MiB in {args.layers} layers: "
+            f"{1e3 * seconds:.2f} ms, {2 * copy['bytes'] / seconds / 1e9:.0f} GB/s read+written"
+        )
     print(report(args, results, kv_bytes_per_token))
     if args.json:
         with open(args.json, "w") as f:

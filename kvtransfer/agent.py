@@ -63,7 +63,7 @@ class SendHandle:
     num_blocks: int
     state: TransferState = TransferState.PENDING
     _pair: _Pair | None = None
-    _index: torch.Tensor | None = None  # the source block ids, on the cache's device
+    _index: torch.Tensor | None = None  # the source rows (see _index_tensor), on the device
     _per_message: int = 1  # layers per message
     _plan: list[tuple[int, int]] = field(default_factory=list)
     _next_layer: int = 0
@@ -140,6 +140,7 @@ class KVTransferAgent:
             raise ValueError(f"backend {backend!r} does not fit caches on {self.layout.device}")
         self.worker_id, self.role, self.backend = worker_id, role, backend
         self.kv_caches = kv_caches
+        self._rows = [self.layout.as_rows(kv) for kv in kv_caches]  # views, for copies
         self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
         self._store_addr = (store_host, store_port)
         self._store = connect_store(store_host, store_port, timeout_s)
@@ -294,7 +295,7 @@ class KVTransferAgent:
         per_message = layers_per_message(
             layer_bytes, self.min_message_bytes, self.layout.num_layers
         )
-        handle._pair, handle._index = pair, self._index_tensor(block_ids)
+        handle._pair = pair
         handle._per_message = per_message
         handle._plan = plan_messages(self.layout.num_layers, per_message)
         header = Header(TRANSFER, transfer_id, len(block_ids), per_message)
@@ -311,6 +312,7 @@ class KVTransferAgent:
             handle.state = TransferState.TRANSFERRING
             pair.send_order.append(handle)
             pair.in_flight.add(handle)
+        handle._index = self._index_tensor(block_ids)  # after the header: off its path
         return handle
 
     def send_layer(self, handle: SendHandle, layer_idx: int) -> None:
@@ -332,8 +334,8 @@ class KVTransferAgent:
             handle._buffers.append(
                 torch.empty(shape, dtype=self.layout.dtype, device=self.layout.device)
             )
-        out = handle._buffers[message][position]
-        torch.index_select(self.kv_caches[layer_idx], 1, handle._index, out=out)
+        out = self.layout.as_rows(handle._buffers[message][position])
+        torch.index_select(self._rows[layer_idx], 0, handle._index, out=out)
         handle._next_layer += 1
         if position == layers_in_message - 1:
             handle._gathered += 1
@@ -476,7 +478,9 @@ class KVTransferAgent:
             self._pairs.clear()
 
     def _index_tensor(self, block_ids: list[int]) -> torch.Tensor:
-        index = torch.tensor(block_ids, dtype=torch.int64)
+        """The rows of `as_rows` views that hold these blocks: all K rows, then all V rows."""
+        num_blocks = self.kv_caches[0].shape[1]
+        index = torch.tensor(block_ids + [b + num_blocks for b in block_ids], dtype=torch.int64)
         if self.layout.device.type != "cuda":
             return index
         # Pinned + non_blocking: a pageable copy would stall the calling thread's stream.

@@ -4,6 +4,7 @@ A transfer of blocks B (same count on both sides, different ids) is, after its h
 
     message 0: layers [0, k)      one contiguous tensor [k, 2, len(B), block_size, heads, head_dim]
     message 1: layers [k, 2k)     layer i of the message = kv_caches[first + i][:, B]
+    ...                           (copied as rows: see KVLayout.as_rows)
     ...
     message m-1: the rest         (fewer layers when k does not divide num_layers)
 
@@ -62,6 +63,8 @@ class KVLayout:
                     f"layer {i}'s cache {tuple(kv.shape)} {kv.dtype} {kv.device} differs from "
                     f"layer 0's {tuple(first.shape)} {first.dtype} {first.device}"
                 )
+            if not kv.is_contiguous():
+                raise ValueError(f"layer {i}'s cache is not contiguous")
         return KVLayout(len(kv_caches), tuple(first.shape[2:]), first.dtype, first.device)
 
     def describe(self) -> str:
@@ -74,6 +77,19 @@ class KVLayout:
 
     def message_shape(self, num_layers: int, num_blocks: int) -> tuple[int, ...]:
         return (num_layers, 2, num_blocks, *self.block_shape)
+
+    def as_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """A contiguous [2, n, *block_shape] as [2n, words]: row j < n is block j's K, row n + j
+        its V. Gathers and scatters then copy whole rows of 8-byte words: element-wise 2-byte
+        (bf16) copies of a 5-D tensor run far below memory bandwidth."""
+        return kv.view(kv.shape[0] * kv.shape[1], -1).view(self._word())
+
+    def _word(self) -> torch.dtype:
+        block_bytes = math.prod(self.block_shape) * self.dtype.itemsize
+        for word in (torch.int64, torch.int32, torch.int16):
+            if block_bytes % word.itemsize == 0:
+                return word
+        return torch.uint8
 
 
 def layers_per_message(layer_bytes: int, min_message_bytes: int, num_layers: int) -> int:

@@ -72,9 +72,11 @@ class Receiver(threading.Thread):
         """Receive one transfer. Returns False if the pair broke (the thread then stops)."""
         agent, pair = self.agent, self.pair
         expectation = agent._claim(header.transfer_id, pair.peer_id, header.num_blocks)
-        index = agent._index_tensor(expectation.block_ids) if expectation else None
         try:
-            for first, count, buf in self._messages(header):
+            messages = self._messages(header)
+            next(messages)  # the first receives are posted before anything else
+            index = agent._index_tensor(expectation.block_ids) if expectation else None
+            for first, count, buf in messages:
                 if expectation is None:
                     continue  # drain: unknown, cancelled or mis-sized transfer
                 with expectation.lock:
@@ -82,7 +84,8 @@ class Receiver(threading.Thread):
                         expectation = None
                         continue
                     for i in range(count):
-                        agent.kv_caches[first + i].index_copy_(1, index, buf[i])
+                        rows = agent.layout.as_rows(buf[i])
+                        agent._rows[first + i].index_copy_(0, index, rows)
             if expectation is not None and pair.stream is not None:
                 pair.stream.synchronize()  # DONE promises the KV is readable from any stream
         except Exception as e:
@@ -95,7 +98,8 @@ class Receiver(threading.Thread):
         return True
 
     def _messages(self, header: Header):
-        """Yield (first layer, layer count, buffer) per message, receives posted ahead."""
+        """Yield None once the first receives are posted, then (first layer, layer count,
+        buffer) per message as it arrives; receives are posted ahead of the one waited on."""
         layout, pair, timeout_s = self.agent.layout, self.pair, self.agent.timeout_s
         plan = message_plan(layout.num_layers, header.layers_per_message)
         posted: deque[tuple[torch.Tensor, object]] = deque()
@@ -107,6 +111,8 @@ class Receiver(threading.Thread):
                 posted.append((buf, pair.group.recv([buf], 0, 0)))
                 bytes_posted += buf.nbytes
                 next_post += 1
+            if first == 0:
+                yield None
             buf, work = posted.popleft()
             bytes_posted -= buf.nbytes
             if pair.broken:
