@@ -137,6 +137,7 @@ class GoodputPlacement(Placement):
             raise ValueError(f"overload_policy must be queue or reject, got {overload_policy!r}")
         self.overload_policy = overload_policy
         self.profiles = profiles or {}
+        self.ttft_margin = 0.5  # aim for half the TTFT SLO: predictions are rough under bursts
         self._prefill: dict[str, _PrefillState] = {}
         self._decode: dict[str, _DecodeState] = {}
         self.last_prediction: dict[str, float] = {}
@@ -185,7 +186,17 @@ class GoodputPlacement(Placement):
     def choose(self, workers, info, avoid=frozenset()):
         prefills = _live(workers, info.tier, "prefill", avoid)
         ttfts = {w.worker_id: self.predict_ttft(w, info) for w in prefills}
-        prefill = min(prefills, key=lambda w: (ttfts[w.worker_id], w.load, w.worker_id))
+        # Among the instances predicted to meet the TTFT SLO (with a safety margin), take the
+        # one that reuses the most cached prefix: it meets this request's SLO and leaves the
+        # most compute for the others. If none is predicted to meet it, the fastest.
+        feasible = [w for w in prefills if ttfts[w.worker_id] <= self.ttft_margin * info.ttft_slo_s]
+        if feasible:
+            prefill = min(
+                feasible,
+                key=lambda w: (-self.cached_tokens(w, info), ttfts[w.worker_id], w.worker_id),
+            )
+        else:
+            prefill = min(prefills, key=lambda w: (ttfts[w.worker_id], w.load, w.worker_id))
 
         decodes = _live(workers, info.tier, "decode", avoid)
         need = -(-(len(info.prompt_token_ids) + info.max_tokens) // info.block_size)
@@ -223,6 +234,9 @@ class GoodputPlacement(Placement):
         new_tokens = length - self.cached_tokens(prefill, info)
         p.pending[wid] = p.model.prefill_time(new_tokens, length)
         p.predicted_ttft[wid] = self.predict_ttft(prefill, info)
+        # Count the prefix as cached there from now on: requests of a burst sharing it follow
+        # it to the same instance (its prefill will have computed it by the time theirs runs).
+        self._remember(p, info)
         d = self._d(decode)
         d.context[wid] = length
         d.slo[wid] = info.tpot_slo_s
@@ -236,6 +250,10 @@ class GoodputPlacement(Placement):
         if predicted:
             # The correction multiplies predictions; compare the raw prediction.
             p.model.correct(predicted / p.model.ttft_correction, ttft_s)
+        self._remember(p, info)
+
+    @staticmethod
+    def _remember(p: _PrefillState, info: PlacementInfo) -> None:
         for h in info.block_hashes:
             p.cached[h] = None
             p.cached.move_to_end(h)

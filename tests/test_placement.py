@@ -75,9 +75,22 @@ def test_goodput_avoids_a_queued_prefill_instance():
     policy = GoodputPlacement()
     for i in range(4):  # p0 has four long prompts queued
         policy.on_placed(ws[0], ws[2], info([5 + i] * 1000), f"q{i}")
-    prefill, _ = policy.choose(ws, info([8] * 100))
+    fresh = info([2] * 100)  # shares no prefix with the queued prompts
+    assert policy.predict_ttft(ws[0], fresh) > policy.predict_ttft(ws[1], fresh)
+    prefill, _ = policy.choose(ws, fresh)
     assert prefill.worker_id == "p1"
-    assert policy.predict_ttft(ws[0], info([8] * 100)) > policy.predict_ttft(ws[1], info([8] * 100))
+
+
+def test_goodput_follows_a_prefix_into_a_queue_while_the_slo_allows():
+    ws = workers()
+    policy = GoodputPlacement()
+    policy.on_placed(ws[0], ws[2], info([7] * 1000), "q0")  # p0 is busy with this prefix
+    same_prefix = info([7] * 1000 + [3] * 10)
+    prefill, _ = policy.choose(ws, same_prefix)
+    assert prefill.worker_id == "p0"  # reusing 1000 cached tokens beats an idle instance
+    strict = info([7] * 1000 + [3] * 10, ttft=1e-4)  # unless nothing meets the SLO
+    prefill, _ = policy.choose(ws, strict)
+    assert prefill.worker_id == "p1"
 
 
 def test_goodput_decode_headroom_and_free_blocks():
