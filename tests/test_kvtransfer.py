@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kvtransfer import KVTransferAgent, TransferState, start_store
+from kvtransfer.pair import wait_work
 from kvtransfer.protocol import layers_per_message, message_plan
 from kvtransfer.store import connect_store
 
@@ -358,7 +359,11 @@ def test_stall_reconnect_and_dead_receiver_between_processes(port, devices):
     assert prefill["abandoned"] == "failed"
     assert prefill["after_reconnect"] == decode["after_reconnect"] == "done"
     assert decode["exact"]
-    assert prefill["receiver_gone"] == "failed" and prefill["receiver_gone_s"] < 3 + 3
+    # gloo: the closed peer's sockets fail the sends. NCCL (2.28, 2x H200): sends to a peer
+    # whose communicator was aborted were seen to complete, so the sender may say DONE. What
+    # must hold is that it returns within its timeout; the decode side's poll() is the truth.
+    allowed = {"failed"} if devices[0] == "cpu" else {"failed", "done"}
+    assert prefill["receiver_gone"] in allowed and prefill["receiver_gone_s"] < 3 + 3
 
 
 # ---------------------------------------------------------------- threads, one process
@@ -535,6 +540,38 @@ def test_bad_calls_get_clear_errors(pair):
         KVTransferAgent("x", prefill.kv_caches, "127.0.0.1", 1, role="both")
     with pytest.raises(ValueError, match="backend"):
         KVTransferAgent("x", prefill.kv_caches, "127.0.0.1", 1, backend="nccl", role="decode")
+
+
+class FakeWork:
+    """An NCCL-like work: `is_completed` turns True at a given time; `wait` never blocks."""
+
+    def __init__(self, done_after_s: float):
+        self.done_at = time.monotonic() + done_after_s
+        self.waited = False
+
+    def is_completed(self) -> bool:
+        return time.monotonic() >= self.done_at
+
+    def wait(self) -> bool:
+        self.waited = True
+        return True
+
+
+def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatch):
+    import kvtransfer.pair
+
+    sleeps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(kvtransfer.pair.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
+    work = FakeWork(0.0005)
+    wait_work(work, "nccl", timeout_s=1.0)
+    assert work.waited and set(sleeps) == {0.0}  # no timer sleep: noticed within microseconds
+    sleeps.clear()
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        wait_work(FakeWork(10.0), "nccl", timeout_s=0.05)
+    assert 0.05 <= time.monotonic() - start < 0.5
+    assert 0 < max(sleeps) <= 200e-6  # past the spin phase: short sleeps, capped
 
 
 def test_message_plan_covers_every_layer_once():
