@@ -1,0 +1,174 @@
+"""GPU attention: Triton kernels over the paged cache, PyTorch's flash SDPA for fresh prompts.
+
+Per layer, `forward` does:
+
+1. the KV write: a Triton kernel stores this step's K and V at `slot_mapping`;
+2. decodes (query length 1): one paged-attention launch for all of them, split along the
+   context (`triton_kernels.paged_decode`);
+3. prefill chunks with nothing cached before them: `F.scaled_dot_product_attention` with
+   `is_causal` on the chunk's own q/k/v (PyTorch's flash kernel, GQA native), one call each;
+4. prefill chunks that continue a cached prefix (prefix-cache hits, chunked prefill): one
+   Triton launch for all of them that reads the prefix pages in place from the block table.
+
+Why a kernel over the block table rather than gather-then-SDPA for (4): a gather copies the whole
+context of every chunk, every layer, into a contiguous buffer (for the last 512-token chunk of a
+4k prompt that is 8x the chunk's own K/V), and SDPA's flash kernel takes no shifted causal mask,
+so the call would fall back to a kernel that materialises the mask. The kernel reads each page
+once where it lies and applies the shift by index arithmetic.
+
+The torch backend stays the CPU path and the reference these kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import triton_kernels as tk
+from engine.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+
+
+@dataclass
+class DecodeBatch:
+    """The decodes of a step. In a CUDA graph these tensors are the graph's static buffers:
+    the model runner rewrites them in place before each replay."""
+
+    seq_lens: torch.Tensor  # [n] int32, context length including the new token
+    block_tables: torch.Tensor  # [n, max_blocks]
+    num_splits: int
+    token_idx: torch.Tensor | None = None  # [n] rows in the flat batch; None: rows 0..n-1
+
+
+@dataclass
+class PrefillBatch:
+    fresh: list[tuple[int, int]]  # (start, end) of chunks with no cached prefix: SDPA
+    # Chunks over a cached prefix: one Triton launch (see triton_kernels.paged_prefill).
+    tile_seq: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
+    q_start: torch.Tensor | None = None
+    q_lens: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    table_row: torch.Tensor | None = None
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the Triton interpreter on CPU (tests): any value works
+
+
+class TritonAttentionBackend(AttentionBackend):
+    def __init__(self, spec: AttentionSpec, max_model_len: int):
+        super().__init__(spec)
+        self.max_model_len = max_model_len
+        self._num_sms: int | None = None
+
+    def num_splits(self, num_decodes: int, device: torch.device) -> int:
+        """Split count for a decode batch. It depends on the batch size and `max_model_len`
+        only, not on this step's lengths, so a CUDA graph captured for a batch size is valid for
+        any context that fits."""
+        if self._num_sms is None:
+            self._num_sms = _num_sms(device)
+        return tk.decode_num_splits(
+            num_decodes, self.spec.num_kv_heads, self.max_model_len, self._num_sms
+        )
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        device = meta.slot_mapping.device
+        q_lens = [meta.query_len(i) for i in range(meta.num_seqs)]
+        decode_seqs = [i for i, n in enumerate(q_lens) if n == 1]
+        prefill_seqs = [i for i, n in enumerate(q_lens) if n > 1]
+        decodes = None
+        if decode_seqs:
+            n = len(decode_seqs)
+            # The runner packs decodes first; then the decode rows are simply 0..n-1.
+            contiguous = decode_seqs == list(range(n))
+            rows = None if contiguous else [meta.query_start_loc[i] for i in decode_seqs]
+            host = torch.tensor([meta.seq_lens[i] for i in decode_seqs] + (rows or []))
+            dev = host.to(torch.int32).to(device, non_blocking=True)
+            tables = meta.block_tables if contiguous else meta.block_tables[decode_seqs]
+            decodes = DecodeBatch(
+                seq_lens=dev[:n],
+                block_tables=tables[:n] if contiguous else tables,
+                num_splits=self.num_splits(n, device),
+                token_idx=None if contiguous else dev[n:],
+            )
+        fresh, cont = [], []
+        for i in prefill_seqs:
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            if end - start == meta.seq_lens[i] and self.spec.sliding_window is None:
+                fresh.append((start, end))
+            else:
+                cont.append(i)
+        prefills = PrefillBatch(fresh)
+        if cont:
+            block_q = tk.prefill_block_q(self.spec.num_heads, self.spec.num_kv_heads)
+            starts = torch.tensor([meta.query_start_loc[i] for i in cont])
+            lens = torch.tensor([q_lens[i] for i in cont])
+            tiles_per_seq = (lens + block_q - 1) // block_q
+            tile_seq = torch.repeat_interleave(torch.arange(len(cont)), tiles_per_seq)
+            first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+            tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * block_q
+            seq_lens = torch.tensor([meta.seq_lens[i] for i in cont])
+            host = torch.cat([tile_seq, tile_start, starts, lens, seq_lens, torch.tensor(cont)])
+            dev = host.to(torch.int32).to(device, non_blocking=True)
+            t, c = len(tile_seq), len(cont)
+            prefills.tile_seq, prefills.tile_start = dev[:t], dev[t : 2 * t]
+            parts = dev[2 * t :].view(4, c)
+            prefills.q_start, prefills.q_lens = parts[0], parts[1]
+            prefills.seq_lens, prefills.table_row = parts[2], parts[3]
+        meta.backend_data = (decodes, prefills)
+
+    def forward(self, query, key, value, kv_cache, meta):
+        spec = self.spec
+        tk.write_kv(key, value, kv_cache, meta.slot_mapping)
+        decodes, prefills = meta.backend_data
+        out = torch.empty_like(query)
+        if decodes is not None:
+            tk.paged_decode(
+                query,
+                kv_cache,
+                decodes.block_tables,
+                decodes.seq_lens,
+                out,
+                spec.scale,
+                decodes.num_splits,
+                decodes.token_idx,
+                spec.sliding_window,
+            )
+        if prefills is None:
+            return out
+        for start, end in prefills.fresh:
+            q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+            k = key[start:end].transpose(0, 1).unsqueeze(0)
+            v = value[start:end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=spec.scale, enable_gqa=True
+            )
+            out[start:end] = o[0].transpose(0, 1)
+        if prefills.tile_seq is not None:
+            tk.paged_prefill(
+                query,
+                kv_cache,
+                meta.block_tables,
+                out,
+                spec.scale,
+                prefills.tile_seq,
+                prefills.tile_start,
+                prefills.q_start,
+                prefills.q_lens,
+                prefills.seq_lens,
+                prefills.table_row,
+                spec.sliding_window,
+            )
+        return out
+
+    def decode_graph_data(
+        self, seq_lens: torch.Tensor, block_tables: torch.Tensor
+    ) -> tuple[DecodeBatch, None]:
+        """`backend_data` for a decode-only step whose inputs live in the static buffers of a
+        CUDA graph (rows 0..n-1 are the decodes). Called by the model runner at capture."""
+        n = seq_lens.shape[0]
+        return DecodeBatch(seq_lens, block_tables, self.num_splits(n, seq_lens.device)), None
