@@ -96,14 +96,36 @@ class Attention(nn.Module):
         # Shared with every layer; not registered as a submodule so it is not a weight.
         self._rotary = (rotary,)
         self._backend = backend
+        self._ops = None  # engine.attention.fused_ops once `fuse` ran (CUDA)
+
+    def fuse(self, ops) -> None:
+        """One [q; k; v] matrix (the q/k/v parameters become views of it) and the RoPE kernel."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = _concat_params([p.weight for p in projs])
+        self.qkv_bias = (
+            _concat_params([p.bias for p in projs]) if projs[0].bias is not None else None
+        )
+        self._ops = ops
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        if self._ops is not None:
+            return self._fused_forward(positions, x, kv_cache, meta)
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self._rotary[0](positions, q, k)
         out = self._backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def _fused_forward(self, positions, x, kv_cache, meta):
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
+        out = self._backend.forward(q, k, v, kv_cache, meta)
+        return self.o_proj(out.reshape(-1, q_size))
 
 
 class MLP(nn.Module):
@@ -112,9 +134,28 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._ops = None
+
+    def fuse(self, ops) -> None:
+        """One [gate; up] matrix and the SiLU-and-mul kernel."""
+        self.gate_up_weight = _concat_params([self.gate_proj.weight, self.up_proj.weight])
+        self._ops = ops
 
     def forward(self, x):
+        if self._ops is not None:
+            return self.down_proj(self._ops.silu_and_mul(F.linear(x, self.gate_up_weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _concat_params(params: list[nn.Parameter]) -> torch.Tensor:
+    """Concatenate along dim 0 and re-point each parameter at its rows of the result: the fused
+    matrix is the only copy, and the named parameters (state_dict) still read right."""
+    fused = torch.cat([p.data for p in params])
+    row = 0
+    for p in params:
+        p.data = fused[row : row + p.shape[0]]
+        row += p.shape[0]
+    return fused
 
 
 class DecoderLayer(nn.Module):
@@ -128,6 +169,18 @@ class DecoderLayer(nn.Module):
     def forward(self, positions, x, kv_cache, meta):
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def fused_forward(self, ops, positions, x, residual, kv_cache, meta):
+        """The same layer with each add-then-norm as one kernel. The hidden state is carried as
+        (x, residual) with the true value x + residual; `residual` is updated in place."""
+        eps = self.input_layernorm.eps
+        if residual is None:  # first layer: x is the embedding
+            residual, h = x, ops.rms_norm(x, self.input_layernorm.weight, eps)
+        else:
+            h = ops.rms_norm(x, self.input_layernorm.weight, eps, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -152,6 +205,18 @@ class LlamaForCausalLM(nn.Module):
         self.model = DecoderModel(cfg, self.rotary, backend)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._ops = None
+
+    def fuse_for_cuda(self) -> None:
+        """Switch to fused kernels (`engine.attention.fused_ops`): q/k/v and gate/up as one
+        matrix each, add+RMSNorm, RoPE and SiLU-and-mul as one kernel each. Called by the model
+        runner after loading, on CUDA; the eager modules stay the reference."""
+        from engine.attention import fused_ops
+
+        for layer in self.model.layers:
+            layer.self_attn.fuse(fused_ops)
+            layer.mlp.fuse(fused_ops)
+        self._ops = fused_ops
 
     def forward(
         self,
@@ -164,11 +229,17 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm, [num_tokens, hidden_size]. `layer_done(i)` is
         called once layer i has written its KV (KV transfer overlaps the later layers)."""
         x = self.model.embed_tokens(input_ids)
+        ops, residual = self._ops, None
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
-            x = layer(positions, x, kv_cache, meta)
+            if ops is None:
+                x = layer(positions, x, kv_cache, meta)
+            else:
+                x, residual = layer.fused_forward(ops, positions, x, residual, kv_cache, meta)
             if layer_done is not None:
                 layer_done(i)
-        return self.model.norm(x)
+        if ops is None:
+            return self.model.norm(x)
+        return ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (
