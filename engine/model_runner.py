@@ -2,11 +2,16 @@
 
 Inputs are built once per step with tensor ops (no per-token Python loops): the scheduled
 requests' tokens are packed back to back, decodes first, exactly in the scheduler's order.
+
+On CUDA: attention runs on the Triton backend, a step's index tensors reach the GPU in one
+non-blocking copy from a pinned buffer, and pure-decode steps replay CUDA graphs captured per
+batch-size bucket (`DecodeGraphs`; `EngineConfig.extra["enforce_eager"] = True` turns them off).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +21,7 @@ from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
+from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
 
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 # With no `num_blocks` given on CPU, the KV cache takes this share of available RAM, capped.
 _CPU_KV_FRACTION = 0.25
 _CPU_KV_CAP_BYTES = 4 << 30
+# Batch sizes with a captured decode graph (those below max_num_seqs, then max_num_seqs itself).
+_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ModelRunner:
         self.device = config.resolve_device()
         self.dtype = dtype
         self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         spec = AttentionSpec(
             num_heads=model_config.num_heads,
             num_kv_heads=model_config.num_kv_heads,
@@ -49,12 +58,27 @@ class ModelRunner:
             scale=model_config.head_dim**-0.5,
             sliding_window=model_config.sliding_window,
         )
-        self.backend = TorchAttentionBackend(spec)
-        self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
+        on_cuda = self.device.type == "cuda"
+        # extra["attention_backend"] = "torch" keeps the reference backend on CUDA (tests).
+        use_triton = on_cuda and config.extra.get("attention_backend", "triton") == "triton"
+        if use_triton:
+            from engine.attention.triton_backend import TritonAttentionBackend
+
+            self.backend = TritonAttentionBackend(spec, self.max_model_len)
+        else:
+            self.backend = TorchAttentionBackend(spec)
+        if config.extra.get("random_weights"):
+            self.model = random_model(model_config, self.backend, dtype, self.device, config.seed)
+        else:
+            self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
+        if use_triton:
+            self.model.fuse_for_cuda()
+        use_graphs = use_triton and not config.extra.get("enforce_eager", False)
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
+        # With graphs, one block more than the scheduler knows of: padding rows write there.
         shape = (
             2,
-            self.num_blocks,
+            self.num_blocks + int(use_graphs),
             self.block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
@@ -66,6 +90,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         # Set by a prefill worker: moves KV out while the forward pass runs.
         self.kv_connector: KVConnector | None = None
+        self.stager = _Stager(self.device)
+        self.graphs = DecodeGraphs(self, config.max_num_seqs) if use_graphs else None
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -89,13 +115,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched)
-        self.backend.prepare(meta)
         connector = self.kv_connector
         layer_done = None
         if connector is not None and connector.on_step_start(sched):
             layer_done = connector.on_layer_done
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
+        graph_size = None
+        if self.graphs is not None and layer_done is None:
+            graph_size = self.graphs.batch_size_for(sched)
+        input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched, graph_size)
+        if graph_size is not None:
+            hidden = self.graphs.replay(graph_size, input_ids, positions, meta)
+        else:
+            self.backend.prepare(meta)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
         result = RunnerOutput({}, {})
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows])
@@ -107,7 +139,9 @@ class ModelRunner:
             connector.on_step_end(sched)
         return result
 
-    def _prepare(self, sched: SchedulerOutput):
+    def _prepare(self, sched: SchedulerOutput, graph_size: int | None = None):
+        """Pack the step's tokens. With `graph_size`, pad to that many decode rows (see
+        `DecodeGraphs`); then `meta.seq_lens` is the real rows' only."""
         tokens: list[int] = []
         query_start_loc = [0]
         seq_lens, starts, sample_rows, sample_requests = [], [], [], []
@@ -121,9 +155,12 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(query_start_loc[-1] - 1)
                 sample_requests.append(req)
-        device = self.device
+        num_seqs = len(sched.scheduled)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        block_tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int64)
+        rows = graph_size or num_seqs
+        pad = torch.tensor([self.num_blocks])  # the scratch block, for graph padding rows
+        block_tables = pad.expand(rows, max_blocks).clone()
+        block_tables[:num_seqs] = 0
         for i, s in enumerate(sched.scheduled):
             block_tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
         # Position of every token, and which sequence it belongs to, without a per-token loop.
@@ -133,12 +170,149 @@ class ModelRunner:
         positions = torch.tensor(starts)[seq_of_token] + offsets
         blocks = block_tables[seq_of_token, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
+        input_ids = torch.tensor(tokens, dtype=torch.int64)
+        parts = [input_ids, positions, slot_mapping, block_tables]
+        if graph_size is not None:
+            # Padding rows: token 0 at position 0, written to the scratch block, context 1.
+            extra = graph_size - num_seqs
+            parts[0] = torch.cat([input_ids, torch.zeros(extra, dtype=torch.int64)])
+            parts[1] = torch.cat([positions, torch.zeros(extra, dtype=torch.int64)])
+            parts[2] = torch.cat([slot_mapping, pad.expand(extra) * self.block_size])
+            parts.append(torch.tensor(seq_lens + [1] * extra))
+        staged = self.stager.upload(parts)
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(device),
+            slot_mapping=staged[2],
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
-            block_tables=block_tables.to(device),
+            block_tables=staged[3],
             block_size=self.block_size,
+            backend_data=staged[4] if graph_size is not None else None,
         )
-        input_ids = torch.tensor(tokens, dtype=torch.int64, device=device)
-        return input_ids, positions.to(device), meta, sample_rows, sample_requests
+        return staged[0], staged[1], meta, sample_rows, sample_requests
+
+
+class _Stager:
+    """Moves a step's host-built index tensors to the device in one non-blocking copy through a
+    pinned buffer (on CPU it hands them back as they are)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned: torch.Tensor | None = None
+        self.staged: torch.Tensor | None = None
+        self.copied: torch.cuda.Event | None = None
+
+    def upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """int64 host tensors -> device tensors of the same shapes. They live in one device
+        buffer that the next upload overwrites (in stream order, after this step's kernels)."""
+        if self.device.type != "cuda":
+            return parts
+        total = sum(p.numel() for p in parts)
+        # NOTE: the previous step's copy may still be reading the pinned buffer (a step that
+        # samples nothing never synchronizes); wait for it before writing.
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.pinned is None or self.pinned.numel() < total:
+            size = max(total, 2 * (0 if self.pinned is None else self.pinned.numel()), 1 << 14)
+            self.pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
+            self.staged = torch.empty(size, dtype=torch.int64, device=self.device)
+        torch.cat([p.reshape(-1) for p in parts], out=self.pinned[:total])
+        self.staged[:total].copy_(self.pinned[:total], non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        out, offset = [], 0
+        for p in parts:
+            out.append(self.staged[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return out
+
+
+class DecodeGraphs:
+    """CUDA graphs of the forward pass for pure-decode steps, one per batch-size bucket.
+
+    A step of n decodes replays the smallest bucket b >= n. Its inputs are copied into the static
+    buffers the graph reads; rows n..b-1 are padding (token 0 at position 0, context length 1,
+    K/V written into the scratch block that no request owns), and their outputs are dropped:
+
+        rows     | n real decodes            | b - n padding -> scratch block |
+        tables   | the requests' blocks      | [scratch, scratch, ...]        |
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int):
+        self.sizes = [b for b in _GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
+        largest = self.sizes[-1]
+        device, bs = runner.device, runner.block_size
+        width = -(-runner.max_model_len // bs)
+        scratch = runner.num_blocks
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((largest,), scratch * bs, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((largest, width), scratch, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
+                meta = AttentionMetadata(
+                    slot_mapping=self.slot_mapping[:b],
+                    query_start_loc=list(range(b + 1)),
+                    seq_lens=[1] * b,
+                    block_tables=self.block_tables[:b],
+                    block_size=bs,
+                    backend_data=runner.backend.decode_graph_data(
+                        self.seq_lens[:b], self.block_tables[:b]
+                    ),
+                )
+                args = (self.input_ids[:b], self.positions[:b], runner.kv_caches, meta)
+                runner.model(*args)  # warm-up: compiles the kernels outside the capture
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = runner.model(*args)
+                pool = graph.pool()
+                self.graphs[b] = (graph, hidden)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def batch_size_for(self, sched: SchedulerOutput) -> int | None:
+        """The bucket that replays this step, or None when it must run eagerly (a prefill chunk
+        in it, or more decodes than the largest bucket)."""
+        n = len(sched.scheduled)
+        if n > self.sizes[-1] or any(s.num_tokens != 1 for s in sched.scheduled):
+            return None
+        return next(b for b in self.sizes if b >= n)
+
+    def replay(self, size, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Inputs padded to `size` rows (ModelRunner._prepare); returns the real rows' hidden
+        states, a view into the graph's output that the next replay overwrites."""
+        width = meta.block_tables.shape[1]
+        self.input_ids[:size].copy_(input_ids, non_blocking=True)
+        self.positions[:size].copy_(positions, non_blocking=True)
+        self.slot_mapping[:size].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:size].copy_(meta.backend_data, non_blocking=True)
+        # Columns past `width` keep stale ids; the kernel reads only the first
+        # ceil(seq_len / block_size) of each row.
+        self.block_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
+        graph, hidden = self.graphs[size]
+        graph.replay()
+        return hidden[: meta.num_seqs]
+
+
+def random_model(
+    cfg: ModelConfig, backend, dtype: torch.dtype, device: torch.device, seed: int
+) -> LlamaForCausalLM:
+    """Benchmarks only (EngineConfig.extra["random_weights"]): the model with random weights
+    drawn on the device, no checkpoint read. Linear weights normal(0, 0.02), norms 1, the output
+    head scaled for logits of std ~4 like `engine.testing`'s checkpoints."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, backend)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name == "lm_head.weight":
+                param.normal_(0.0, 4.0 / math.sqrt(cfg.hidden_size), generator=gen)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    model.rotary.build(device)
+    return model.eval().requires_grad_(False)
