@@ -1,0 +1,76 @@
+"""Shared by the GPU benchmarks: the Llama-3-8B shape, random-weight engines, the HBM ceiling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+# Llama-3-8B's config.json, less what only the tokenizer needs.
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def write_config_only(path: Path, config: dict = LLAMA3_8B) -> Path:
+    """A model folder holding only config.json: engines built on it need
+    `extra={"random_weights": True}` (weights drawn on the GPU; writing 16 GB of safetensors
+    and reading them back would cost minutes of device time for numbers that do not depend
+    on the values)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def copy_bandwidth(num_bytes: int = 4 << 30, reps: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median)."""
+    src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / sorted(times)[len(times) // 2]
+
+
+def describe_run() -> str:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"commit {commit or '?'}, {gpu}, torch {torch.__version__}"
+
+
+def free_engine(llm) -> None:
+    del llm
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
