@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -61,16 +63,19 @@ def copy_bandwidth(num_bytes: int = 4 << 30, reps: int = 20) -> float:
 
 
 def describe_run() -> str:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    # The device machine gets the working tree without .git: the caller passes BATON_COMMIT.
+    commit = (
+        os.environ.get("BATON_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"commit {commit or '?'}, {gpu}, torch {torch.__version__}"
 
 
-def free_engine(llm) -> None:
-    del llm
-    import gc
-
+def release_gpu_memory() -> None:
+    """After the caller dropped its last reference to an engine: collect it (the model and
+    backend refer to each other) and hand its GPU memory back to the driver."""
     gc.collect()
     torch.cuda.empty_cache()

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_common import copy_bandwidth, describe_run, free_engine, write_config_only
+from benchmarks.gpu_common import (
+    copy_bandwidth,
+    describe_run,
+    release_gpu_memory,
+    write_config_only,
+)
 from engine import LLM, SamplingParams
 
 
@@ -78,7 +83,8 @@ def main() -> None:
             for batch in batches if mode == "graphs" else [1]:
                 rates[batch] = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
             results["modes"][mode] = {"setup_s": setup_s, "tokens_per_s": rates}
-            free_engine(llm)
+            del model, llm
+            release_gpu_memory()
     roofline = bandwidth / weight_bytes
     # The embedding is read one row per token, not whole: the bytes a step must read are less.
     roofline_read = bandwidth / (weight_bytes - embed_bytes)

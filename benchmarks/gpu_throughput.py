@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_common import LLAMA3_8B, describe_run, free_engine, write_config_only
+from benchmarks.gpu_common import LLAMA3_8B, describe_run, release_gpu_memory, write_config_only
 from engine import LLM, SamplingParams
 
 
@@ -39,7 +39,6 @@ def run_engine(model_dir, prompts, output_len, max_batched_tokens):
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == output_len for o in outputs)
-    free_engine(llm)
     return elapsed
 
 
@@ -89,6 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
         t_engine = run_engine(model_dir, prompts, args.output_len, args.max_batched_tokens)
+    release_gpu_memory()  # the engine went with run_engine's frame
     t_hf = None
     if args.hf_prompts:
         t_hf = run_transformers(prompts[: args.hf_prompts], args.output_len, args.hf_batch_size)
