@@ -54,6 +54,20 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) 
     return batch * steps / elapsed
 
 
+def graph_replay_ms(llm: LLM, reps: int = 50) -> float:
+    """GPU time of one batch-1 decode graph replay (the forward pass without the output head,
+    sampling or any host work), on whatever its static inputs last held."""
+    graph, _ = llm.engine.runner.graphs.graphs[1]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -83,6 +97,8 @@ def main() -> None:
             for batch in batches if mode == "graphs" else [1]:
                 rates[batch] = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
             results["modes"][mode] = {"setup_s": setup_s, "tokens_per_s": rates}
+            if mode == "graphs":
+                results["graph_replay_ms"] = graph_replay_ms(llm)
             del model, llm
             release_gpu_memory()
     roofline = bandwidth / weight_bytes
@@ -97,6 +113,8 @@ def main() -> None:
         f"(embedding {embed_bytes / 1e9:.2f} GB of it) -> batch-1 roofline {roofline:.1f} tok/s "
         f"({roofline_read:.1f} counting only bytes a step reads)"
     )
+    replay_ms = results["graph_replay_ms"]
+    print(f"batch-1 decode graph replay (GPU time, no output head): {replay_ms:.3f} ms")
     for mode, r in results["modes"].items():
         for batch, rate in r["tokens_per_s"].items():
             share = f"  {100 * rate / roofline:5.1f}% of roofline" if batch == 1 else ""
