@@ -221,6 +221,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             problems.append(f"{'.'.join(loc) or 'body'}: {error.get('msg')}")
         return await api_error(request, APIError(400, "; ".join(problems), param=param))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # Starlette logs the traceback; the client gets the same error shape as for the rest.
+        error = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+        return await api_error(request, error)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"

@@ -74,3 +74,18 @@ def test_template_errors_and_globals():
     assert render_chat_template(CHAT_TEMPLATE, MESSAGES[:1], add_generation_prompt=False) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
     )
+
+
+def test_config_checks_the_chat_template_and_http_port(tmp_path):
+    from deploy.config import BatonConfig
+
+    def config(tier: dict, **top) -> BatonConfig:
+        pools = [{"tier": "t", "role": "prefill"}, {"tier": "t", "role": "decode"}]
+        return BatonConfig.from_dict({"tiers": {"t": tier}, "pools": pools, **top})
+
+    assert config({"chat_template": "{{ 1 }}"}).tiers["t"].chat_template == "{{ 1 }}"
+    with pytest.raises(ValueError, match=r"config: tiers\.t\.chat_template: .* nor a file"):
+        config({"chat_template": str(tmp_path / "missing.jinja")})
+    with pytest.raises(ValueError, match="http_port must be in"):
+        config({}, http_port=70000)
+    assert config({}, http_port=None).http_port is None and config({}).http_port == 8000

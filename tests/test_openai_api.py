@@ -129,6 +129,15 @@ def test_completion_stream_with_usage_and_logprobs(client, llm):
             assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(lp, abs=1e-5)
 
 
+def test_seeded_sampling_repeats(client):
+    def sample(seed):
+        request = {"model": "tiny", "prompt": "Alice was", "max_tokens": 8, "temperature": 1.0}
+        return client.completions.create(seed=seed, **request).choices[0].text
+
+    texts = {seed: sample(seed) for seed in (1, 2, 3)}
+    assert sample(1) == texts[1] and len(set(texts.values())) > 1
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_string(client, llm, stream):
     free = llm.generate("Alice was", greedy(20))[0].text
@@ -232,6 +241,16 @@ def test_malformed_json_gets_400_or_401_without_the_key(server):
     status, error = http(server, "POST", "/v1/completions", b'{"model": ')
     assert status == 400 and "not valid JSON" in error["error"]["message"]
     assert http(server, "POST", "/v1/completions", b'{"model": ', key=None)[0] == 401
+
+
+def test_a_bug_is_a_500_in_the_same_shape(server, client, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.deployment.router, "validate", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model="tiny", prompt="Alice")
+    assert err.value.body["type"] == "server_error" and "RuntimeError" in err.value.body["message"]
 
 
 def test_chat_without_a_template_is_refused(server, client, monkeypatch):
