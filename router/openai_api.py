@@ -123,7 +123,12 @@ def _render_chat(tier: TierInfo, body: ChatCompletionRequest) -> list[int]:
 
 
 async def _respond(
-    request: Request, router: Router, req: _Request, formatter, stream: bool, include_usage: bool
+    request: Request,
+    router: Router,
+    req: _Request,
+    formatter: CompletionFormatter | ChatFormatter,
+    stream: bool,
+    include_usage: bool,
 ) -> Response:
     chunks = router.generate(req)
     if not stream:
@@ -148,7 +153,10 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> list[Chunk]:
 
 
 async def _sse(
-    formatter, first: Chunk, chunks: AsyncIterator[Chunk], include_usage: bool
+    formatter: CompletionFormatter | ChatFormatter,
+    first: Chunk,
+    chunks: AsyncIterator[Chunk],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     """Server-sent events: `data: {json}` per event, then `data: [DONE]`. When the client goes
     away, Starlette cancels this generator: closing `chunks` aborts the request."""
