@@ -26,6 +26,7 @@ class TierConfig:
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 200.0
     profile: str | None = None  # latency profile from `baton profile`, seeds placement's models
+    quality: float = 1.0  # for tier selection: how good this tier's answers are, 0..1
     # For /v1/chat/completions: Jinja2 text or a file path; None: the model's own template.
     chat_template: str | None = None
 
@@ -44,6 +45,8 @@ class PoolConfig:
     count: int = 1
     # Ray resources per worker, e.g. {"GPU": 1, "prefill_gpu": 1} or {"CPU": 1}.
     resources: dict = field(default_factory=lambda: {"CPU": 1})
+    gpu_type: str = "cpu"  # informational: what the resources above buy
+    cost_per_hour: float = 0.0  # $ per instance-hour, for tier selection and planning
 
 
 @dataclass
@@ -63,6 +66,8 @@ class BatonConfig:
     max_attempts: int = 3  # placements per request before it fails
     placement: str = "goodput"  # goodput | least_loaded | round_robin
     overload_policy: str = "queue"  # when no placement meets the SLOs: queue | reject
+    # Tier selection for model "auto": quality − cost_weight × $ per request (see router/tiers.py)
+    tier_cost_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.tiers:

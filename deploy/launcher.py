@@ -26,6 +26,7 @@ from router.openai_api import start_openai_server
 from router.placement import POLICIES, GoodputPlacement, Placement
 from router.router import Router, TierInfo
 from router.server import start_grpc_server
+from router.tiers import TierCost, TierSelector
 from router.workers import RayWorkerClient, Worker
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ async def deploy(
     router = Router(
         tiers, config.default_tier, workers, config.max_attempts, make_placement(config)
     )
+    router.tier_selector = make_tier_selector(config, router.placement)
     await router.start()
     port = config.grpc_port if grpc_port is None else grpc_port
     server, bound = await start_grpc_server(router, config.grpc_host, port, config.api_key)
@@ -194,6 +196,22 @@ def make_placement(config: BatonConfig) -> Placement:
         name: load_profile(tier.profile) for name, tier in config.tiers.items() if tier.profile
     }
     return GoodputPlacement(config.overload_policy, profiles)
+
+
+def make_tier_selector(config: BatonConfig, placement: Placement) -> TierSelector | None:
+    """A selector when there is a choice to make and placement can predict latencies."""
+    if len(config.tiers) < 2 or not isinstance(placement, GoodputPlacement):
+        return None
+
+    def cost_per_s(tier: str, role: str) -> float:
+        pools = [p for p in config.pools if p.tier == tier and p.role == role]
+        return sum(p.cost_per_hour for p in pools) / max(len(pools), 1) / 3600
+
+    costs = {
+        name: TierCost(name, tier.quality, cost_per_s(name, "prefill"), cost_per_s(name, "decode"))
+        for name, tier in config.tiers.items()
+    }
+    return TierSelector(costs, placement, cost_weight=config.tier_cost_weight)
 
 
 def load_config(path: str | None, model: str | None) -> BatonConfig:

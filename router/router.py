@@ -32,6 +32,7 @@ from router.placement import (
     Placement,
     PlacementInfo,
 )
+from router.tiers import TierChoice, TierSelector
 from router.workers import Worker, WorkerDied
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Chunk:
     tier: str = ""
     prefill_instance: str = ""
     decode_instance: str = ""
+    estimated_cost: float = 0.0
+    tier_reason: str = ""
 
 
 @dataclass
@@ -102,6 +105,7 @@ class _Request:
     ttft_ms: float | None = None
     ttft_slo_ms: float = 0.0
     tpot_slo_ms: float = 0.0
+    tier_choice: TierChoice | None = None
 
 
 class Router:
@@ -118,6 +122,8 @@ class Router:
         self.workers = workers
         self.max_attempts = max_attempts
         self.placement = placement or GoodputPlacement()
+        # Set by the launcher when the config prices its tiers (needs goodput placement).
+        self.tier_selector: TierSelector | None = None
         self._connected: set[tuple[str, str]] = set()
         self._streams: dict[str, asyncio.Queue] = {}  # worker-level request id -> updates
         self._transfer_ids = itertools.count(1)
@@ -167,10 +173,25 @@ class Router:
         max_tokens: int | None,
         ttft_slo_ms: float = 0.0,
         itl_slo_ms: float = 0.0,
+        min_quality: float = 0.0,
+        max_cost: float = 0.0,
     ) -> _Request:
         """Everything a worker would reject, rejected here first (raises RequestError).
-        SLO hints of 0 take the tier's defaults."""
+        SLO hints of 0 take the tier's defaults. With model "" or "auto" and several tiers,
+        the tier selector picks the tier (quality floor, cost budget, SLO likelihood)."""
+        choice = None
         try:
+            if model in ("", "auto") and self.tier_selector is not None and len(self.tiers) > 1:
+                choice = self._choose_tier(
+                    prompt,
+                    prompt_token_ids,
+                    max_tokens,
+                    ttft_slo_ms,
+                    itl_slo_ms,
+                    min_quality,
+                    max_cost,
+                )
+                model = choice.tier
             req = self._validate(prompt, prompt_token_ids, model, params, max_tokens)
         except RequestError as e:
             tier = model if model in self.tiers else self.default_tier
@@ -178,7 +199,32 @@ class Router:
             raise
         req.ttft_slo_ms = ttft_slo_ms or req.tier.ttft_slo_ms
         req.tpot_slo_ms = itl_slo_ms or req.tier.tpot_slo_ms
+        req.tier_choice = choice
         return req
+
+    def _choose_tier(
+        self, prompt, prompt_token_ids, max_tokens, ttft_slo_ms, itl_slo_ms, min_quality, max_cost
+    ) -> TierChoice:
+        infos = {}
+        for name, tier in self.tiers.items():
+            if prompt and tier.tokenizer is None:
+                continue
+            tokens = tier.tokenizer.encode(prompt) if prompt else list(prompt_token_ids)
+            n = max_tokens or tier.default_max_tokens
+            if not tokens or len(tokens) + 1 > tier.max_model_len or n > tier.max_tokens_limit:
+                continue  # this tier would refuse it; the others may not
+            infos[name] = PlacementInfo(
+                name,
+                tokens,
+                n,
+                (ttft_slo_ms or tier.ttft_slo_ms) / 1e3,
+                (itl_slo_ms or tier.tpot_slo_ms) / 1e3,
+                tier.block_size,
+                tier.kv_bytes_per_token,
+            )
+        if not infos:  # every tier refuses it: let the default tier's validation say why
+            return TierChoice(self.default_tier, "no tier accepts the request", 0.0, 0.0)
+        return self.tier_selector.choose(self.workers, infos, prompt, min_quality, max_cost)
 
     def _validate(
         self,
@@ -420,6 +466,9 @@ class Router:
             "attempts": req.attempts,
         }
         chunk.tier = req.tier.name
+        if req.tier_choice is not None:
+            chunk.estimated_cost = req.tier_choice.estimated_cost
+            chunk.tier_reason = req.tier_choice.reason
         chunk.prefill_instance = prefill.worker_id
         chunk.decode_instance = decode.worker_id
 

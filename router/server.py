@@ -69,6 +69,8 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
                 max_tokens,
                 request.ttft_slo_ms,
                 request.itl_slo_ms,
+                request.min_quality,
+                request.max_cost,
             )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -92,6 +94,8 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
                     msg.model = chunk.tier
                     msg.prefill_instance = chunk.prefill_instance
                     msg.decode_instance = chunk.decode_instance
+                    msg.estimated_cost = chunk.estimated_cost
+                    msg.tier_reason = chunk.tier_reason
                 yield msg
         except RequestError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
