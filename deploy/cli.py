@@ -103,6 +103,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from deploy.profile import main as profile_main
+
+    return profile_main(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return cmd_generate_remote(args)
@@ -198,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--plot", default=None, help="latency percentiles vs rate, PNG")
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(func=cmd_bench)
+
+    prof = sub.add_parser("profile", help="measure an engine instance; write a latency profile")
+    prof.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    prof.add_argument("--dtype", default="auto")
+    prof.add_argument("--device", default="auto")
+    prof.add_argument("--num-blocks", type=int, default=None)
+    prof.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--output", default="profile.json")
+    prof.set_defaults(func=cmd_profile)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -1,0 +1,108 @@
+"""`baton profile`: measure one engine instance and write the latency profile that seeds the
+router's models (router/latency_model.py) before live samples arrive.
+
+It runs the engine in this process on the given device with synthetic requests: prefill steps
+of several prompt lengths, then decode steps at several batch sizes and context lengths, and
+fits the same linear forms the router refits online.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from router.latency_model import LinearModel
+
+PREFILL_LENGTHS = (16, 64, 128, 256, 512, 1024, 2048)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _prefill_samples(engine: LLMEngine, vocab: int, repeats: int, rng: random.Random):
+    samples = []
+    limit = min(engine.max_model_len - 1, engine.config.max_num_batched_tokens)
+    for length in [n for n in PREFILL_LENGTHS if n <= limit]:
+        for r in range(repeats + 1):
+            prompt = [rng.randrange(3, vocab) for _ in range(length)]
+            engine.add_request(f"p{length}-{r}", prompt, SamplingParams(max_tokens=1))
+            while engine.has_unfinished_requests():
+                engine.step()
+                step = engine.last_step
+                if r and step.num_prefill_tokens and not step.num_decode_tokens:  # r=0 warms up
+                    samples.append((step.num_prefill_tokens, step.attention_pairs, step.duration_s))
+    return samples
+
+
+def _decode_samples(engine: LLMEngine, vocab: int, steps: int, rng: random.Random):
+    samples = []
+    for batch in [b for b in DECODE_BATCHES if b <= engine.config.max_num_seqs]:
+        for context in (64, 512):
+            if context + steps + 1 >= engine.max_model_len:
+                continue
+            params = SamplingParams(max_tokens=steps + 1, ignore_eos=True, temperature=0.0)
+            ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
+            try:
+                for rid in ids:
+                    prompt = [rng.randrange(3, vocab) for _ in range(context)]
+                    engine.add_request(rid, prompt, params)
+            except ValueError:  # the pool cannot hold this batch: stop here
+                for rid in ids:
+                    engine.abort_request(rid)
+                return samples
+            while engine.has_unfinished_requests():
+                engine.step()
+                step = engine.last_step
+                if step.num_decode_tokens == batch and not step.num_prefill_tokens:
+                    samples.append(
+                        (step.num_decode_tokens, step.num_context_tokens, step.duration_s)
+                    )
+    return samples
+
+
+def fit(samples) -> list[float]:
+    model = LinearModel(np.zeros(3))
+    for x1, x2, seconds in samples:
+        model.add(x1, x2, seconds)
+    model.fit()
+    return [float(c) for c in model.coef]
+
+
+def profile(engine_args: dict, repeats: int = 3, decode_steps: int = 8, seed: int = 0) -> dict:
+    engine = LLMEngine(EngineConfig(enable_prefix_caching=False, **engine_args))
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    prefill = _prefill_samples(engine, vocab, repeats, rng)
+    decode = _decode_samples(engine, vocab, decode_steps, rng)
+    # KV transfer: bytes cost what the runner's KV bytes per token says; without two devices to
+    # measure, a conservative 10 GB/s link plus 1 ms (the router refits from real transfers).
+    return {
+        "model": engine_args["model"],
+        "device": str(engine.runner.device),
+        "dtype": str(engine.dtype),
+        "prefill": fit(prefill),
+        "decode": fit(decode),
+        "transfer": [1e-3, 1e-10, 0.0],
+        "num_samples": {"prefill": len(prefill), "decode": len(decode)},
+    }
+
+
+def main(args) -> int:
+    from engine.testing import ensure_default_model
+
+    engine_args = {
+        "model": args.model or str(ensure_default_model()),
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": 64,
+    }
+    if args.num_blocks:
+        engine_args["num_blocks"] = args.num_blocks
+    result = profile(engine_args, repeats=args.repeats)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in ("prefill", "decode", "num_samples")}))
+    print(f"profile written to {args.output}; use it as `profile:` of a tier in the config")
+    return 0
