@@ -109,6 +109,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return profile_main(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from deploy.planner import main as plan_main
+
+    return plan_main(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return cmd_generate_remote(args)
@@ -214,6 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--repeats", type=int, default=3)
     prof.add_argument("--output", default="profile.json")
     prof.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="choose prefill/decode instance counts by simulation")
+    pl.add_argument("--profile", required=True, help="from `baton profile`")
+    pl.add_argument("--input-len", type=int, default=512)
+    pl.add_argument("--output-len", type=int, default=128)
+    pl.add_argument("--range-ratio", type=float, default=0.5)
+    pl.add_argument("--num-requests", type=int, default=400)
+    pl.add_argument("--burstiness", type=float, default=1.0)
+    pl.add_argument("--ttft-slo-ms", type=float, default=500.0)
+    pl.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    pl.add_argument("--max-gpus", type=int, default=8)
+    pl.add_argument("--rate", type=float, default=None, help="target rate: cheapest split")
+    pl.add_argument("--kv-bytes-per-token", type=int, default=0)
+    pl.add_argument("--output", default=None)
+    pl.set_defaults(func=cmd_plan)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -1,0 +1,188 @@
+"""`baton plan`: how many prefill and decode instances to run, by simulating the workload against
+the latency models of a profile (DistServe's approach: simulate, then search).
+
+The simulation: Poisson (or gamma) arrivals; each prefill instance serves its queue first come
+first served, a request costing the profile's prefill time for its length; the KV transfer
+follows; each decode instance runs continuous batching, every step costing the profile's decode
+step time for its batch and context; requests go to the prefill instance that would start them
+soonest and to the decode instance with the smallest batch. A request meets the SLOs when its
+TTFT and its TPOT are within them.
+
+For each split (prefill, decode) within the GPU budget it finds the highest rate with ≥ 90%
+attainment (binary search), and recommends the split with the best rate per GPU — or, given a
+target rate, the cheapest split that sustains it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from dataclasses import dataclass
+
+from router.latency_model import InstanceModel, load_profile, new_instance_model
+
+
+@dataclass
+class Workload:
+    input_len: int = 512
+    output_len: int = 128
+    range_ratio: float = 0.5
+    num_requests: int = 400
+    burstiness: float = 1.0
+
+    def sample(self, rate: float, rng: random.Random) -> list[tuple[float, int, int]]:
+        t, out = 0.0, []
+        for _ in range(self.num_requests):
+            t += rng.gammavariate(self.burstiness, 1.0 / (rate * self.burstiness))
+
+            def length(mean: int) -> int:
+                spread = int(mean * self.range_ratio)
+                return max(1, rng.randint(mean - spread, mean + spread))
+
+            out.append((t, length(self.input_len), length(self.output_len)))
+        return out
+
+
+def simulate(
+    model: InstanceModel,
+    num_prefill: int,
+    num_decode: int,
+    rate: float,
+    workload: Workload,
+    slo: tuple[float, float],
+    kv_bytes_per_token: int = 0,
+    seed: int = 0,
+) -> float:
+    """SLO attainment (share of requests meeting TTFT and TPOT) of one simulated run."""
+    rng = random.Random(seed)
+    requests = workload.sample(rate, rng)
+    prefill_free = [0.0] * num_prefill  # when each prefill instance is next idle
+    ready = []  # (time KV is on the decode side, request index)
+    ttft = {}
+    for i, (arrival, length, _) in enumerate(requests):
+        p = min(range(num_prefill), key=lambda k: prefill_free[k])
+        start = max(arrival, prefill_free[p])
+        done = start + model.prefill_time(length, length)
+        prefill_free[p] = done
+        ttft[i] = done - arrival
+        heapq.heappush(ready, (done + model.transfer_time(length * kv_bytes_per_token), i))
+    # Decode: each instance steps its batch; arrivals join at the next step boundary.
+    clocks = [0.0] * num_decode
+    batches: list[dict[int, list]] = [{} for _ in range(num_decode)]  # i -> [ctx, left, t_first]
+    tpot = {}
+    while ready or any(batches):
+        d = min(range(num_decode), key=lambda k: clocks[k] if batches[k] else float("inf"))
+        if ready and (not batches[d] or ready[0][0] <= clocks[d]):
+            t, i = heapq.heappop(ready)
+            d = min(range(num_decode), key=lambda k: (len(batches[k]), k))
+            clocks[d] = max(clocks[d], t) if not batches[d] else clocks[d]
+            _, length, out_len = requests[i]
+            if out_len <= 1:
+                tpot[i] = 0.0
+                continue
+            batches[d][i] = [length + 1, out_len - 1, clocks[d]]
+            continue
+        batch = batches[d]
+        step = model.decode_step(len(batch), sum(v[0] for v in batch.values()))
+        clocks[d] += step
+        for i in list(batch):
+            entry = batch[i]
+            entry[0] += 1
+            entry[1] -= 1
+            if entry[1] == 0:
+                tpot[i] = (clocks[d] - entry[2]) / (requests[i][2] - 1)
+                del batch[i]
+    met = sum(ttft[i] <= slo[0] and tpot.get(i, 0.0) <= slo[1] for i in range(len(requests)))
+    return met / len(requests)
+
+
+def max_rate(
+    model,
+    num_prefill,
+    num_decode,
+    workload,
+    slo,
+    kv_bytes_per_token=0,
+    high: float = 256.0,
+    iterations: int = 14,
+) -> float:
+    """Highest rate with ≥ 90% attainment in the simulation (binary search)."""
+    low = 0.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if simulate(model, num_prefill, num_decode, mid, workload, slo, kv_bytes_per_token) >= 0.9:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def plan(
+    model,
+    workload,
+    slo,
+    max_gpus: int,
+    target_rate: float | None = None,
+    kv_bytes_per_token: int = 0,
+) -> list[dict]:
+    """Every split within the budget, best first."""
+    rows = []
+    for num_prefill in range(1, max_gpus):
+        for num_decode in range(1, max_gpus - num_prefill + 1):
+            rate = max_rate(model, num_prefill, num_decode, workload, slo, kv_bytes_per_token)
+            gpus = num_prefill + num_decode
+            rows.append(
+                {
+                    "prefill": num_prefill,
+                    "decode": num_decode,
+                    "gpus": gpus,
+                    "max_rate": rate,
+                    "per_gpu": rate / gpus,
+                }
+            )
+    if target_rate is not None:
+        ok = [r for r in rows if r["max_rate"] >= target_rate]
+        for r in ok:
+            r["attainment_at_target"] = simulate(
+                model, r["prefill"], r["decode"], target_rate, workload, slo, kv_bytes_per_token
+            )
+        return sorted(ok, key=lambda r: (r["gpus"], -r["max_rate"]))
+    return sorted(rows, key=lambda r: (-r["per_gpu"], r["gpus"]))
+
+
+def main(args) -> int:
+    model = new_instance_model(load_profile(args.profile))
+    workload = Workload(
+        args.input_len, args.output_len, args.range_ratio, args.num_requests, args.burstiness
+    )
+    slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
+    rows = plan(model, workload, slo, args.max_gpus, args.rate, args.kv_bytes_per_token)
+    if not rows:
+        print(f"no split within {args.max_gpus} GPUs sustains {args.rate} req/s at the SLOs")
+        return 1
+    best = rows[0]
+    print(f"{'prefill':>7} {'decode':>6} {'max rate':>9} {'per GPU':>8}")
+    for r in rows[:8]:
+        print(f"{r['prefill']:7d} {r['decode']:6d} {r['max_rate']:9.2f} {r['per_gpu']:8.3f}")
+    rate = args.rate or best["max_rate"]
+    attainment = simulate(
+        model, best["prefill"], best["decode"], rate, workload, slo, args.kv_bytes_per_token
+    )
+    print(
+        f"plan: {best['prefill']} prefill + {best['decode']} decode; predicted SLO attainment "
+        f"{attainment:.0%} at {rate:.2f} req/s ({rate / best['gpus']:.3f} req/s per GPU)"
+    )
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(
+                {
+                    "plan": best,
+                    "predicted_attainment": attainment,
+                    "rate": rate,
+                    "candidates": rows,
+                },
+                f,
+                indent=2,
+            )
+    return 0
