@@ -142,6 +142,8 @@ class ModelRunner:
     def _prepare(self, sched: SchedulerOutput, graph_size: int | None = None):
         """Pack the step's tokens. With `graph_size`, pad to that many decode rows (see
         `DecodeGraphs`); then `meta.seq_lens` is the real rows' only."""
+        if graph_size is not None:
+            return self._prepare_decodes(sched, graph_size)
         tokens: list[int] = []
         query_start_loc = [0]
         seq_lens, starts, sample_rows, sample_requests = [], [], [], []
@@ -157,10 +159,7 @@ class ModelRunner:
                 sample_requests.append(req)
         num_seqs = len(sched.scheduled)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        rows = graph_size or num_seqs
-        pad = torch.tensor([self.num_blocks])  # the scratch block, for graph padding rows
-        block_tables = pad.expand(rows, max_blocks).clone()
-        block_tables[:num_seqs] = 0
+        block_tables = torch.zeros((num_seqs, max_blocks), dtype=torch.int64)
         for i, s in enumerate(sched.scheduled):
             block_tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
         # Position of every token, and which sequence it belongs to, without a per-token loop.
@@ -171,24 +170,52 @@ class ModelRunner:
         blocks = block_tables[seq_of_token, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
         input_ids = torch.tensor(tokens, dtype=torch.int64)
-        parts = [input_ids, positions, slot_mapping, block_tables]
-        if graph_size is not None:
-            # Padding rows: token 0 at position 0, written to the scratch block, context 1.
-            extra = graph_size - num_seqs
-            parts[0] = torch.cat([input_ids, torch.zeros(extra, dtype=torch.int64)])
-            parts[1] = torch.cat([positions, torch.zeros(extra, dtype=torch.int64)])
-            parts[2] = torch.cat([slot_mapping, pad.expand(extra) * self.block_size])
-            parts.append(torch.tensor(seq_lens + [1] * extra))
-        staged = self.stager.upload(parts)
+        staged = self.stager.upload([input_ids, positions, slot_mapping, block_tables])
         meta = AttentionMetadata(
             slot_mapping=staged[2],
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=staged[3],
             block_size=self.block_size,
-            backend_data=staged[4] if graph_size is not None else None,
         )
         return staged[0], staged[1], meta, sample_rows, sample_requests
+
+    def _prepare_decodes(self, sched: SchedulerOutput, graph_size: int):
+        """A pure-decode step for a graph replay. One token per sequence, so plain per-sequence
+        arithmetic builds one flat list (a handful of tensor ops cost more at small batch), moved
+        in one copy. Rows past the step's sequences are padding: token 0 at position 0, written
+        to the scratch block, context length 1. `meta.backend_data` carries the padded seq_lens.
+
+            flat  | ids (b) | positions (b) | slots (b) | block tables (b x width) | seq_lens (b) |
+        """
+        bs, scratch, b = self.block_size, self.num_blocks, graph_size
+        num_seqs = len(sched.scheduled)
+        extra = b - num_seqs
+        width = max(len(s.block_ids) for s in sched.scheduled)
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for s in sched.scheduled:
+            p = s.request.num_computed_tokens
+            ids.append(s.request.all_token_ids[p])
+            positions.append(p)
+            slots.append(s.block_ids[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables += s.block_ids + [scratch] * (width - len(s.block_ids))
+        flat = torch.tensor(
+            ids + [0] * extra + positions + [0] * extra + slots + [scratch * bs] * extra
+            + tables + [scratch] * (extra * width) + lens + [1] * extra
+        )  # fmt: skip
+        staged = self.stager.upload([flat])[0]
+        meta = AttentionMetadata(
+            slot_mapping=staged[2 * b : 3 * b],
+            query_start_loc=list(range(num_seqs + 1)),
+            seq_lens=lens,
+            block_tables=staged[3 * b : 3 * b + b * width].view(b, width),
+            block_size=bs,
+            backend_data=staged[3 * b + b * width :],
+        )
+        rows = [i for i, s in enumerate(sched.scheduled) if s.samples]
+        requests = [sched.scheduled[i].request for i in rows]
+        return staged[:b], staged[b : 2 * b], meta, rows, requests
 
 
 class _Stager:
