@@ -22,7 +22,6 @@ from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig, parse_dtype
 from engine.tokenizer import Tokenizer
 from router.latency_model import load_profile
-from router.openai_api import start_openai_server
 from router.placement import POLICIES, GoodputPlacement, Placement
 from router.router import Router, TierInfo
 from router.server import start_grpc_server
@@ -178,6 +177,8 @@ async def deploy(
         config, router, actors, store, server, bound, metrics_server, metrics_bound
     )
     if config.http_port is not None:
+        from router.openai_api import start_openai_server  # FastAPI is only needed for HTTP
+
         try:
             deployment.http_server = await start_openai_server(
                 router, config.http_host, config.http_port, config.api_key

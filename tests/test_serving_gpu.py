@@ -29,7 +29,9 @@ def ray_gpus():
 
 
 def test_nccl_handoff_matches_engine(ray_gpus, model_dir):
-    server = Server(model_dir, num_prefill=1, num_decode=1, resources={"CPU": 1, "GPU": 1})
+    server = Server(
+        model_dir, num_prefill=1, num_decode=1, resources={"CPU": 1, "GPU": 1}, http_port=None
+    )
     try:
         shared = random_prompts([48], seed=40)[0]
         suffixes = random_prompts([1 + (i * 37) % 200 for i in range(32)], seed=41)
