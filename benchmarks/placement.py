@@ -54,6 +54,7 @@ def config(model_dir: str, policy: str, prefill_blocks: int) -> BatonConfig:
                 {"tier": "bench", "role": "decode", "count": 2},
             ],
             "placement": policy,
+        "http_port": None,  # gRPC only: the benchmark drives it with baton bench's client
         }
     )
 

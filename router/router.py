@@ -399,7 +399,8 @@ class Router:
             first_reason = result.finish_reason
             if first_reason is None and len(req.output_token_ids) + 1 >= req.params.max_tokens:
                 first_reason = "length"
-            chunk = self._advance(req, [result.first_token], lp, first_reason, result.first_token)
+            stop_token = result.first_token if result.finish_reason == "stop" else None
+            chunk = self._advance(req, [result.first_token], lp, first_reason, stop_token)
             if chunk.finish_reason is None:
                 await decode.client.call("start", wid, result.first_token, result.first_logprobs)
             while True:
