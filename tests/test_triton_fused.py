@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+# Before 3.9 the interpreter's loops over run-time bounds fail with NumPy >= 2.4 (int() of a
+# 1-element array); compiled kernels on a GPU are fine with older Triton.
+pytest.importorskip("triton", minversion=None if torch.cuda.is_available() else "3.9")
 
 from engine.attention import fused_ops  # noqa: E402
 from engine.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
