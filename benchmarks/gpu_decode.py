@@ -83,11 +83,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
         for mode in ("graphs", "eager"):
-            extra = {"random_weights": True, "enforce_eager": mode == "eager"}
+            extra = {"random_weights": True}
             start = time.perf_counter()
             llm = LLM(
                 model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
-                extra=extra,
+                extra=extra, enforce_eager=mode == "eager",
             )  # fmt: skip
             setup_s = time.perf_counter() - start
             model = llm.engine.runner.model

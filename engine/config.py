@@ -152,6 +152,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, profiling)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 

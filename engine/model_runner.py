@@ -5,7 +5,7 @@ requests' tokens are packed back to back, decodes first, exactly in the schedule
 
 On CUDA: attention runs on the Triton backend, a step's index tensors reach the GPU in one
 non-blocking copy from a pinned buffer, and pure-decode steps replay CUDA graphs captured per
-batch-size bucket (`DecodeGraphs`; `EngineConfig.extra["enforce_eager"] = True` turns them off).
+batch-size bucket (`DecodeGraphs`; `EngineConfig.enforce_eager` turns them off).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ModelRunner:
             self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
         if use_triton:
             self.model.fuse_for_cuda()
-        use_graphs = use_triton and not config.extra.get("enforce_eager", False)
+        use_graphs = use_triton and not config.enforce_eager
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
         # With graphs, one block more than the scheduler knows of: padding rows write there.
         shape = (

@@ -28,7 +28,7 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 
 def gpu_llm(model_dir, eager=False, **kwargs):
     kwargs.setdefault("dtype", "float32")
-    return LLM(model_dir, device="cuda", extra={"enforce_eager": eager}, **kwargs)
+    return LLM(model_dir, device="cuda", enforce_eager=eager, **kwargs)
 
 
 def test_uses_triton_backend_and_graphs(model_dir):
