@@ -73,8 +73,12 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
-        eos = self.model_config.eos_token_ids or (
-            tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ()
+        # Stop on config.json's EOS and on generation_config.json's (Llama 3 lists several there).
+        eos = tuple(
+            dict.fromkeys(
+                self.model_config.eos_token_ids
+                + (tuple(self.tokenizer.eos_token_ids) if self.tokenizer else ())
+            )
         )
         self.scheduler = Scheduler(
             self.kv_manager,
