@@ -36,11 +36,12 @@ class Sampler:
         if any(r.sampling_params.has_penalties for r in requests):
             logits = apply_penalties(raw.clone(), requests)
         params = [r.sampling_params for r in requests]
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        # Decided on the host: an all-greedy batch costs one argmax and one device sync.
+        greedy = [p.greedy for p in params]
+        if not all(greedy):
             sampled = self._sample(logits, requests)
-            tokens = torch.where(greedy, tokens, sampled)
+            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, sampled)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, requests))
 
