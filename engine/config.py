@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from engine.speculative import SpeculativeConfig
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -153,6 +155,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, profiling)
+    # Speculative decoding, off by default: e.g. {"method": "ngram", "num_speculative_tokens": 4}
+    # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.
+    speculative: dict | SpeculativeConfig | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -171,6 +176,7 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        self.speculative = SpeculativeConfig.parse(self.speculative)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.speculative import NgramProposer
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -53,6 +54,13 @@ class StepStats:
     # of (new tokens x context length), attention's quadratic term.
     num_context_tokens: int = 0
     attention_pairs: int = 0
+    # Speculative decoding: draft tokens verified this step, and how many the target accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
 class LLMEngine:
@@ -89,6 +97,11 @@ class LLMEngine:
         )
         self._text: dict[str, TextStream] = {}
         self.last_step = StepStats()
+        self.speculative = config.speculative
+        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # -- requests -------------------------------------------------------------------------
 
@@ -196,6 +209,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for each request that made progress."""
+        self._propose()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.has_schedulable():
@@ -204,15 +218,23 @@ class LLMEngine:
         context = [s.request.num_computed_tokens + s.num_tokens for s in sched.scheduled]
         start = time.perf_counter()
         result = self.runner.execute(sched)
+        # A decode verifying drafts counts as one decode (its batch slot), not as prefill.
+        decodes = [s for s in sched.scheduled if s.num_tokens == 1 or s.spec_token_ids]
+        spec = [s for s in sched.scheduled if s.spec_token_ids]
         self.last_step = StepStats(
             duration_s=time.perf_counter() - start,
-            num_decode_tokens=sum(1 for s in sched.scheduled if s.num_tokens == 1),
-            num_prefill_tokens=sum(s.num_tokens for s in sched.scheduled if s.num_tokens > 1),
+            num_decode_tokens=len(decodes),
+            num_prefill_tokens=sched.num_tokens - sum(s.num_tokens for s in decodes),
             num_seqs=len(sched.scheduled),
             num_preempted=len(sched.preempted),
             num_context_tokens=sum(context),
             attention_pairs=sum(s.num_tokens * c for s, c in zip(sched.scheduled, context)),
+            num_draft_tokens=sum(len(s.spec_token_ids) for s in spec),
+            num_accepted_tokens=sum(len(result.sampled[s.request.request_id]) - 1 for s in spec),
         )
+        self.num_draft_tokens += self.last_step.num_draft_tokens
+        self.num_accepted_tokens += self.last_step.num_accepted_tokens
+        num_before = {s.request.request_id: s.request.num_output_tokens for s in sched.scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
         for s in sched.scheduled:
@@ -223,13 +245,30 @@ class LLMEngine:
             if rid in result.logprobs:
                 request.logprobs.append(result.logprobs[rid])
             state = self._text[rid]
-            state.append([result.sampled[rid]])
+            # Tokens past a stop condition were dropped by the scheduler: take what it kept.
+            state.append(request.output_token_ids[num_before[rid] :])
             if state.stop_hit is not None and rid not in finished:
                 request.stop_reason = state.stop_hit
                 self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
                 finished.add(rid)
             outputs.append(self._output(request, finished=rid in finished))
         return outputs
+
+    def _propose(self) -> None:
+        """Speculative decoding: give each running request in decode its draft tokens for this
+        step (the scheduler trims them to what fits). Requests with penalties or logprobs are
+        not speculated (their verification would need per-position penalties and logprobs)."""
+        if self.proposer is None:
+            return
+        decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        if len(decoding) > self.speculative.max_batch_size:
+            return
+        k = self.speculative.num_speculative_tokens
+        for request in decoding:
+            params = request.sampling_params
+            if params.has_penalties or params.logprobs is not None:
+                continue
+            request.spec_token_ids = self.proposer.propose(request.all_token_ids, k)
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id

@@ -19,6 +19,7 @@ import torch
 from engine.attention.backend import AttentionMetadata, AttentionSpec
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM
@@ -36,8 +37,9 @@ _GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 @dataclass
 class RunnerOutput:
-    # Request id → sampled token, only for requests whose chunk reached their last token.
-    sampled: dict[str, int]
+    # Request id → sampled tokens, only for requests whose chunk reached their last token: one
+    # token, or with drafts (speculative decoding) the accepted drafts and the target's next.
+    sampled: dict[str, list[int]]
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
     # The logits rows that were sampled from, in `sampled`'s order (kept for tests and debugging).
     logits: torch.Tensor | None = None
@@ -57,10 +59,17 @@ class ModelRunner:
             head_dim=model_config.head_dim,
             scale=model_config.head_dim**-0.5,
             sliding_window=model_config.sliding_window,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         on_cuda = self.device.type == "cuda"
         # extra["attention_backend"] = "torch" keeps the reference backend on CUDA (tests).
         use_triton = on_cuda and config.extra.get("attention_backend", "triton") == "triton"
+        if use_triton and quant.is_quantized(config.kv_cache_dtype):
+            # NOTE: the Triton kernels read model-dtype caches only; 8-bit KV runs the torch path.
+            log.warning(
+                "kv_cache_dtype=%s: using the torch attention backend", config.kv_cache_dtype
+            )
+            use_triton = False
         if use_triton:
             from engine.attention.triton_backend import TritonAttentionBackend
 
@@ -73,7 +82,9 @@ class ModelRunner:
             self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
         if use_triton:
             self.model.fuse_for_cuda()
-        use_graphs = use_triton and not config.enforce_eager
+        # NOTE: MoE layers read per-expert token counts on the host each step (moe.py), which a
+        # CUDA graph cannot capture.
+        use_graphs = use_triton and not config.enforce_eager and not model_config.moe_layers
         self.num_blocks = config.num_blocks or self._blocks_from_memory()
         # With graphs, one block more than the scheduler knows of: padding rows write there.
         shape = (
@@ -81,10 +92,11 @@ class ModelRunner:
             self.num_blocks + int(use_graphs),
             self.block_size,
             model_config.num_kv_heads,
-            model_config.head_dim,
+            quant.cache_row_size(config.kv_cache_dtype, model_config.head_dim),
         )
+        cache_dtype = quant.cache_dtype(config.kv_cache_dtype, dtype)
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=self.device)
+            torch.zeros(shape, dtype=cache_dtype, device=self.device)
             for _ in range(model_config.num_layers)
         ]
         self.sampler = Sampler(self.device, config.seed)
@@ -95,8 +107,15 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return self.model_config.kv_elements_per_token * self.block_size * elem
+        return self.kv_bytes_per_token * self.block_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token takes across all layers (8-bit KV: values and scales)."""
+        cfg, kind = self.model_config, self.config.kv_cache_dtype
+        elem = quant.cache_dtype(kind, self.dtype).itemsize
+        row = quant.cache_row_size(kind, cfg.head_dim)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
 
     def _blocks_from_memory(self) -> int:
         if self.device.type == "cuda":
@@ -131,13 +150,44 @@ class ModelRunner:
         result = RunnerOutput({}, {})
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows])
-            out: SamplerOutput = self.sampler(logits, sample_requests)
-            ids = [r.request_id for r in sample_requests]
-            logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
-            result = RunnerOutput(dict(zip(ids, out.token_ids)), logprobs, logits)
+            drafts = {s.request.request_id: s.spec_token_ids for s in sched.scheduled}
+            if any(drafts.values()):
+                result = self._verify(logits, sample_requests, drafts)
+            else:
+                out: SamplerOutput = self.sampler(logits, sample_requests)
+                ids = [r.request_id for r in sample_requests]
+                logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
+                sampled = {rid: [t] for rid, t in zip(ids, out.token_ids)}
+                result = RunnerOutput(sampled, logprobs, logits)
         if connector is not None:
             connector.on_step_end(sched)
         return result
+
+    def _verify(self, logits, requests, drafts: dict[str, list[int]]) -> RunnerOutput:
+        """A step with drafts: `logits` has len(draft) + 1 rows per request (one for the rest).
+        Requests with drafts are verified; the others sample their one row as usual.
+
+            rows   | r0 | r1 r1 r1 | r2 | r3 r3 |     (r1 verifies 2 drafts, r3 one)
+        """
+        counts = [len(drafts[r.request_id]) + 1 for r in requests]
+        ends = torch.tensor(counts).cumsum(0)
+        plain = [i for i, r in enumerate(requests) if not drafts[r.request_id]]
+        spec = [i for i, r in enumerate(requests) if drafts[r.request_id]]
+        sampled, logprobs = {}, {}
+        if plain:
+            out = self.sampler(logits[ends[plain] - 1], [requests[i] for i in plain])
+            for i, token, lp in zip(plain, out.token_ids, out.logprobs):
+                sampled[requests[i].request_id] = [token]
+                if lp is not None:
+                    logprobs[requests[i].request_id] = lp
+        rows = torch.cat([torch.arange(ends[i] - counts[i], ends[i]) for i in spec])
+        spec_requests = [requests[i] for i in spec]
+        verified = self.sampler.verify(
+            logits[rows], spec_requests, [drafts[r.request_id] for r in spec_requests]
+        )
+        sampled.update((r.request_id, t) for r, t in zip(spec_requests, verified))
+        # One logits row per request, its last, in `sampled`'s order.
+        return RunnerOutput(sampled, logprobs, logits[ends[plain + spec] - 1])
 
     def _prepare(self, sched: SchedulerOutput, graph_size: int | None = None):
         """Pack the step's tokens. With `graph_size`, pad to that many decode rows (see
@@ -150,12 +200,15 @@ class ModelRunner:
         for s in sched.scheduled:
             req = s.request
             start = req.num_computed_tokens
+            # With drafts, the slice yields the one real token and the drafts follow it.
             tokens.extend(req.all_token_ids[start : start + s.num_tokens])
+            tokens.extend(s.spec_token_ids)
             query_start_loc.append(query_start_loc[-1] + s.num_tokens)
             seq_lens.append(start + s.num_tokens)
             starts.append(start)
             if s.samples:
-                sample_rows.append(query_start_loc[-1] - 1)
+                end = query_start_loc[-1]
+                sample_rows.extend(range(end - 1 - len(s.spec_token_ids), end))
                 sample_requests.append(req)
         num_seqs = len(sched.scheduled)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)

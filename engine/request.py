@@ -50,6 +50,9 @@ class Request:
     stop_reason: int | str | None = None
     # Per output token: (logprob of the sampled token, [(token id, logprob), ...] top-n).
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # Draft tokens proposed for the next step (speculative decoding); the scheduler may trim them
+    # and clears them once the step is scheduled.
+    spec_token_ids: list[int] = field(default_factory=list)
     # The request's own random stream when it has a seed; made by the sampler on its device.
     generator: torch.Generator | None = None
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
+from engine.speculative import accept_greedy, rejection_sample
 
 
 @dataclass
@@ -46,6 +47,15 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, requests))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        probs = self.probs(logits, requests)
+        noise = torch.empty_like(probs)
+        for i, request in enumerate(requests):
+            noise[i].exponential_(generator=self._generator_for(request))
+        return (probs / noise).argmax(dim=-1)
+
+    def probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The distribution each row is drawn from: temperature, top-k, top-p, min-p applied
+        (unnormalized after min-p). Speculative verification compares drafts against it."""
         params = [r.sampling_params for r in requests]
         device = logits.device
         temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
@@ -61,10 +71,7 @@ class Sampler:
         if any(p.min_p > 0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], device=device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
-        noise = torch.empty_like(probs)
-        for i, request in enumerate(requests):
-            noise[i].exponential_(generator=self._generator_for(request))
-        return (probs / noise).argmax(dim=-1)
+        return probs
 
     def skip_draw(self, request: Request, vocab_size: int) -> None:
         """Advance a seeded request's stream past one sampling step done on another worker."""
@@ -72,6 +79,30 @@ class Sampler:
         if params.seed is not None and not params.greedy:
             noise = torch.empty(vocab_size, device=self.device)
             noise.exponential_(generator=self._generator_for(request))
+
+    def verify(
+        self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]
+    ) -> list[list[int]]:
+        """Speculative verification: `logits` holds len(draft) + 1 rows per request, in order.
+        Returns each request's accepted drafts followed by one token of the target's (see
+        engine/speculative.py). Called by the runner for requests that carried drafts."""
+        raw = logits.float()
+        argmax = raw.argmax(dim=-1).tolist()
+        row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
+        probs = None
+        if not all(r.sampling_params.greedy for r in requests):
+            probs = self.probs(raw, row_requests)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        tokens, start = [], 0
+        for request, draft in zip(requests, drafts):
+            end = start + len(draft) + 1
+            if request.sampling_params.greedy:
+                tokens.append(accept_greedy(draft, argmax[start:end]))
+            else:
+                gen = self._generator_for(request)
+                tokens.append(rejection_sample(probs[start:end], draft, None, gen))
+            start = end
+        return tokens
 
     def _generator_for(self, request: Request) -> torch.Generator:
         seed = request.sampling_params.seed

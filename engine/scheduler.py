@@ -28,11 +28,14 @@ class ScheduledRequest:
     request: Request
     num_tokens: int  # tokens to compute this step, from request.num_computed_tokens on
     block_ids: list[int]
+    # Draft tokens verified this step, counted in `num_tokens` (after the request's last token).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the request's last known token, so logits get sampled."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+        num_real = self.num_tokens - len(self.spec_token_ids)
+        return self.request.num_computed_tokens + num_real == self.request.num_tokens
 
 
 @dataclass
@@ -93,15 +96,19 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            spec = self._trim_drafts(request, budget) if num_tokens == 1 else []
+            request.spec_token_ids = []
+            if spec and not self.kv.allocate(request, 1 + len(spec)):
+                spec = []  # verify nothing rather than preempt anyone for drafts
+            num_tokens += len(spec)
             while not self.kv.allocate(request, num_tokens):
                 victim = max(self.running, key=lambda r: r.arrival_time)
                 budget += self._preempt(victim, out)
                 if victim is request:
                     break
             else:
-                out.scheduled.append(
-                    ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
-                )
+                block_ids = self.kv.block_ids(request.request_id)
+                out.scheduled.append(ScheduledRequest(request, num_tokens, block_ids, spec))
                 budget -= num_tokens
 
         # Admitting while others were just preempted would only thrash the pool.
@@ -155,6 +162,16 @@ class Scheduler:
             self.finish(request_id, reason)
         return request
 
+    def _trim_drafts(self, request: Request, budget: int) -> list[int]:
+        """The request's drafts cut so that verifying them fits the budget and, even if all are
+        accepted (plus the bonus token), never passes max_tokens or max_model_len."""
+        room = min(
+            budget - 1,
+            request.sampling_params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return request.spec_token_ids[: max(room, 0)]
+
     def _preempt(self, victim: Request, out: SchedulerOutput) -> int:
         """Preempt by recompute; returns the budget the victim had taken this step, if any."""
         self.kv.free(victim)
@@ -173,21 +190,31 @@ class Scheduler:
                 return s.num_tokens
         return 0
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance progress after the step ran, append sampled tokens, finish what must stop.
 
-        `sampled` maps request id to the token sampled for it this step. Returns the requests
-        that finished (their blocks are already back in the pool)."""
+        `sampled` maps request id to the tokens sampled for it this step: one, or with drafts
+        the accepted ones and the target's next. Returns the requests that finished (their
+        blocks are already back in the pool)."""
         finished = []
         for s in out.scheduled:
             request = s.request
-            request.num_computed_tokens += s.num_tokens
+            tokens = sampled.get(request.request_id, [])
+            reason = None
+            num_appended = 0
+            for token in tokens:
+                request.append_output_token(token)
+                num_appended += 1
+                reason = self._check_stop(request, token)
+                if reason is not None:
+                    break  # drafts accepted past a stop token are dropped
+            if s.spec_token_ids:
+                # NOTE: KV was written for all drafts; only the accepted ones' is valid. Rejected
+                # slots lie past num_computed_tokens and are overwritten by later steps.
+                request.num_computed_tokens += num_appended
+            else:
+                request.num_computed_tokens += s.num_tokens
             self.kv.cache_computed_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.append_output_token(token)
-            reason = self._check_stop(request, token)
             if reason is not None:
                 self.finish(request.request_id, reason)
                 finished.append(request)

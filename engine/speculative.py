@@ -1,0 +1,138 @@
+"""Speculative decoding: propose k tokens cheaply, let the target model check them in one pass.
+
+A request in decode carries draft tokens `d1..dk` into the step; the runner feeds
+`[t_last, d1, .., dk]` as one query of length k + 1 over the paged cache, so row j's logits are
+the target's distribution for the token after `d_j` (row 0: after `t_last`):
+
+    input     | t_last | d1 | d2 | ... | dk |
+    logits    |   p0   | p1 | p2 | ... | pk |      p_j scores d_{j+1}; pk gives the bonus token
+
+Accepting n drafts appends `d1..dn` plus one token drawn from p_n (a correction or, when all k
+were accepted, the bonus), so a step yields 1..k+1 tokens. The KV of the rejected drafts was
+written past `num_computed_tokens`; the scheduler simply does not count it, and the next step
+overwrites those slots (the blocks stay with the request, or go back with it).
+
+Proposers: `NgramProposer` (prompt lookup, model-free). A draft model would be a second
+`Proposer` that runs a small checkpoint on its own paged cache; it is not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+METHODS = ("ngram",)
+
+
+@dataclass
+class SpeculativeConfig:
+    """`EngineConfig.speculative`, e.g. `{"method": "ngram", "num_speculative_tokens": 4}`."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    # N-gram lookup: try the longest suffix first, down to the shortest.
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    # Dynamic speculation, the simple rule: no proposals while more requests than this decode
+    # (a large batch is compute-bound, and verifying drafts that fail costs real work there).
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(
+                f"speculative method {self.method!r} is not supported; use one of {METHODS} "
+                "(a draft model is not implemented yet)"
+            )
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(
+                f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min}, {self.prompt_lookup_max}"
+            )
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative must be a dict or None, got {type(value).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative options {unknown}; known: {sorted(known)}")
+        return cls(**value)
+
+
+class NgramProposer:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens and
+    propose the tokens that followed it (n from `prompt_lookup_max` down to the minimum)."""
+
+    def __init__(self, config: SpeculativeConfig):
+        self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        tokens = np.asarray(token_ids)
+        length = len(tokens)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            # Windows starting at 0 .. length-n-1, i.e. every n-gram but the suffix itself.
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
+            if len(hits):
+                start = int(hits[-1]) + n  # the token after the latest match
+                return tokens[start : start + k].tolist()
+        return []
+
+
+def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:
+    """Greedy verification: accept drafts while each equals the target's argmax at its position,
+    then append the target's own token there (`target_argmax` has len(draft) + 1 entries)."""
+    n = 0
+    while n < len(draft) and draft[n] == target_argmax[n]:
+        n += 1
+    return draft[:n] + [target_argmax[n]]
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft: list[int],
+    draft_probs: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023, Algorithm 2).
+
+    target_probs [k+1, V]: p_j, the target's (temperature, top-k/p, min-p processed) distribution
+    at each position; draft_probs [k, V]: q_j, the proposer's, or None when the proposal is a
+    point mass on the draft token (n-gram), where q(x) = 1 and the rule accepts x with p(x).
+
+        accept d_j with probability min(1, p_j(d_j) / q_j(d_j)), in order, stopping at the first
+        rejection j; then draw one token from norm(max(0, p_j - q_j)), or from p_k if all k
+        were accepted.
+
+    The output is distributed exactly as sampling from p token by token."""
+    k = len(draft)
+    rows = torch.arange(k, device=target_probs.device)
+    drafted = torch.tensor(draft, device=target_probs.device)
+    p = target_probs[rows, drafted]
+    q = draft_probs[rows, drafted] if draft_probs is not None else torch.ones_like(p)
+    u = torch.rand(k, generator=generator, device=target_probs.device)
+    accepted = u < p / q  # u in [0, 1), so this is probability min(1, p/q)
+    n = int(accepted.cumprod(0).sum())
+    if n == k:
+        final = target_probs[k]
+    else:
+        if draft_probs is not None:
+            residual = (target_probs[n] - draft_probs[n]).clamp(min=0)
+        else:
+            residual = target_probs[n].clone()
+            residual[draft[n]] = 0.0
+        # NOTE: a rejection implies p_n != q_n, so the residual has mass; guard rounding anyway.
+        final = residual if residual.sum() > 0 else target_probs[n]
+    token = int(torch.multinomial(final / final.sum(), 1, generator=generator))
+    return draft[:n] + [token]
