@@ -15,7 +15,13 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
+
+# How the KV cache stores K and V: "auto" in the model dtype, or 8-bit with a float32 scale per
+# token and head stored beside the values (see engine/kv_cache/quant.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,6 +64,13 @@ class ModelConfig:
     torch_dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Sparse MoE MLP (Mixtral, Qwen2-MoE); num_experts 0 means dense MLPs everywhere.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on, sigmoid-gated expert
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
@@ -95,8 +108,14 @@ class ModelConfig:
         rope_scaling = cfg.get("rope_scaling") or (rope_params if rope_params else None)
         rope_scaling = _check_rope_scaling(rope_scaling)
         sliding_window = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family in ("qwen2", "qwen2_moe") and not cfg.get("use_sliding_window", False):
             sliding_window = None
+        if family == "qwen2":  # Qwen2 always has q/k/v biases
+            attention_bias = True
+        elif family == "qwen2_moe":
+            attention_bias = bool(cfg.get("qkv_bias", True))
+        else:  # Llama says so with `attention_bias`
+            attention_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -113,18 +132,56 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases; Llama says so with `attention_bias`.
-            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            attention_bias=attention_bias,
             sliding_window=sliding_window,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype") or "float32",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **_moe_fields(family, cfg),
         )
 
     @property
     def kv_elements_per_token(self) -> int:
         """K and V elements one token occupies across all layers (times the dtype's size: bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _moe_fields(family: str, cfg: dict) -> dict:
+    """The MoE fields of ModelConfig, from each family's spelling of them."""
+    num_layers = cfg["num_hidden_layers"]
+    if family == "mixtral":
+        # Every layer sparse; softmax, top-k, renormalised; experts as wide as intermediate_size.
+        fields = dict(
+            num_experts=cfg["num_local_experts"],
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            moe_intermediate_size=cfg["intermediate_size"],
+            norm_topk_prob=True,
+            moe_layers=tuple(range(num_layers)),
+        )
+    elif family == "qwen2_moe":
+        step = cfg.get("decoder_sparse_step", 1)
+        dense = set(cfg.get("mlp_only_layers") or ())
+        num_experts = cfg["num_experts"]
+        fields = dict(
+            num_experts=num_experts,
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size", 0),
+            moe_layers=tuple(
+                i
+                for i in range(num_layers)
+                if i not in dense and num_experts > 0 and (i + 1) % step == 0
+            ),
+        )
+    else:
+        return {}
+    if not 0 < fields["num_experts_per_tok"] <= fields["num_experts"]:
+        raise ValueError(
+            f"num_experts_per_tok {fields['num_experts_per_tok']} must be in "
+            f"[1, num_experts={fields['num_experts']}]"
+        )
+    return fields
 
 
 def _check_rope_scaling(rope_scaling: dict | None) -> dict | None:
@@ -155,6 +212,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, profiling)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "fp8" (e4m3) or "int8"
     # Speculative decoding, off by default: e.g. {"method": "ngram", "num_speculative_tokens": 4}
     # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.
     speculative: dict | SpeculativeConfig | None = None
@@ -176,6 +234,11 @@ class EngineConfig:
             raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
         self.speculative = SpeculativeConfig.parse(self.speculative)
 
     def resolve_device(self) -> torch.device:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from engine.attention.backend import AttentionBackend
 from engine.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.models.moe import checkpoint_target
 
 log = logging.getLogger(__name__)
 
@@ -43,35 +44,39 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
 ) -> LlamaForCausalLM:
-    """Build the model without allocating, then fill every parameter from the checkpoint."""
+    """Build the model without allocating, then fill every parameter from the checkpoint.
+
+    A parameter may come in parts (MoE experts stored one matrix each: `moe.checkpoint_target`
+    says which part a tensor fills); it counts as loaded once its parts cover all its elements."""
     model_dir = Path(model_dir)
     files = weight_files(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, backend)
     model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    loaded_elements = dict.fromkeys(params, 0)
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
-                if name not in params:
+                target, part = checkpoint_target(name, cfg.moe_intermediate_size)
+                if target not in params:
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue
                     log.warning("ignoring unexpected tensor %s in %s", name, path.name)
                     continue
                 tensor = f.get_tensor(name)
-                param = params[name]
-                if tensor.shape != param.shape:
+                dest = params[target][part]
+                if tensor.shape != dest.shape:
                     raise ValueError(
                         f"{path.name}: {name} has shape {tuple(tensor.shape)}, "
-                        f"config implies {tuple(param.shape)}"
+                        f"config implies {tuple(dest.shape)}"
                     )
                 with torch.no_grad():
-                    param.copy_(tensor.to(dtype))
-                loaded.add(name)
-    missing = sorted(set(params) - loaded)
+                    dest.copy_(tensor.to(dtype))
+                loaded_elements[target] += dest.numel()
+    missing = sorted(n for n, p in params.items() if loaded_elements[n] != p.numel())
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} weights: {shown}")

@@ -1,10 +1,11 @@
 """Small random-weight checkpoints in the Hugging Face layout, for tests and the demo model.
 
 `write_test_checkpoint` writes a folder that `transformers.AutoModelForCausalLM` and
-`AutoTokenizer` load as they would a real Llama, Mistral or Qwen2 checkpoint: `config.json`,
-`generation_config.json`, safetensors weights (optionally sharded with an index), and a
-byte-level BPE `tokenizer.json` trained on a short embedded text. Only torch, safetensors,
-tokenizers and json are used, so the engine can build its demo model without transformers.
+`AutoTokenizer` load as they would a real Llama, Mistral, Qwen2, Mixtral or Qwen2-MoE
+checkpoint: `config.json`, `generation_config.json`, safetensors weights (optionally sharded with
+an index), and a byte-level BPE `tokenizer.json` trained on a short embedded text. Only torch,
+safetensors, tokenizers and json are used, so the engine can build its demo model without
+transformers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", 1e-5),
     "mistral": ("MistralForCausalLM", 1e-5),
     "qwen2": ("Qwen2ForCausalLM", 1e-6),
+    "mixtral": ("MixtralForCausalLM", 1e-5),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", 1e-6),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,6 +110,9 @@ def write_test_checkpoint(
     init_std: float = 0.1,
     seed: int = 0,
     with_tokenizer: bool = True,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
+    moe_config: dict | None = None,
 ) -> Path:
     """Write a random-weight causal LM checkpoint in the Hugging Face layout and return its path.
 
@@ -116,6 +122,10 @@ def write_test_checkpoint(
 
     Linear weights are normal(0, init_std); see `_random_weights` for why the other tensors
     are scaled as they are.
+
+    MoE architectures (mixtral, qwen2_moe) get `num_experts` experts, `num_experts_per_tok` of
+    them per token, stored one matrix per expert as Hub checkpoints are; `moe_config` overrides
+    config keys (qwen2_moe: `norm_topk_prob`, `decoder_sparse_step`, `mlp_only_layers`, ...).
     """
     if architecture not in _ARCHITECTURES:
         raise ValueError(
@@ -149,6 +159,9 @@ def write_test_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         dtype=dtype,
     )
+    if architecture in ("mixtral", "qwen2_moe"):
+        config.update(_moe_config(architecture, num_experts, num_experts_per_tok, config))
+        config.update(moe_config or {})
     _write_json(path / "config.json", config)
     _write_json(
         path / "generation_config.json",
@@ -214,6 +227,57 @@ def _hf_config(
     return config
 
 
+def _moe_config(architecture: str, num_experts: int, top_k: int, config: dict) -> dict:
+    if architecture == "mixtral":
+        return {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
+    inter = config["intermediate_size"]
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": inter // 2,
+        "shared_expert_intermediate_size": inter,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "qkv_bias": True,
+    }
+
+
+def _mlp_weights(config: dict, prefix: str, normal) -> dict[str, torch.Tensor]:
+    """A layer's MLP: dense (gate/up/down_proj) or, for MoE layers, the router and one matrix
+    per expert under the family's names (Mixtral: block_sparse_moe, w1 gate, w3 up, w2 down)."""
+    hidden, std = config["hidden_size"], config["initializer_range_test"]
+    arch = config["model_type"]
+    layer = int(prefix.split(".")[2])
+    dense_only = arch not in ("mixtral", "qwen2_moe") or (
+        arch == "qwen2_moe"
+        and (layer in config["mlp_only_layers"] or (layer + 1) % config["decoder_sparse_step"] != 0)
+    )
+
+    def swiglu(p: str, inter: int, names=("gate_proj", "up_proj", "down_proj")):
+        return {
+            f"{p}{names[0]}.weight": normal(inter, hidden, std=std),
+            f"{p}{names[1]}.weight": normal(inter, hidden, std=std),
+            f"{p}{names[2]}.weight": normal(hidden, inter, std=std),
+        }
+
+    if dense_only:
+        return swiglu(prefix + "mlp.", config["intermediate_size"])
+    if arch == "mixtral":
+        moe, inter = prefix + "block_sparse_moe.", config["intermediate_size"]
+        tensors = {moe + "gate.weight": normal(config["num_local_experts"], hidden, std=std)}
+        for e in range(config["num_local_experts"]):
+            tensors.update(swiglu(f"{moe}experts.{e}.", inter, ("w1", "w3", "w2")))
+        return tensors
+    moe, inter = prefix + "mlp.", config["moe_intermediate_size"]
+    tensors = {moe + "gate.weight": normal(config["num_experts"], hidden, std=std)}
+    for e in range(config["num_experts"]):
+        tensors.update(swiglu(f"{moe}experts.{e}.", inter))
+    tensors.update(swiglu(moe + "shared_expert.", config["shared_expert_intermediate_size"]))
+    tensors[moe + "shared_expert_gate.weight"] = normal(1, hidden, std=std)
+    return tensors
+
+
 def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, torch.Tensor]:
     """Random float32 weights under Hugging Face parameter names, deterministic from `seed`.
 
@@ -241,8 +305,7 @@ def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, to
     head_dim = config.get("head_dim") or hidden // num_heads
     q_size = num_heads * head_dim
     kv_size = config["num_key_value_heads"] * head_dim
-    inter = config["intermediate_size"]
-    has_qkv_bias = config["model_type"] == "qwen2"
+    has_qkv_bias = config["model_type"] == "qwen2" or config.get("qkv_bias", False)
 
     tensors = {"model.embed_tokens.weight": normal(vocab, hidden, std=init_std)}
     for i in range(config["num_hidden_layers"]):
@@ -254,9 +317,7 @@ def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, to
                 tensors[prefix + f"self_attn.{name}.bias"] = normal(out_size, std=init_std)
         tensors[prefix + "self_attn.o_proj.weight"] = normal(hidden, q_size, std=init_std)
         tensors[prefix + "post_attention_layernorm.weight"] = norm_weight(hidden)
-        tensors[prefix + "mlp.gate_proj.weight"] = normal(inter, hidden, std=init_std)
-        tensors[prefix + "mlp.up_proj.weight"] = normal(inter, hidden, std=init_std)
-        tensors[prefix + "mlp.down_proj.weight"] = normal(hidden, inter, std=init_std)
+        tensors.update(_mlp_weights({**config, "initializer_range_test": init_std}, prefix, normal))
     # The final norm's output has unit RMS, so logit std = (lm_head row std) * sqrt(hidden).
     head_std = LOGIT_STD / math.sqrt(hidden)
     if config["tie_word_embeddings"]:

@@ -50,6 +50,8 @@ class AttentionSpec:
     head_dim: int
     scale: float
     sliding_window: int | None = None
+    # "auto", or "fp8" / "int8": the cache holds 8-bit rows with their scales (kv_cache/quant.py)
+    kv_cache_dtype: str = "auto"
 
 
 class AttentionBackend(ABC):
@@ -67,7 +69,8 @@ class AttentionBackend(ABC):
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         value: torch.Tensor,
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        # [2, num_blocks, block_size, num_kv_heads, head_dim (+ 4 scale bytes when quantized)]
+        kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Called by each attention layer: writes this step's K and V into `kv_cache` at

@@ -3,6 +3,10 @@
 Decodes of all lengths run as one SDPA call over their gathered pages, padded to the longest
 context and masked; each prefill chunk runs as its own SDPA call with a causal mask shifted by
 the context already in the cache.
+
+With an 8-bit KV cache (`spec.kv_cache_dtype` fp8 / int8) K and V are quantized as they are
+written and the gathered blocks dequantized before SDPA; a chunk then attends to its own keys
+quantized too, so an output does not depend on how the prompt was chunked or cached.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.kv_cache import quant
 
 
 @dataclass
@@ -36,9 +41,9 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
     Whole blocks as rows of a 2-D view through `index_select` (a row memcpy each): on CPU this is
     about 5x faster than advanced indexing slot by slot."""
-    num_blocks, block_size, kv_heads, head_dim = cache.shape
+    num_blocks, block_size, kv_heads, row_size = cache.shape
     rows = cache.view(num_blocks, -1).index_select(0, block_ids.reshape(-1))
-    return rows.view(*block_ids.shape[:-1], block_ids.shape[-1] * block_size, kv_heads, head_dim)
+    return rows.view(*block_ids.shape[:-1], block_ids.shape[-1] * block_size, kv_heads, row_size)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -79,26 +84,39 @@ class TorchAttentionBackend(AttentionBackend):
             prefills.append(_Prefill(start, end, blocks, seq_len, mask))
         meta.backend_data = (decodes, prefills)
 
+    def _write(self, kv_cache, key, value, slot_mapping) -> None:
+        k_flat = kv_cache[0].view(-1, *kv_cache.shape[-2:])
+        v_flat = kv_cache[1].view(-1, *kv_cache.shape[-2:])
+        kind = self.spec.kv_cache_dtype
+        if quant.is_quantized(kind):
+            key, value = quant.quantize(key, kind), quant.quantize(value, kind)
+        k_flat[slot_mapping] = key
+        v_flat[slot_mapping] = value
+
+    def _gather(self, cache, block_ids, dtype) -> torch.Tensor:
+        """gather_blocks, dequantized to `dtype` when the cache is 8-bit."""
+        rows = gather_blocks(cache, block_ids)
+        kind = self.spec.kv_cache_dtype
+        return quant.dequantize(rows, kind, dtype) if quant.is_quantized(kind) else rows
+
     def forward(self, query, key, value, kv_cache, meta):
         spec = self.spec
-        k_flat = kv_cache[0].view(-1, spec.num_kv_heads, spec.head_dim)
-        v_flat = kv_cache[1].view(-1, spec.num_kv_heads, spec.head_dim)
-        k_flat[meta.slot_mapping] = key
-        v_flat[meta.slot_mapping] = value
+        self._write(kv_cache, key, value, meta.slot_mapping)
         decodes, prefills = meta.backend_data
         out = torch.empty_like(query)
+        dt = query.dtype
         if decodes is not None:
             q = query[decodes.token_idx].unsqueeze(2)  # [B, H, 1, D]
-            k = gather_blocks(kv_cache[0], decodes.block_tables).transpose(1, 2)  # [B, Hkv, L, D]
-            v = gather_blocks(kv_cache[1], decodes.block_tables).transpose(1, 2)
+            k = self._gather(kv_cache[0], decodes.block_tables, dt).transpose(1, 2)  # [B,Hkv,L,D]
+            v = self._gather(kv_cache[1], decodes.block_tables, dt).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=decodes.mask, scale=spec.scale, enable_gqa=True
             )
             out[decodes.token_idx] = o.squeeze(2)
         for p in prefills:
             q = query[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            k = gather_blocks(kv_cache[0], p.blocks)[: p.seq_len].transpose(0, 1).unsqueeze(0)
-            v = gather_blocks(kv_cache[1], p.blocks)[: p.seq_len].transpose(0, 1).unsqueeze(0)
+            k = self._gather(kv_cache[0], p.blocks, dt)[: p.seq_len].transpose(0, 1).unsqueeze(0)
+            v = self._gather(kv_cache[1], p.blocks, dt)[: p.seq_len].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 q,
                 k,

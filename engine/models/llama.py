@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2): GQA, RoPE, RMSNorm, SwiGLU.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, and with sparse MoE MLPs Mixtral and
+Qwen2-MoE: see moe.py): GQA, RoPE, RMSNorm, SwiGLU.
 
 Module and parameter names mirror the Hugging Face checkpoint (`model.layers.0.self_attn.q_proj`,
 ...) so weights load by name. The forward pass takes a flat batch of tokens (no padding) and
@@ -16,6 +17,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
+from engine.models.moe import SparseMoeBlock
 
 
 class RMSNorm(nn.Module):
@@ -129,11 +131,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
         self._ops = None
 
     def fuse(self, ops) -> None:
@@ -159,12 +162,14 @@ def _concat_params(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, index: int
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, rotary, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg, MLP) if index in cfg.moe_layers else MLP(cfg)
 
     def forward(self, positions, x, kv_cache, meta):
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
@@ -188,13 +193,14 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, rotary, backend, i) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama, Mistral and Qwen2 share this code; they differ only in config values."""
+    """Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE share this code; they differ only in config
+    values (the MoE ones in which layers' MLP is a `SparseMoeBlock`)."""
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
         super().__init__()
