@@ -42,6 +42,11 @@ class EngineMetrics:
         self.cache_queried = counter("baton_prefix_cache_queried_tokens", "Tokens looked up")
         self.cache_hits = counter("baton_prefix_cache_hit_tokens", "Tokens served from cache")
         self.preemptions = counter("baton_preemptions", "Requests preempted (recompute)")
+        # Speculative decoding: acceptance rate = accepted / draft tokens.
+        self.spec_draft_tokens = counter("baton_spec_draft_tokens", "Draft tokens verified")
+        self.spec_accepted_tokens = counter(
+            "baton_spec_accepted_tokens", "Draft tokens the target model accepted"
+        )
         self.step_time = histogram("baton_engine_step_seconds", "Engine step time", STEP_BUCKETS)
         self.decode_step_time = histogram(
             "baton_decode_step_seconds", "Step time of steps that only decode", STEP_BUCKETS
@@ -83,6 +88,8 @@ class EngineMetrics:
         self.prefill_tokens.inc(step.num_prefill_tokens)
         self.decode_tokens.inc(step.num_decode_tokens)
         self.preemptions.inc(step.num_preempted)
+        self.spec_draft_tokens.inc(step.num_draft_tokens)
+        self.spec_accepted_tokens.inc(step.num_accepted_tokens)
         self.update_gauges(engine)
 
     def update_gauges(self, engine) -> None:
