@@ -64,12 +64,6 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         # extra["attention_backend"] = "torch" keeps the reference backend on CUDA (tests).
         use_triton = on_cuda and config.extra.get("attention_backend", "triton") == "triton"
-        if use_triton and quant.is_quantized(config.kv_cache_dtype):
-            # NOTE: the Triton kernels read model-dtype caches only; 8-bit KV runs the torch path.
-            log.warning(
-                "kv_cache_dtype=%s: using the torch attention backend", config.kv_cache_dtype
-            )
-            use_triton = False
         if use_triton:
             from engine.attention.triton_backend import TritonAttentionBackend
 

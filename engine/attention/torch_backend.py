@@ -85,19 +85,23 @@ class TorchAttentionBackend(AttentionBackend):
         meta.backend_data = (decodes, prefills)
 
     def _write(self, kv_cache, key, value, slot_mapping) -> None:
-        k_flat = kv_cache[0].view(-1, *kv_cache.shape[-2:])
-        v_flat = kv_cache[1].view(-1, *kv_cache.shape[-2:])
         kind = self.spec.kv_cache_dtype
         if quant.is_quantized(kind):
-            key, value = quant.quantize(key, kind), quant.quantize(value, kind)
-        k_flat[slot_mapping] = key
-        v_flat[slot_mapping] = value
+            quant.write(kv_cache[0], slot_mapping, key, kind)
+            quant.write(kv_cache[1], slot_mapping, value, kind)
+            return
+        kv_cache[0].view(-1, *kv_cache.shape[-2:])[slot_mapping] = key
+        kv_cache[1].view(-1, *kv_cache.shape[-2:])[slot_mapping] = value
 
     def _gather(self, cache, block_ids, dtype) -> torch.Tensor:
         """gather_blocks, dequantized to `dtype` when the cache is 8-bit."""
-        rows = gather_blocks(cache, block_ids)
         kind = self.spec.kv_cache_dtype
-        return quant.dequantize(rows, kind, dtype) if quant.is_quantized(kind) else rows
+        if not quant.is_quantized(kind):
+            return gather_blocks(cache, block_ids)
+        num_blocks, block_size, kv_heads, row = cache.shape
+        blocks = cache.view(num_blocks, -1).index_select(0, block_ids.reshape(-1))
+        values = quant.read(blocks.view(-1, block_size, kv_heads, row), kind, dtype)
+        return values.view(*block_ids.shape[:-1], -1, kv_heads, self.spec.head_dim)
 
     def forward(self, query, key, value, kv_cache, meta):
         spec = self.spec

@@ -16,6 +16,10 @@ context of every chunk, every layer, into a contiguous buffer (for the last 512-
 so the call would fall back to a kernel that materialises the mask. The kernel reads each page
 once where it lies and applies the shift by index arithmetic.
 
+With an 8-bit KV cache (`spec.kv_cache_dtype`), K and V are quantized (kv_cache/quant.py) before
+the write, the kernels dequantize as they read, and every prefill chunk goes through (4) so it
+attends to its own keys quantized, as the torch backend does.
+
 The torch backend stays the CPU path and the reference these kernels are tested against.
 """
 
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from engine.attention import triton_kernels as tk
 from engine.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+from engine.kv_cache import quant
 
 
 @dataclass
@@ -98,7 +103,10 @@ class TritonAttentionBackend(AttentionBackend):
         fresh, cont = [], []
         for i in prefill_seqs:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            if end - start == meta.seq_lens[i] and self.spec.sliding_window is None:
+            plain = self.spec.sliding_window is None and not quant.is_quantized(
+                self.spec.kv_cache_dtype
+            )
+            if end - start == meta.seq_lens[i] and plain:
                 fresh.append((start, end))
             else:
                 cont.append(i)
@@ -123,7 +131,11 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, query, key, value, kv_cache, meta):
         spec = self.spec
-        tk.write_kv(key, value, kv_cache, meta.slot_mapping)
+        if quant.is_quantized(spec.kv_cache_dtype):
+            quant.write(kv_cache[0], meta.slot_mapping, key, spec.kv_cache_dtype)
+            quant.write(kv_cache[1], meta.slot_mapping, value, spec.kv_cache_dtype)
+        else:
+            tk.write_kv(key, value, kv_cache, meta.slot_mapping)
         decodes, prefills = meta.backend_data
         out = torch.empty_like(query)
         if decodes is not None:

@@ -16,6 +16,11 @@ Softmax is the online (flash) form in float32: running max m, running sum l, acc
 rescaled by exp(m_old - m_new) whenever a tile raises the max. A row that has seen only masked
 keys keeps m = -inf; `_safe` keeps exp(-inf - -inf) from producing NaN there.
 
+8-bit KV (kv_cache/quant.py): a block holds its values ([block_size, kv_heads, head_dim] bytes:
+int8, or e4m3 bits as uint8) and then its float32 scales ([block_size, kv_heads]). The backend
+writes it with torch ops (`quant.write`); the attention kernels dequantize each K/V tile as they
+load it (`_load_kv`; QUANT 1 int8, 2 fp8), with the row strides of the values region.
+
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (slowly): that is how the default
 test suite checks them without a GPU.
 """
@@ -41,6 +46,32 @@ def _precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _safe(m):
     return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _load_kv(
+    cache, page_offs, row_offs, d, valid, mask, HEAD_DIM: tl.constexpr, SCALES_AT, QUANT, dtype
+):
+    """A [BLOCK_N, BLOCK_D] tile of K or V: rows at page_offs + row_offs, in `dtype`. 8-bit: the
+    row's scale is float32 number row_offs // HEAD_DIM of the scales at byte SCALES_AT."""
+    x = tl.load(cache + (page_offs + row_offs)[:, None] + d[None, :], mask=mask, other=0)
+    if QUANT == 0:
+        return x
+    if QUANT == 2:
+        x = x.to(tl.float8e4nv, bitcast=True)
+    scale_ptr = (cache + page_offs + SCALES_AT).to(tl.pointer_type(tl.float32))
+    scale = tl.load(scale_ptr + row_offs // HEAD_DIM, mask=valid, other=0)
+    return (x.to(tl.float32) * scale[:, None]).to(dtype)
+
+
+def _cache_strides(kv_cache: torch.Tensor, head_dim: int) -> tuple[int, int, int, int, int]:
+    """(QUANT code, block, slot and head strides of the K/V rows, byte offset of the scales in a
+    block). QUANT 0: model-dtype cache; 1: int8; 2: fp8 (e4m3 bits)."""
+    _, _, page, heads, row = kv_cache.shape
+    if row == head_dim:
+        return 0, kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), 0
+    code = 1 if kv_cache.dtype == torch.int8 else 2
+    return code, kv_cache.stride(1), heads * head_dim, head_dim, page * heads * head_dim
 
 
 # -- KV write ----------------------------------------------------------------------------------
@@ -141,6 +172,8 @@ def _decode_kernel(
     HAS_TOKEN_IDX: tl.constexpr,
     SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    SCALES_AT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -171,16 +204,21 @@ def _decode_kernel(
         pos = tile + tl.arange(0, BLOCK_N)
         valid = pos < hi
         page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        offs = page * stride_kb + (pos % PAGE) * stride_ks + kv_head * stride_kh
+        page_offs = page * stride_kb
+        row_offs = (pos % PAGE) * stride_ks + kv_head * stride_kh
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_kv(
+            k_cache, page_offs, row_offs, d, valid, kv_mask, HEAD_DIM, SCALES_AT, QUANT, q.dtype
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
         m_new = _safe(tl.maximum(m, tl.max(s, 1)))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = _load_kv(
+            v_cache, page_offs, row_offs, d, valid, kv_mask, HEAD_DIM, SCALES_AT, QUANT, q.dtype
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
@@ -274,6 +312,7 @@ def paged_decode(
     else:
         part_acc = part_ml = out  # unused
     idx = token_idx if token_idx is not None else seq_lens  # unused when None
+    quant, stride_kb, stride_ks, stride_kh, scales_at = _cache_strides(kv_cache, head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         k_cache,
@@ -290,9 +329,9 @@ def paged_decode(
         query.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        stride_kb,
+        stride_ks,
+        stride_kh,
         block_tables.stride(0),
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -304,6 +343,8 @@ def paged_decode(
         HAS_TOKEN_IDX=token_idx is not None,
         SPLIT=split,
         PRECISION=_precision(query.dtype),
+        QUANT=quant,
+        SCALES_AT=scales_at,
         num_warps=4,
     )
     if split:
@@ -357,6 +398,8 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    SCALES_AT: tl.constexpr,
 ):
     """A tile of BLOCK_Q query tokens x the G query heads of one KV head, against the chunk's
     whole context in the cache (the cached prefix and the chunk itself), causal:
@@ -398,9 +441,12 @@ def _prefill_kernel(
         pos = tile_pos + tl.arange(0, BLOCK_N)
         valid = pos < hi
         page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        offs = page * stride_kb + (pos % PAGE) * stride_ks + kv_head * stride_kh
+        page_offs = page * stride_kb
+        row_offs = (pos % PAGE) * stride_ks + kv_head * stride_kh
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_kv(
+            k_cache, page_offs, row_offs, d, valid, kv_mask, HEAD_DIM, SCALES_AT, QUANT, q.dtype
+        )
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if WINDOW > 0:
@@ -410,7 +456,9 @@ def _prefill_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = _load_kv(
+            v_cache, page_offs, row_offs, d, valid, kv_mask, HEAD_DIM, SCALES_AT, QUANT, q.dtype
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
@@ -452,6 +500,7 @@ def paged_prefill(
     _, _, page, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
     k_cache, v_cache = kv_cache[0], kv_cache[1]
+    quant, stride_kb, stride_ks, stride_kh, scales_at = _cache_strides(kv_cache, head_dim)
     _prefill_kernel[(num_tiles, num_kv_heads)](
         query,
         k_cache,
@@ -469,9 +518,9 @@ def paged_prefill(
         query.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
+        stride_kb,
+        stride_ks,
+        stride_kh,
         block_tables.stride(0),
         GROUP=group,
         BLOCK_G=triton.next_power_of_2(group),
@@ -482,5 +531,7 @@ def paged_prefill(
         BLOCK_N=PREFILL_BLOCK_N,
         WINDOW=sliding_window or 0,
         PRECISION=_precision(query.dtype),
+        QUANT=quant,
+        SCALES_AT=scales_at,
         num_warps=4,
     )

@@ -1,0 +1,80 @@
+"""Decode throughput each KV cache dtype buys at a fixed KV memory budget, on one GPU.
+
+Model: Llama-3-8B shape, bf16, random weights drawn on the GPU (`gpu_common`). For each
+`kv_cache_dtype` the cache gets the same number of bytes (`--kv-gib`); the batch is as many
+requests of `--prompt-len` + decoded tokens as its blocks hold (at most `--max-seqs`), and
+`--steps` pure-decode engine steps are timed after the prefill.
+
+    PYTHONPATH=. python -m benchmarks.kv_cache_dtype --kv-gib 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_common import describe_run, release_gpu_memory, write_config_only
+from benchmarks.gpu_decode import decode_rate
+from engine import LLM
+from engine.config import ModelConfig
+from engine.kv_cache import quant
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kind: str) -> int:
+    """As ModelRunner.kv_bytes_per_token (checked there against the engine's), for bf16."""
+    elem = quant.cache_dtype(kind, torch.bfloat16).itemsize
+    row = quant.cache_row_size(kind, cfg.head_dim)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kv-gib", type=float, default=8.0)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--max-seqs", type=int, default=256)
+    p.add_argument("--kinds", default="auto,int8,fp8")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    results = {"run": describe_run(), "kv_gib": args.kv_gib, "kinds": {}}
+    block_size = 16
+    blocks_per_request = -(-(args.prompt_len + args.warmup + args.steps + 2) // block_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
+        for kind in args.kinds.split(","):
+            per_token = kv_bytes_per_token(ModelConfig.from_pretrained(model_dir), kind)
+            per_block = per_token * block_size
+            num_blocks = int(args.kv_gib * (1 << 30)) // per_block
+            batch = min(args.max_seqs, num_blocks // blocks_per_request)
+            llm = LLM(
+                model_dir, dtype="bfloat16", kv_cache_dtype=kind, num_blocks=num_blocks,
+                max_num_seqs=batch, max_model_len=4096, max_num_batched_tokens=8192,
+                extra={"random_weights": True},
+            )  # fmt: skip
+            assert llm.engine.runner.kv_bytes_per_token == per_token
+            rate = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
+            results["kinds"][kind] = {
+                "kv_bytes_per_token": per_token,
+                "num_blocks": num_blocks,
+                "batch": batch,
+                "tokens_per_s": rate,
+            }
+            print(
+                f"{kind:5s}: {per_token} B/token, {num_blocks} blocks -> batch {batch}: "
+                f"{rate:.0f} tok/s",
+                flush=True,
+            )
+            del llm
+            release_gpu_memory()
+    print(results["run"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
