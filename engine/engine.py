@@ -18,7 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.speculative import NgramProposer
+from engine.speculative import NgramProposer, num_drafts, update_acceptance
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -234,6 +234,12 @@ class LLMEngine:
         )
         self.num_draft_tokens += self.last_step.num_draft_tokens
         self.num_accepted_tokens += self.last_step.num_accepted_tokens
+        for s in spec:
+            request = s.request
+            accepted = len(result.sampled[request.request_id]) - 1
+            request.spec_acceptance = update_acceptance(
+                request.spec_acceptance, len(s.spec_token_ids), accepted
+            )
         num_before = {s.request.request_id: s.request.num_output_tokens for s in sched.scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
@@ -263,12 +269,16 @@ class LLMEngine:
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         if len(decoding) > self.speculative.max_batch_size:
             return
-        k = self.speculative.num_speculative_tokens
+        k_max = self.speculative.num_speculative_tokens
         for request in decoding:
             params = request.sampling_params
             if params.has_penalties or params.logprobs is not None:
                 continue
-            request.spec_token_ids = self.proposer.propose(request.all_token_ids, k)
+            k = k_max
+            if self.speculative.adaptive:
+                k = num_drafts(request.spec_acceptance, k_max, request.num_output_tokens)
+            if k:
+                request.spec_token_ids = self.proposer.propose(request.all_token_ids, k)
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id

@@ -53,6 +53,8 @@ class Request:
     # Draft tokens proposed for the next step (speculative decoding); the scheduler may trim them
     # and clears them once the step is scheduled.
     spec_token_ids: list[int] = field(default_factory=list)
+    # Share of this request's drafts accepted lately (decides how many it gets; see speculative).
+    spec_acceptance: float = 1.0
     # The request's own random stream when it has a seed; made by the sampler on its device.
     generator: torch.Generator | None = None
 

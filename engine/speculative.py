@@ -38,6 +38,8 @@ class SpeculativeConfig:
     # Dynamic speculation, the simple rule: no proposals while more requests than this decode
     # (a large batch is compute-bound, and verifying drafts that fail costs real work there).
     max_batch_size: int = 32
+    # Per request, fewer drafts while few are accepted (`num_drafts`); False: always up to k.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,6 +90,28 @@ class NgramProposer:
                 start = int(hits[-1]) + n  # the token after the latest match
                 return tokens[start : start + k].tolist()
         return []
+
+
+# Dynamic speculation per request: an exponential average of the share of drafts accepted.
+# Draft j is proposed while acceptance**j >= _MIN_REACH (the chance it is reached and accepted);
+# a request that falls to zero drafts still probes with one draft every _PROBE_EVERY tokens.
+_EMA = 0.8
+_MIN_REACH = 0.2
+_PROBE_EVERY = 8
+
+
+def num_drafts(acceptance: float, k: int, num_output_tokens: int) -> int:
+    """How many drafts to propose to a request whose acceptance average is `acceptance`."""
+    n, reach = 0, acceptance
+    while n < k and reach >= _MIN_REACH:
+        n, reach = n + 1, reach * acceptance
+    if n == 0 and num_output_tokens % _PROBE_EVERY == 0:
+        return 1
+    return n
+
+
+def update_acceptance(acceptance: float, num_drafted: int, num_accepted: int) -> float:
+    return _EMA * acceptance + (1 - _EMA) * num_accepted / num_drafted
 
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:

@@ -10,7 +10,14 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
-from engine.speculative import NgramProposer, SpeculativeConfig, accept_greedy, rejection_sample
+from engine.speculative import (
+    NgramProposer,
+    SpeculativeConfig,
+    accept_greedy,
+    num_drafts,
+    rejection_sample,
+    update_acceptance,
+)
 from tests.helpers import random_prompts
 from tests.test_correctness import assert_matches_reference, assert_pool_whole
 from tests.test_handoff_engine import CopyConnector
@@ -225,3 +232,14 @@ def test_handoff_decode_side_speculates(model_dir):
     assert_accepted_some(decode)
     for llm in (prefill, decode):
         assert_pool_whole(llm)
+
+
+def test_num_drafts_follows_acceptance():
+    assert num_drafts(1.0, 4, num_output_tokens=1) == 4
+    assert num_drafts(0.5, 4, num_output_tokens=1) == 2  # 0.5, 0.25 >= 0.2 > 0.125
+    assert num_drafts(0.1, 4, num_output_tokens=1) == 0
+    assert num_drafts(0.1, 4, num_output_tokens=8) == 1  # a probe now and then
+    acceptance = 1.0
+    for _ in range(10):  # every draft rejected: the request soon stops speculating
+        acceptance = update_acceptance(acceptance, 4, 0)
+    assert num_drafts(acceptance, 4, num_output_tokens=1) == 0
