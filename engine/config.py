@@ -17,6 +17,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 # How the KV cache stores K and V: "auto" in the model dtype, or 8-bit with a float32 scale per
@@ -71,6 +73,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on, sigmoid-gated expert
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head before RoPE
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
@@ -108,7 +111,8 @@ class ModelConfig:
         rope_scaling = cfg.get("rope_scaling") or (rope_params if rope_params else None)
         rope_scaling = _check_rope_scaling(rope_scaling)
         sliding_window = cfg.get("sliding_window")
-        if family in ("qwen2", "qwen2_moe") and not cfg.get("use_sliding_window", False):
+        qwen = family in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+        if qwen and not cfg.get("use_sliding_window", False):
             sliding_window = None
         if family == "qwen2":  # Qwen2 always has q/k/v biases
             attention_bias = True
@@ -116,6 +120,9 @@ class ModelConfig:
             attention_bias = bool(cfg.get("qkv_bias", True))
         else:  # Llama says so with `attention_bias`
             attention_bias = bool(cfg.get("attention_bias", False))
+        if family in ("qwen3", "qwen3_moe") and attention_bias:
+            # Qwen3's attention_bias also puts a bias on o_proj, which Baton's model lacks.
+            raise ValueError("Qwen3 with attention_bias is not supported")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -138,6 +145,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             **_moe_fields(family, cfg),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
         )
 
     @property
@@ -158,7 +166,7 @@ def _moe_fields(family: str, cfg: dict) -> dict:
             norm_topk_prob=True,
             moe_layers=tuple(range(num_layers)),
         )
-    elif family == "qwen2_moe":
+    elif family in ("qwen2_moe", "qwen3_moe"):  # Qwen3-MoE: no shared expert
         step = cfg.get("decoder_sparse_step", 1)
         dense = set(cfg.get("mlp_only_layers") or ())
         num_experts = cfg["num_experts"]

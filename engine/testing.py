@@ -28,6 +28,8 @@ _ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", 1e-6),
     "mixtral": ("MixtralForCausalLM", 1e-5),
     "qwen2_moe": ("Qwen2MoeForCausalLM", 1e-6),
+    "qwen3": ("Qwen3ForCausalLM", 1e-6),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", 1e-6),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,7 +161,7 @@ def write_test_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         dtype=dtype,
     )
-    if architecture in ("mixtral", "qwen2_moe"):
+    if architecture in _MOE:
         config.update(_moe_config(architecture, num_experts, num_experts_per_tok, config))
         config.update(moe_config or {})
     _write_json(path / "config.json", config)
@@ -224,13 +226,32 @@ def _hf_config(
                 "max_window_layers": fields["num_hidden_layers"],
             }
         )
+    elif architecture in ("qwen3", "qwen3_moe"):
+        # q/k RMSNorms over head_dim; no attention biases. Qwen3 configs always name head_dim
+        # (transformers' Qwen3Config defaults it to 128, not hidden / heads).
+        config.update(
+            {"attention_bias": False, "use_sliding_window": False, "sliding_window": None}
+        )
+        config["head_dim"] = head_dim or fields["hidden_size"] // fields["num_attention_heads"]
     return config
+
+
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def _moe_config(architecture: str, num_experts: int, top_k: int, config: dict) -> dict:
     if architecture == "mixtral":
         return {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
     inter = config["intermediate_size"]
+    if architecture == "qwen3_moe":  # no shared expert; top-k renormalised as Qwen3-30B-A3B
+        return {
+            "num_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": inter // 2,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
     return {
         "num_experts": num_experts,
         "num_experts_per_tok": top_k,
@@ -249,8 +270,8 @@ def _mlp_weights(config: dict, prefix: str, normal) -> dict[str, torch.Tensor]:
     hidden, std = config["hidden_size"], config["initializer_range_test"]
     arch = config["model_type"]
     layer = int(prefix.split(".")[2])
-    dense_only = arch not in ("mixtral", "qwen2_moe") or (
-        arch == "qwen2_moe"
+    dense_only = arch not in _MOE or (
+        arch != "mixtral"
         and (layer in config["mlp_only_layers"] or (layer + 1) % config["decoder_sparse_step"] != 0)
     )
 
@@ -273,8 +294,9 @@ def _mlp_weights(config: dict, prefix: str, normal) -> dict[str, torch.Tensor]:
     tensors = {moe + "gate.weight": normal(config["num_experts"], hidden, std=std)}
     for e in range(config["num_experts"]):
         tensors.update(swiglu(f"{moe}experts.{e}.", inter))
-    tensors.update(swiglu(moe + "shared_expert.", config["shared_expert_intermediate_size"]))
-    tensors[moe + "shared_expert_gate.weight"] = normal(1, hidden, std=std)
+    if arch == "qwen2_moe":
+        tensors.update(swiglu(moe + "shared_expert.", config["shared_expert_intermediate_size"]))
+        tensors[moe + "shared_expert_gate.weight"] = normal(1, hidden, std=std)
     return tensors
 
 
@@ -316,6 +338,9 @@ def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, to
             if has_qkv_bias:
                 tensors[prefix + f"self_attn.{name}.bias"] = normal(out_size, std=init_std)
         tensors[prefix + "self_attn.o_proj.weight"] = normal(hidden, q_size, std=init_std)
+        if config["model_type"] in ("qwen3", "qwen3_moe"):
+            tensors[prefix + "self_attn.q_norm.weight"] = norm_weight(head_dim)
+            tensors[prefix + "self_attn.k_norm.weight"] = norm_weight(head_dim)
         tensors[prefix + "post_attention_layernorm.weight"] = norm_weight(hidden)
         tensors.update(_mlp_weights({**config, "initializer_range_test": init_std}, prefix, normal))
     # The final norm's output has unit RMS, so logit std = (lm_head row std) * sqrt(hidden).

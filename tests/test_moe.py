@@ -1,5 +1,6 @@
-"""Sparse MoE (Mixtral, Qwen2-MoE): greedy tokens equal transformers' under chunked prefill and
-the prefix cache; both checkpoint layouts load; experts no token chose are never computed."""
+"""Sparse MoE (Mixtral, Qwen2-MoE, Qwen3-MoE; dense Qwen3 for its q/k norms): greedy tokens
+equal transformers' under chunked prefill and the prefix cache; both checkpoint layouts load;
+experts no token chose are never computed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ VARIANTS = {
         num_experts_per_tok=3,
         moe_config={"mlp_only_layers": [2], "norm_topk_prob": True},
     ),
+    # q/k norms, no shared expert, renormalised top-k.
+    "qwen3_moe": dict(architecture="qwen3_moe"),
+    "qwen3-dense": dict(architecture="qwen3"),  # the q/k norms alone
 }
 
 
@@ -67,6 +71,11 @@ def test_config_reads_moe_layers(moe_model):
     if raw["model_type"] == "mixtral":
         assert cfg.moe_layers == (0, 1) and cfg.norm_topk_prob
         assert cfg.num_experts == raw["num_local_experts"]
+    elif raw["model_type"] == "qwen3":
+        assert cfg.moe_layers == () and cfg.qk_norm
+    elif raw["model_type"] == "qwen3_moe":
+        assert cfg.moe_layers == (0, 1) and cfg.norm_topk_prob and cfg.qk_norm
+        assert cfg.shared_expert_intermediate_size == 0
     elif raw.get("mlp_only_layers"):
         assert cfg.moe_layers == (0, 1) and cfg.norm_topk_prob and cfg.num_experts_per_tok == 3
     else:

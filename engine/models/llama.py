@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, and with sparse MoE MLPs Mixtral and
-Qwen2-MoE: see moe.py): GQA, RoPE, RMSNorm, SwiGLU.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, and with sparse MoE MLPs Mixtral,
+Qwen2-MoE and Qwen3-MoE: see moe.py): GQA, RoPE, RMSNorm, SwiGLU, Qwen3's q/k norms.
 
 Module and parameter names mirror the Hugging Face checkpoint (`model.layers.0.self_attn.q_proj`,
 ...) so weights load by name. The forward pass takes a flat batch of tokens (no padding) and
@@ -95,6 +95,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         # Shared with every layer; not registered as a submodule so it is not a weight.
         self._rotary = (rotary,)
         self._backend = backend
@@ -115,6 +119,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self._rotary[0](positions, q, k)
         out = self._backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
@@ -125,6 +131,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # new contiguous tensors: rope_ below works in place on them
+            q, k = self.q_norm(q), self.k_norm(k)
         self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
         out = self._backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, q_size))
