@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -36,6 +37,9 @@ class EngineThread:
         self._wake = threading.Event()
         self._stopped = False
         self.error: BaseException | None = None
+        # When the loop last went round (monotonic s): it does at least once a second, so an
+        # old beat means a step or a call hangs.
+        self.last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -51,6 +55,15 @@ class EngineThread:
 
     def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 60.0) -> Any:
         return self.submit(fn).result(timeout)
+
+    def check_alive(self, max_stall_s: float | None = None) -> None:
+        """Raise RuntimeError if the loop died, or if it has not gone round for `max_stall_s`.
+        Called from other threads (a worker's health check)."""
+        if self.error is not None or not self._thread.is_alive():
+            raise RuntimeError(f"engine loop died: {self.error!r}")
+        stalled = time.monotonic() - self.last_beat
+        if max_stall_s is not None and stalled > max_stall_s:
+            raise RuntimeError(f"engine loop stalled for {stalled:.1f} s")
 
     def stop(self) -> None:
         self._stopped = True
@@ -71,6 +84,7 @@ class EngineThread:
     def _run(self) -> None:
         try:
             while not self._stopped:
+                self.last_beat = time.monotonic()
                 self._wake.clear()
                 self._run_calls()
                 waiting = self._poll(self.engine) if self._poll else False

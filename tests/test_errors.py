@@ -76,6 +76,15 @@ def test_bad_prompts(llm, prompt, match):
         (dict(min_p=2.0), "min_p"),
         (dict(logprobs=50), "logprobs"),
         (dict(stop=[""]), "stop strings"),
+        (dict(temperature=float("nan")), "temperature must be a finite number"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite"),
+        (dict(top_p=float("nan")), "top_p must be in"),
+        (dict(top_k=2**40), "top_k"),
+        (dict(stop=["s"] * 65), "at most 64 stop strings"),
+        (dict(stop=["s" * 1025]), "at most 1024 characters"),
+        (dict(stop_token_ids=[1] * 1025), "at most 1024 stop token ids"),
+        (dict(seed=2**64), "seed must be in"),
+        (dict(seed=-(2**63) - 1), "seed must be in"),
     ],
 )
 def test_bad_sampling_params(kwargs, match):
