@@ -178,6 +178,18 @@ class KVTransferAgent:
                 pair.receiver = Receiver(self, pair, client)
                 pair.receiver.start()
 
+    def disconnect(self, peer_id: str) -> None:
+        """Break the pair with `peer_id`, if any (its transfers in flight fail); the next
+        `connect` handshakes a new generation. For a peer known to have died: its hello key is
+        not marked broken, so `connect` alone could take the stale pair for a live one."""
+        self._check_open()
+        with self._lock:
+            connect_lock = self._connect_locks.setdefault(peer_id, threading.Lock())
+        with connect_lock:
+            pair = self._pairs.get(peer_id)
+            if pair is not None:
+                self._break(pair, "disconnected", quiet=True)
+
     def generation(self, peer_id: str) -> int | None:
         """The generation of the live pair with `peer_id` (it grows with every reconnect)."""
         pair = self._pairs.get(peer_id)

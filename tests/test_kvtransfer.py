@@ -522,6 +522,29 @@ def test_connect_is_idempotent_and_rejects_other_layouts(port):
         agent.close()
 
 
+@pytest.mark.timeout(30)
+def test_disconnect_lets_a_restarted_peer_in(port):
+    """A peer that died without a word left its hello standing: the survivor drops the pair
+    (`disconnect`), then a new process under the same id builds a new generation with it."""
+    prefill = KVTransferAgent(
+        "p", make_caches(0, 4), "127.0.0.1", port, timeout_s=2, role="prefill"
+    )
+    decode = KVTransferAgent("d", make_caches(1, 6), "127.0.0.1", port, timeout_s=2, role="decode")
+    connect_both(prefill, decode)
+    generation = prefill.generation("d")
+    reborn = KVTransferAgent("d", make_caches(2, 6), "127.0.0.1", port, timeout_s=2, role="decode")
+    prefill.disconnect("d")
+    assert prefill.generation("d") is None
+    connect_both(prefill, reborn)
+    assert prefill.generation("d") > generation
+    reborn.expect(1, "p", [4])
+    assert send_all(prefill, 1, "d", [2]) is DONE
+    assert wait_for(reborn, {1}, timeout_s=5) == {1: DONE}
+    assert torch.equal(reborn.kv_caches[0][:, 4], prefill.kv_caches[0][:, 2])
+    for agent in (prefill, decode, reborn):
+        agent.close()
+
+
 def test_bad_calls_get_clear_errors(pair):
     prefill, decode = pair
     with pytest.raises(ValueError, match="duplicates"):
