@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 
 import torch
 
@@ -17,6 +18,11 @@ from engine.metrics import EngineMetrics
 from kvtransfer import KVTransferAgent, TransferState
 
 log = logging.getLogger(__name__)
+
+# Published step batches kept for the router's poller; beyond this they are merged into one
+# batch per request (nothing is lost, memory grows with requests, not with steps).
+MAX_PENDING_BATCHES = 256
+_HOUSEKEEPING_S = 0.1  # how often the loop looks for expired leases and orphans
 
 
 @dataclasses.dataclass
@@ -34,6 +40,8 @@ class _Handoff:
     transfer_id: int
     arrived: bool = False
     first: tuple[int, tuple | None] | None = None  # (first token, its logprobs), from the router
+    # A lease: a reservation `start` has not claimed by then is released (the router is gone).
+    expires_at: float = float("inf")
 
 
 class DecodeWorker:
@@ -47,10 +55,12 @@ class DecodeWorker:
         torch_threads: int | None = None,
         transfer_backend: str = "auto",
         tier: str = "",
+        reservation_ttl_s: float = 60.0,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
+        self.reservation_ttl_s = reservation_ttl_s
         self.engine = LLMEngine(EngineConfig(**engine_args))
         self.agent = KVTransferAgent(
             worker_id,
@@ -65,15 +75,24 @@ class DecodeWorker:
         self._by_transfer: dict[int, str] = {}
         self._updates: list[list[TokenUpdate]] = []
         self._updates_cv = threading.Condition()
+        self._last_poll = time.monotonic()
+        self._next_housekeeping = 0.0
         self.num_transfers_failed = 0
+        self.num_leases_expired = 0
+        self.num_orphans_aborted = 0
         self.metrics = EngineMetrics(tier, "decode", worker_id)
         self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
 
-    def ping(self) -> str:
+    def ping(self, max_stall_s: float | None = None) -> str:
+        """The router's health check; raises if the engine loop died or stalled."""
+        self.loop.check_alive(max_stall_s)
         return self.worker_id
 
-    def connect(self, peer_id: str) -> None:
-        """Build (once) the communicator to a prefill worker; it calls its side concurrently."""
+    def connect(self, peer_id: str, fresh: bool = False) -> None:
+        """Build (once) the communicator to a prefill worker; it calls its side concurrently.
+        `fresh`: the peer was restarted, so drop any pair with its previous process first."""
+        if fresh:
+            self.agent.disconnect(peer_id)
         self.agent.connect(peer_id)
 
     def reserve(
@@ -85,7 +104,8 @@ class DecodeWorker:
         params: SamplingParams,
     ) -> bool:
         """Hold blocks for the prompt's KV and expect it from `peer_id` under `transfer_id`.
-        False when no blocks are free now (the router waits and asks again)."""
+        False when no blocks are free now (the router waits and asks again). The reservation is
+        a lease: without `start` within `reservation_ttl_s` it is released."""
 
         def fn(engine: LLMEngine) -> bool:
             block_ids = engine.reserve(
@@ -94,7 +114,8 @@ class DecodeWorker:
             if block_ids is None:
                 return False
             self.agent.expect(transfer_id, peer_id, block_ids)
-            self._handoffs[request_id] = _Handoff(transfer_id)
+            expires_at = time.monotonic() + self.reservation_ttl_s
+            self._handoffs[request_id] = _Handoff(transfer_id, expires_at=expires_at)
             self._by_transfer[transfer_id] = request_id
             return True
 
@@ -129,16 +150,20 @@ class DecodeWorker:
     def poll_updates(self, timeout_s: float = 1.0) -> list[list[TokenUpdate]]:
         """Long poll: every step's batched update since the last call (waits up to timeout_s
         for the first one). One call carries all requests' tokens, not one message per token."""
+        self._last_poll = time.monotonic()
         with self._updates_cv:
             if not self._updates:
                 self._updates_cv.wait(timeout_s)
             updates, self._updates = self._updates, []
+        self._last_poll = time.monotonic()
         return updates
 
     def _publish(self, batch: list[TokenUpdate]) -> None:
         if batch:
             with self._updates_cv:
                 self._updates.append(batch)
+                if len(self._updates) > MAX_PENDING_BATCHES:  # the poller fell behind
+                    self._updates = [coalesce(self._updates)]
                 self._updates_cv.notify_all()
 
     def _on_outputs(self, outputs) -> None:
@@ -176,8 +201,42 @@ class DecodeWorker:
                 self.num_transfers_failed += 1
                 self.metrics.observe_transfer(0, 0.0, ok=False)
                 failed.append(TokenUpdate(request_id, [], error=f"KV transfer {state.value}"))
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + _HOUSEKEEPING_S
+            failed += self._expire_leases(engine, now)
+            self._abort_orphans(engine, now)
         self._publish(failed)
         return bool(self._handoffs)
+
+    def _expire_leases(self, engine: LLMEngine, now: float) -> list[TokenUpdate]:
+        """Release reservations that `start` did not claim in time: their router is gone, or
+        gave up on them. NOTE: one whose KV is still arriving is cancelled like an abort."""
+        expired = [
+            rid for rid, h in self._handoffs.items() if h.first is None and now >= h.expires_at
+        ]
+        for request_id in expired:
+            handoff = self._handoffs.pop(request_id)
+            self.agent.cancel(handoff.transfer_id)
+            self._by_transfer.pop(handoff.transfer_id, None)
+            engine.release(request_id)
+            self.num_leases_expired += 1
+            log.warning("reservation %s expired after %.0f s", request_id, self.reservation_ttl_s)
+        error = f"reservation expired: not started within {self.reservation_ttl_s} s"
+        return [TokenUpdate(rid, [], error=error) for rid in expired]
+
+    def _abort_orphans(self, engine: LLMEngine, now: float) -> None:
+        """Nobody has polled for `reservation_ttl_s`: the router is gone and nobody will read
+        what the running requests produce. End them, and drop what is queued for the poller."""
+        if now - self._last_poll < self.reservation_ttl_s or not engine.scheduler.running:
+            return
+        orphans = [r.request_id for r in engine.scheduler.running]
+        for request_id in orphans:
+            engine.abort_request(request_id)
+        self.num_orphans_aborted += len(orphans)
+        with self._updates_cv:
+            self._updates = []
+        log.warning("no poll for %.0f s: aborted %d requests", now - self._last_poll, len(orphans))
 
     def _try_admit(self, engine: LLMEngine, request_id: str) -> None:
         handoff = self._handoffs[request_id]
@@ -200,9 +259,15 @@ class DecodeWorker:
                 "num_reserved": len(engine.scheduler.reserved),
                 "num_waiting": len(engine.scheduler.waiting),
                 "num_transfers_failed": self.num_transfers_failed,
+                "num_leases_expired": self.num_leases_expired,
+                "num_orphans_aborted": self.num_orphans_aborted,
             }
 
         return self.loop.call(fn)
+
+    def debug_hang(self, seconds: float) -> None:
+        """Fault injection for tests: the engine loop sleeps `seconds` (a hung step)."""
+        self.loop.submit(lambda engine: time.sleep(seconds))
 
     def step_samples(self) -> list[tuple[str, int, int, float]]:
         """Step and transfer timings since the last call, for the router's latency models."""
@@ -216,3 +281,26 @@ class DecodeWorker:
     def shutdown(self) -> None:
         self.loop.stop()
         self.agent.close()
+
+
+def coalesce(batches: list[list[TokenUpdate]]) -> list[TokenUpdate]:
+    """Many step batches as one: per request, its tokens (and logprobs) in order, and the last
+    finish or error. What a poller that fell behind would have read, in fewer objects."""
+    merged: dict[str, TokenUpdate] = {}
+    for batch in batches:
+        for update in batch:
+            into = merged.get(update.request_id)
+            if into is None:
+                merged[update.request_id] = dataclasses.replace(
+                    update,
+                    new_token_ids=list(update.new_token_ids),
+                    logprobs=None if update.logprobs is None else list(update.logprobs),
+                )
+                continue
+            into.new_token_ids += update.new_token_ids
+            if update.logprobs is not None:
+                into.logprobs = (into.logprobs or []) + update.logprobs
+            into.finish_reason = update.finish_reason or into.finish_reason
+            into.stop_reason = update.stop_reason if update.finish_reason else into.stop_reason
+            into.error = update.error or into.error
+    return list(merged.values())

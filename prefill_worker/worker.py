@@ -45,6 +45,7 @@ class _SendConnector(KVConnector):
         self.targets: dict[str, tuple[int, str]] = {}  # request id -> (transfer id, decode peer)
         self.results: dict[str, TransferState] = {}
         self._active: list[tuple[str, SendHandle, int, float]] = []
+        self.stall_sends: list[float] = []  # fault injection: seconds to sleep, one per transfer
 
     def on_step_start(self, sched: SchedulerOutput) -> bool:
         self._active = []
@@ -58,6 +59,10 @@ class _SendConnector(KVConnector):
         return bool(self._active)
 
     def on_layer_done(self, layer_idx: int) -> None:
+        if layer_idx == 0 and self.stall_sends:
+            # NOTE: fault injection only (`PrefillWorker.debug_stall_sends`): the header is out,
+            # the KV is not, so the receiver waits until its timeout.
+            time.sleep(self.stall_sends.pop(0))
         for _, handle, _, _ in self._active:
             self.agent.send_layer(handle, layer_idx)
 
@@ -104,11 +109,16 @@ class PrefillWorker:
         self.num_prefills = 0
         self.loop = EngineThread(self.engine, self._on_outputs)
 
-    def ping(self) -> str:
+    def ping(self, max_stall_s: float | None = None) -> str:
+        """The router's health check; raises if the engine loop died or stalled."""
+        self.loop.check_alive(max_stall_s)
         return self.worker_id
 
-    def connect(self, peer_id: str) -> None:
-        """Build (once) the communicator to a decode worker; it calls its side concurrently."""
+    def connect(self, peer_id: str, fresh: bool = False) -> None:
+        """Build (once) the communicator to a decode worker; it calls its side concurrently.
+        `fresh`: the peer was restarted, so drop any pair with its previous process first."""
+        if fresh:
+            self.agent.disconnect(peer_id)
         self.agent.connect(peer_id)
 
     def prefill(
@@ -184,6 +194,19 @@ class PrefillWorker:
             }
 
         return self.loop.call(fn)
+
+    def debug_stall_sends(self, seconds: float, count: int = 1) -> None:
+        """Fault injection for tests: the next `count` transfers stall `seconds` after their
+        header, before any KV leaves."""
+
+        def fn(engine: LLMEngine) -> None:
+            self.connector.stall_sends.extend([seconds] * count)
+
+        self.loop.call(fn)
+
+    def debug_hang(self, seconds: float) -> None:
+        """Fault injection for tests: the engine loop sleeps `seconds` (a hung step)."""
+        self.loop.submit(lambda engine: time.sleep(seconds))
 
     def step_samples(self) -> list[tuple[str, int, int, float]]:
         """Step and transfer timings since the last call, for the router's latency models."""
