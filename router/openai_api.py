@@ -38,9 +38,12 @@ from router.router import Chunk, RequestError, Router, TierInfo, _Request
 log = logging.getLogger(__name__)
 
 
-def build_app(router: Router, api_key: str | None = None) -> FastAPI:
+def build_app(
+    router: Router, api_key: str | None = None, max_request_bytes: int = 4 << 20
+) -> FastAPI:
     app = FastAPI(title="Baton", docs_url=None, redoc_url=None, openapi_url=None)
-    if api_key:
+    app.add_middleware(_LimitBody, max_bytes=max_request_bytes)
+    if api_key:  # added last: runs first, before any body is read
         app.add_middleware(_RequireApiKey, api_key=api_key)
     _add_error_handlers(app)
     started = int(time.time())
@@ -115,6 +118,19 @@ def _render_chat(tier: TierInfo, body: ChatCompletionRequest) -> list[int]:
         text = tier.chat_template.render(messages, **(body.chat_template_kwargs or {}))
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e), param="messages") from None
+    if len(text) > tier.max_prompt_chars:
+        raise APIError(
+            400,
+            f"the rendered chat has {len(text)} characters; {tier.name!r} takes at most "
+            f"{tier.max_prompt_chars}",
+            param="messages",
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, "messages must be valid Unicode (lone surrogates are not)", param="messages"
+        ) from None
     # The template wrote the special tokens it wants (BOS, turn markers): add none.
     return tier.tokenizer.encode(text, add_special_tokens=False)
 
@@ -210,7 +226,7 @@ async def _disconnect(request: Request) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body, status_code=e.status)
+        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
@@ -239,6 +255,50 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return await api_error(request, APIError(e.status_code, str(e.detail), type=kind))
+
+
+class _LimitBody:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it.
+    The body is read here (up to the limit) and handed on in one piece."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away while sending
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: the disconnect
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        error = APIError(413, f"the request body is over {self.max_bytes} bytes")
+        await JSONResponse(error.body, status_code=413)(scope, receive, send)
 
 
 class _RequireApiKey:
@@ -286,12 +346,16 @@ class _Server(uvicorn.Server):
 
 
 async def start_openai_server(
-    router: Router, host: str, port: int, api_key: str | None = None
+    router: Router,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    max_request_bytes: int = 4 << 20,
 ) -> HttpServer:
     """Serve the API on the running loop; returns once the port accepts connections."""
     sock = _bind(host, port)
     config = uvicorn.Config(
-        build_app(router, api_key),
+        build_app(router, api_key, max_request_bytes),
         log_level="warning",
         log_config=None,  # leave the process's logging alone
         access_log=False,

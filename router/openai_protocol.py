@@ -32,10 +32,12 @@ class APIError(Exception):
         param: str | None = None,
         type: str = "invalid_request_error",
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers
 
     @classmethod
     def from_request_error(cls, e: RequestError) -> APIError:
@@ -45,6 +47,10 @@ class APIError(Exception):
             return cls(503, e.message, type="server_error", code="service_unavailable")
         if e.code == "INVALID_ARGUMENT":
             return cls(400, e.message)
+        if e.code == "RESOURCE_EXHAUSTED":
+            retry_after = math.ceil(e.retry_after_s or 1)
+            headers = {"Retry-After": str(retry_after)}
+            return cls(429, e.message, code="rate_limit_exceeded", headers=headers)
         return cls(500, e.message, type="server_error")
 
 

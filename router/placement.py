@@ -86,6 +86,9 @@ class Placement:
     def observe_stats(self, worker: Worker, stats: dict) -> None:
         """The worker's periodic stats report (free blocks, capacity)."""
 
+    def on_restarted(self, worker: Worker) -> None:
+        """The worker runs in a new process: what was learnt of its caches no longer holds."""
+
 
 class RoundRobin(Placement):
     def __init__(self):
@@ -277,6 +280,13 @@ class GoodputPlacement(Placement):
         state = self._p(worker) if worker.role == "prefill" else self._d(worker)
         for kind, x1, x2, seconds in samples:
             state.model.add_sample(kind, x1, x2, seconds)
+
+    def on_restarted(self, worker):
+        # Keep the latency model (same hardware), forget its prefix cache and free blocks.
+        if worker.role == "prefill":
+            self._p(worker).cached.clear()
+        else:
+            self._d(worker).free_blocks = None
 
     def observe_stats(self, worker, stats):
         if worker.role == "decode" and "num_free_blocks" in stats:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.sampling_params import SamplingParams
 from proto import serving_pb2, serving_pb2_grpc
 from router.auth import ApiKeyInterceptor
-from router.router import RequestError, Router
+from router.router import MAX_REQUEST_ID_CHARS, RequestError, Router
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,22 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
 
     async def Generate(self, request: serving_pb2.GenerateRequest, context):
         try:
+            await self._generate(request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, grpc.aio.AbortError) or context.done():
+                raise
+            # A bug, not bad input: say so in the status rather than in a stack trace.
+            log.exception("Generate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+
+    async def _generate(self, request: serving_pb2.GenerateRequest, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        try:
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                raise ValueError(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
             params = sampling_from_proto(request.sampling)
             max_tokens = (
                 request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
@@ -75,30 +94,32 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            await _abort(context, e)
         if request.request_id:
             req.request_id = request.request_id
         try:
-            async for chunk in self.router.generate(req):
-                msg = serving_pb2.GenerateResponse(
-                    token_ids=chunk.token_ids,
-                    text=chunk.text,
-                    finish_reason=chunk.finish_reason or "",
-                    request_id=req.request_id,
-                    logprobs=_logprobs_to_proto(chunk.token_ids, chunk.logprobs),
-                    stop_reason=chunk.stop_reason or "",
-                )
-                if chunk.usage is not None:
-                    msg.usage.CopyFrom(serving_pb2.Usage(**chunk.usage))
-                    msg.timings.CopyFrom(serving_pb2.Timings(**chunk.timings))
-                    msg.model = chunk.tier
-                    msg.prefill_instance = chunk.prefill_instance
-                    msg.decode_instance = chunk.decode_instance
-                    msg.estimated_cost = chunk.estimated_cost
-                    msg.tier_reason = chunk.tier_reason
-                yield msg
+            # aclosing: a cancelled call (client gone) aborts the request at once.
+            async with contextlib.aclosing(self.router.generate(req)) as chunks:
+                async for chunk in chunks:
+                    msg = serving_pb2.GenerateResponse(
+                        token_ids=chunk.token_ids,
+                        text=chunk.text,
+                        finish_reason=chunk.finish_reason or "",
+                        request_id=req.request_id,
+                        logprobs=_logprobs_to_proto(chunk.token_ids, chunk.logprobs),
+                        stop_reason=chunk.stop_reason or "",
+                    )
+                    if chunk.usage is not None:
+                        msg.usage.CopyFrom(serving_pb2.Usage(**chunk.usage))
+                        msg.timings.CopyFrom(serving_pb2.Timings(**chunk.timings))
+                        msg.model = chunk.tier
+                        msg.prefill_instance = chunk.prefill_instance
+                        msg.decode_instance = chunk.decode_instance
+                        msg.estimated_cost = chunk.estimated_cost
+                        msg.tier_reason = chunk.tier_reason
+                    await context.write(msg)
         except RequestError as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            await _abort(context, e)
 
     async def ListModels(self, request, context):
         models = []
@@ -117,13 +138,68 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
         return serving_pb2.ListModelsResponse(models=models, default_model=self.router.default_tier)
 
 
+class _Undecodable:
+    """What `_lenient` hands the servicer for bytes that are not a GenerateRequest."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _lenient(message_type):
+    # NOTE: with the generated stubs' deserializer, grpc answers undecodable bytes with UNKNOWN
+    # ("Unexpected DecodeError"); the servicer answers INVALID_ARGUMENT instead.
+    def deserialize(raw: bytes):
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as e:
+            return _Undecodable(f"the request is not a valid {message_type.__name__}: {e}")
+
+    return deserialize
+
+
+def _add_baton_servicer(servicer: BatonServicer, server: grpc.aio.Server) -> None:
+    """`serving_pb2_grpc.add_BatonServicer_to_server`, with a lenient request parser."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_lenient(serving_pb2.GenerateRequest),
+            response_serializer=serving_pb2.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=serving_pb2.ListModelsRequest.FromString,
+            response_serializer=serving_pb2.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = serving_pb2.DESCRIPTOR.services_by_name["Baton"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+async def _abort(context, e: RequestError) -> None:
+    """End the call with the error's status; RESOURCE_EXHAUSTED carries `retry-after` (seconds)
+    in its trailing metadata."""
+    metadata = ()
+    if e.retry_after_s is not None:
+        metadata = (("retry-after", f"{e.retry_after_s:g}"),)
+    await context.abort(getattr(grpc.StatusCode, e.code), e.message, metadata)
+
+
 async def start_grpc_server(
-    router: Router, host: str, port: int, api_key: str | None = None
+    router: Router,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    max_request_bytes: int = 4 << 20,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve Baton, health and reflection on one port; returns the server and the bound port.
-    With `api_key`, Baton's methods need `authorization: Bearer <key>` metadata."""
-    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_key)] if api_key else None)
-    serving_pb2_grpc.add_BatonServicer_to_server(BatonServicer(router), server)
+    With `api_key`, Baton's methods need `authorization: Bearer <key>` metadata. A request
+    message over `max_request_bytes` gets RESOURCE_EXHAUSTED from gRPC itself."""
+    server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+        options=[("grpc.max_receive_message_length", max_request_bytes)],
+    )
+    _add_baton_servicer(BatonServicer(router), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
