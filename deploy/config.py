@@ -12,6 +12,16 @@ import yaml
 from engine.chat_template import read_template
 
 ROLES = ("prefill", "decode")
+_POSITIVE_SECONDS = (
+    "transfer_timeout_s",
+    "health_check_interval_s",
+    "health_check_timeout_s",
+    "engine_stall_timeout_s",
+    "worker_call_timeout_s",
+    "prefill_timeout_s",
+    "worker_start_timeout_s",
+    "reservation_ttl_s",
+)
 
 
 @dataclass
@@ -29,8 +39,16 @@ class TierConfig:
     quality: float = 1.0  # for tier selection: how good this tier's answers are, 0..1
     # For /v1/chat/completions: Jinja2 text or a file path; None: the model's own template.
     chat_template: str | None = None
+    # Admission: requests waiting for a decode reservation or their prefill; beyond this,
+    # RESOURCE_EXHAUSTED (HTTP 429). See docs/RELIABILITY.md.
+    max_queued_requests: int = 256
+    max_prompt_chars: int | None = None  # longer text prompts are refused; None: 64 x context
 
     def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError(f"config: tiers.{self.name}.max_queued_requests must be >= 0")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"config: tiers.{self.name}.max_prompt_chars must be >= 1")
         if self.chat_template is not None:
             try:
                 read_template(self.chat_template)
@@ -68,6 +86,17 @@ class BatonConfig:
     overload_policy: str = "queue"  # when no placement meets the SLOs: queue | reject
     # Tier selection for model "auto": quality − cost_weight × $ per request (see router/tiers.py)
     tier_cost_weight: float = 0.0
+    # Faults and limits (docs/RELIABILITY.md).
+    restart_workers: bool = True  # re-create a dead worker (same id, same pool resources)
+    max_worker_restarts: int = 5  # per worker, over the deployment's life
+    health_check_interval_s: float = 1.0  # every live worker is pinged this often
+    health_check_timeout_s: float = 5.0  # a ping's deadline; 3 missed in a row: dead
+    engine_stall_timeout_s: float = 300.0  # an engine loop stuck this long: dead
+    worker_call_timeout_s: float = 30.0  # deadline of every router → worker call but prefill
+    prefill_timeout_s: float = 300.0  # a prefill call's deadline, queueing included
+    worker_start_timeout_s: float = 300.0  # a restarted worker must load its model by then
+    reservation_ttl_s: float = 60.0  # a decode reservation not started by then is released
+    max_request_bytes: int = 4 << 20  # gRPC message and HTTP body limit
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -93,6 +122,13 @@ class BatonConfig:
             raise ValueError("config: max_attempts must be >= 1")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"config: http_port must be in [0, 65535], got {self.http_port}")
+        for name in _POSITIVE_SECONDS:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config: {name} must be > 0, got {getattr(self, name)}")
+        if self.max_worker_restarts < 0:
+            raise ValueError("config: max_worker_restarts must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ValueError("config: max_request_bytes must be >= 1024")
 
     @classmethod
     def from_dict(cls, raw: dict) -> BatonConfig:

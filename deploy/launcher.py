@@ -23,10 +23,11 @@ from engine.config import ModelConfig, parse_dtype
 from engine.tokenizer import Tokenizer
 from router.latency_model import load_profile
 from router.placement import POLICIES, GoodputPlacement, Placement
-from router.router import Router, TierInfo
+from router.router import Router, RouterOptions, TierInfo
 from router.server import start_grpc_server
+from router.supervisor import SupervisorOptions
 from router.tiers import TierCost, TierSelector
-from router.workers import RayWorkerClient, Worker
+from router.workers import CONCURRENCY_GROUPS, RayWorkerClient, Worker, WorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         ttft_slo_ms=tier.ttft_slo_ms,
         tpot_slo_ms=tier.tpot_slo_ms,
         chat_template=ChatTemplate.from_pretrained(path, tier.chat_template),
+        max_queued_requests=tier.max_queued_requests,
+        max_prompt_chars=tier.max_prompt_chars or 0,
     )
 
 
@@ -72,6 +75,7 @@ class Deployment:
     metrics_port: int = 0
     http_server: object = None  # router.openai_api.HttpServer; None when http_port is None
     http_port: int = 0
+    specs: dict[str, WorkerSpec] = field(default_factory=dict)  # how to re-create each worker
 
     async def stop(self) -> None:
         import ray
@@ -100,53 +104,110 @@ def _ray_init(config: BatonConfig) -> None:
     ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False)
 
 
-def start_workers(config: BatonConfig, store_host: str, store_port: int):
-    """Create every pool's actors; returns (workers, actors, tier infos)."""
-    import ray
+@dataclass
+class WorkerSpec:
+    """How to create one worker's actor, the first time and after it died."""
 
-    deployment_id = uuid.uuid4().hex[:8]  # actor names stay unique across deployments
+    worker_id: str
+    role: str
+    tier: str
+    cls: type
+    options: dict  # Ray actor options: resources, concurrency, name
+    args: tuple
+    kwargs: dict
 
+    def spawn(self, incarnation: int = 0):
+        import ray
+
+        name = self.options["name"] + (f".{incarnation}" if incarnation else "")
+        # Concurrency groups keep health checks and aborts answering while every other
+        # actor thread is blocked in a long call (see router/workers.py).
+        cls = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(self.cls)
+        return cls.options(**{**self.options, "name": name}).remote(*self.args, **self.kwargs)
+
+
+def worker_specs(config: BatonConfig, store_host: str, store_port: int):
+    """Every pool's worker specs and each tier's TierInfo."""
     from decode_worker import DecodeWorker
     from prefill_worker import PrefillWorker
 
-    workers, actors, tiers = [], {}, {}
+    deployment_id = uuid.uuid4().hex[:8]  # actor names stay unique across deployments
+    specs, tiers = [], {}
     for name, tier in config.tiers.items():
         path = resolve_model(tier)
         tiers[name] = tier_info(tier, path)
         engine_args = {"model": path, "dtype": tier.dtype, **tier.engine_args}
         for pool in (p for p in config.pools if p.tier == name):
-            cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
             resources = dict(pool.resources)
             num_cpus = resources.pop("CPU", 1)
             num_gpus = resources.pop("GPU", 0)
             on_cpu = num_gpus == 0
+            kwargs = (
+                {"reservation_ttl_s": config.reservation_ttl_s} if pool.role == "decode" else {}
+            )
             for i in range(pool.count):
                 worker_id = f"{name}-{pool.role}-{i}"
-                actor = (
-                    ray.remote(cls)
-                    .options(
-                        name=f"baton-{deployment_id}:{worker_id}",
-                        num_cpus=num_cpus,
-                        num_gpus=num_gpus,
-                        resources=resources,
-                        max_concurrency=64,
-                        max_restarts=0,
-                    )
-                    .remote(
-                        worker_id,
-                        {**engine_args, "device": "cpu" if on_cpu else "cuda"},
-                        store_host,
-                        store_port,
-                        config.transfer_timeout_s,
-                        1 if on_cpu else None,
-                        config.transfer_backend,
-                        name,
-                    )
+                options = dict(
+                    name=f"baton-{deployment_id}:{worker_id}",
+                    num_cpus=num_cpus,
+                    num_gpus=num_gpus,
+                    resources=resources,
+                    max_concurrency=64,
+                    max_restarts=0,  # the router restarts workers itself (router/supervisor.py)
                 )
-                actors[worker_id] = actor
-                workers.append(Worker(worker_id, pool.role, name, RayWorkerClient(actor)))
+                args = (
+                    worker_id,
+                    {**engine_args, "device": "cpu" if on_cpu else "cuda"},
+                    store_host,
+                    store_port,
+                    config.transfer_timeout_s,
+                    1 if on_cpu else None,
+                    config.transfer_backend,
+                    name,
+                )
+                cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
+                specs.append(WorkerSpec(worker_id, pool.role, name, cls, options, args, kwargs))
+    return specs, tiers
+
+
+def start_workers(config: BatonConfig, store_host: str, store_port: int):
+    """Create every pool's actors; returns (workers, actors, tier infos, specs by worker id)."""
+    import ray
+
+    specs, tiers = worker_specs(config, store_host, store_port)
+    actors = {spec.worker_id: spec.spawn() for spec in specs}
+    workers = [
+        Worker(spec.worker_id, spec.role, spec.tier, RayWorkerClient(actors[spec.worker_id]))
+        for spec in specs
+    ]
     ray.get([a.ping.remote() for a in actors.values()])  # wait until every engine is loaded
-    return workers, actors, tiers
+    return workers, actors, tiers, {spec.worker_id: spec for spec in specs}
+
+
+def make_respawn(config: BatonConfig, actors: dict, specs: dict[str, WorkerSpec]):
+    """The supervisor's way to bring a worker back: kill what is left of its process, create
+    the actor anew from its spec (same id, same resources), wait until its engine is loaded."""
+
+    async def respawn(worker: Worker) -> WorkerClient:
+        import ray
+
+        old = actors.get(worker.worker_id)
+        if old is not None:
+            ray.kill(old)  # a hung process must free its resources (and GPU) first
+        actor = specs[worker.worker_id].spawn(worker.restarts)  # a new name per attempt
+        actors[worker.worker_id] = actor
+        try:
+            await asyncio.wait_for(_ping(actor), config.worker_start_timeout_s)
+        except BaseException:
+            ray.kill(actor)
+            raise
+        return RayWorkerClient(actor)
+
+    return respawn
+
+
+async def _ping(actor) -> str:
+    return await actor.ping.remote()
 
 
 async def deploy(
@@ -161,27 +222,45 @@ async def deploy(
     _ray_init(config)
     host = ray.util.get_node_ip_address()
     store, store_port = start_store(host)
-    workers, actors, tiers = await asyncio.to_thread(start_workers, config, host, store_port)
+    workers, actors, tiers, specs = await asyncio.to_thread(start_workers, config, host, store_port)
     router = Router(
-        tiers, config.default_tier, workers, config.max_attempts, make_placement(config)
+        tiers,
+        config.default_tier,
+        workers,
+        config.max_attempts,
+        make_placement(config),
+        RouterOptions(
+            call_timeout_s=config.worker_call_timeout_s,
+            prefill_timeout_s=config.prefill_timeout_s,
+        ),
+        SupervisorOptions(
+            interval_s=config.health_check_interval_s,
+            ping_timeout_s=config.health_check_timeout_s,
+            engine_stall_timeout_s=config.engine_stall_timeout_s,
+            restart=config.restart_workers,
+            max_restarts=config.max_worker_restarts,
+        ),
+        make_respawn(config, actors, specs),
     )
     router.tier_selector = make_tier_selector(config, router.placement)
     await router.start()
     port = config.grpc_port if grpc_port is None else grpc_port
-    server, bound = await start_grpc_server(router, config.grpc_host, port, config.api_key)
+    server, bound = await start_grpc_server(
+        router, config.grpc_host, port, config.api_key, config.max_request_bytes
+    )
     metrics_port = config.metrics_port if metrics_port is None else metrics_port
     metrics_server, _ = start_http_server(metrics_port, config.grpc_host, router.metrics.registry)
     metrics_bound = metrics_server.server_address[1]
     log.info("Baton up: %d workers, gRPC on %d, metrics on %d", len(workers), bound, metrics_bound)
     deployment = Deployment(
-        config, router, actors, store, server, bound, metrics_server, metrics_bound
+        config, router, actors, store, server, bound, metrics_server, metrics_bound, specs=specs
     )
     if config.http_port is not None:
         from router.openai_api import start_openai_server  # FastAPI is only needed for HTTP
 
         try:
             deployment.http_server = await start_openai_server(
-                router, config.http_host, config.http_port, config.api_key
+                router, config.http_host, config.http_port, config.api_key, config.max_request_bytes
             )
         except OSError:  # e.g. the port is taken: stop what is up before saying so
             await deployment.stop()

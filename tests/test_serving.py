@@ -23,7 +23,8 @@ MAX_TOKENS = 12
 
 class Server:
     """A deployment whose router runs on an event loop in a background thread. `http_port`
-    (0: a free one; None: no HTTP) and `api_key` go to the config as `baton serve` sets them."""
+    (0: a free one; None: no HTTP) and `api_key` go to the config as `baton serve` sets them;
+    `engine_args`, `tier` and `config` add to the tier's engine args, the tier and the config."""
 
     def __init__(
         self,
@@ -34,6 +35,9 @@ class Server:
         resources=None,
         http_port=0,
         api_key=None,
+        engine_args=None,
+        tier=None,
+        config=None,
     ):
         from deploy.launcher import deploy
 
@@ -47,8 +51,10 @@ class Server:
                             "num_blocks": num_blocks,
                             "max_num_batched_tokens": 128,
                             "max_model_len": 512,
+                            **(engine_args or {}),
                         },
                         "max_tokens_limit": 256,
+                        **(tier or {}),
                     }
                 },
                 "pools": [
@@ -68,6 +74,7 @@ class Server:
                 "transfer_timeout_s": 5.0,
                 "http_port": http_port,
                 "api_key": api_key,
+                **(config or {}),
             }
         )
         self.loop = asyncio.new_event_loop()
