@@ -180,7 +180,8 @@ def start_workers(config: BatonConfig, store_host: str, store_port: int):
         Worker(spec.worker_id, spec.role, spec.tier, RayWorkerClient(actors[spec.worker_id]))
         for spec in specs
     ]
-    ray.get([a.ping.remote() for a in actors.values()])  # wait until every engine is loaded
+    # Wait until every engine is loaded (a worker that cannot start fails the deployment).
+    ray.get([a.ping.remote() for a in actors.values()], timeout=config.worker_start_timeout_s)
     return workers, actors, tiers, {spec.worker_id: spec for spec in specs}
 
 
