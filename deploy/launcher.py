@@ -40,6 +40,15 @@ def resolve_model(tier: TierConfig) -> str:
     return str(ensure_default_model())
 
 
+def kv_bytes_per_token(model_config: ModelConfig, dtype_bytes: int, engine_args: dict) -> int:
+    """What one prompt token's KV costs to move: 8-bit caches hold one byte per element plus a
+    float32 scale per head and token (engine/kv_cache/quant.py)."""
+    if engine_args.get("kv_cache_dtype", "auto") in ("fp8", "int8"):
+        heads = 2 * model_config.num_layers * model_config.num_kv_heads
+        return heads * (model_config.head_dim + 4)
+    return model_config.kv_elements_per_token * dtype_bytes
+
+
 def tier_info(tier: TierConfig, path: str) -> TierInfo:
     model_config = ModelConfig.from_pretrained(path)
     max_len = tier.engine_args.get("max_model_len") or model_config.max_position_embeddings
@@ -54,7 +63,7 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         max_tokens_limit=tier.max_tokens_limit,
         default_max_tokens=tier.default_max_tokens,
         block_size=tier.engine_args.get("block_size", 16),
-        kv_bytes_per_token=model_config.kv_elements_per_token * dtype_bytes,
+        kv_bytes_per_token=kv_bytes_per_token(model_config, dtype_bytes, tier.engine_args),
         ttft_slo_ms=tier.ttft_slo_ms,
         tpot_slo_ms=tier.tpot_slo_ms,
         chat_template=ChatTemplate.from_pretrained(path, tier.chat_template),
