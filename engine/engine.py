@@ -212,7 +212,11 @@ class LLMEngine:
         self._propose()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            if self.scheduler.has_schedulable():
+            self.last_step = StepStats()
+            # NOTE: on a decode worker, reservations (blocks awaiting KV from a prefill worker)
+            # can hold the blocks a preempted request needs; they turn into running requests
+            # or expire, so waiting is right. Without any, no progress is a bug.
+            if self.scheduler.has_schedulable() and not self.scheduler.reserved:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         context = [s.request.num_computed_tokens + s.num_tokens for s in sched.scheduled]

@@ -90,6 +90,8 @@ class EngineThread:
                 waiting = self._poll(self.engine) if self._poll else False
                 if self.engine.has_schedulable_requests():
                     self._on_outputs(self.engine.step())
+                    if not self.engine.last_step.num_seqs:  # blocked on reservations: no spin
+                        self._wake.wait(_POLL_INTERVAL_S)
                 else:
                     self._wake.wait(_POLL_INTERVAL_S if waiting else 1.0)
         except BaseException as e:

@@ -142,6 +142,11 @@ class Scheduler:
         if self.waiting or len(self.running) + len(self.reserved) >= self.max_num_seqs:
             return None
         assert request.request_id not in self.requests, "duplicate request id"
+        # Leave every running request room for its next block, so reservations never starve
+        # the batch already decoding (which would then preempt itself into a stall).
+        needed = self.kv.blocks_needed(request.num_prompt_tokens)
+        if self.kv.num_free_blocks - needed < len(self.running):
+            return None
         if not self.kv.allocate(request, request.num_prompt_tokens):
             return None
         self.requests[request.request_id] = request

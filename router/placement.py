@@ -140,7 +140,7 @@ class GoodputPlacement(Placement):
             raise ValueError(f"overload_policy must be queue or reject, got {overload_policy!r}")
         self.overload_policy = overload_policy
         self.profiles = profiles or {}
-        self.ttft_margin = 0.5  # aim for half the TTFT SLO: predictions are rough under bursts
+        self.ttft_margin = 0.25  # aim well under the TTFT SLO: predictions are rough under bursts
         self._prefill: dict[str, _PrefillState] = {}
         self._decode: dict[str, _DecodeState] = {}
         self.last_prediction: dict[str, float] = {}

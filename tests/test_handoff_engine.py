@@ -87,3 +87,23 @@ def test_release_returns_reserved_blocks(model_dir):
     decode.engine.release("a")
     assert decode.engine.kv_manager.num_free_blocks == 32
     assert not decode.engine.has_unfinished_requests()
+
+
+def test_reservations_leave_room_for_the_running_batch(model_dir):
+    """A reservation never takes the block a running request needs next (that used to make the
+    decode engine preempt its whole batch and stop with 'no progress')."""
+    decode = LLM(model_dir, num_blocks=8)
+    engine = decode.engine
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert engine.reserve("a", [5] * 63, params) is not None  # 4 blocks, full after token 1
+    assert engine.admit_prefilled("a", 7) is None
+    # 4 blocks free; "b" would take all 4 and leave "a" nothing to grow into.
+    assert engine.reserve("b", [6] * 64, params) is None
+    assert engine.reserve("c", [6] * 40, params) is not None  # 3 blocks: 1 left for "a"
+    tokens = []
+    while "a" in engine.scheduler.requests:
+        for out in engine.step():
+            tokens.extend(out.new_token_ids)
+    assert len(tokens) == 9  # the rest of "a" decoded while "c" waited for its KV
+    engine.release("c")
+    assert engine.kv_manager.num_free_blocks == 8
