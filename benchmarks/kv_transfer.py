@@ -42,6 +42,9 @@ GPU_SHAPE = dict(layers=32, kv_heads=8, head_dim=128, block_size=16, dtype="bflo
 CPU_SHAPE = dict(layers=32, kv_heads=2, head_dim=32, block_size=16, dtype="float32")
 # The simulated layer: x[tokens, hidden] @ w[hidden, width]; 2*hidden*width = 2 * 8e9 / 32.
 GPU_MATMUL, CPU_MATMUL = (4096, 61440), (256, 512)
+# Header-ahead runs: start_send this long before the first layer (a prefill's first layer alone
+# takes longer: ~1.5 ms for 2048 tokens of an 8B model on an H100).
+AHEAD_S = 2e-3
 
 
 def parse_bytes(text: str) -> int:
@@ -134,7 +137,7 @@ def run_worker(role: str, args, port: int) -> dict:
     probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
     wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    results: dict = {"info": info, "raw": {}, "agent": {}, "ttft": {}}
+    results: dict = {"info": info, "raw": {}, "agent": {}, "ahead": {}, "ttft": {}}
     results["header_latency"] = header_latency(role, port)
     agent = agents[args.min_message_bytes[0]][0]
     results["copy"] = bench_copy(role, agent, max(args.tokens) // args.block_size, device)
@@ -146,8 +149,15 @@ def run_worker(role: str, args, port: int) -> dict:
             key = f"{tokens}/{m}"
             ids = block_ids(num_blocks, n, seed=tokens * 7 + rank)
             results["agent"][key] = bench_agent(role, agent, peer, device, clock, key, ids, args)
+            results["ahead"][key] = bench_agent(
+                role, agent, peer, device, clock, key, ids, args, ahead_s=AHEAD_S
+            )
             if not args.skip_ttft:
                 results["ttft"][key] = bench_ttft(role, agent, peer, device, clock, key, ids, args)
+    if args.profile:
+        agent, peer = agents[args.min_message_bytes[0]]
+        n = args.tokens[0] // args.block_size
+        profile_agent(role, agent, peer, device, clock, block_ids(num_blocks, n, seed=rank), args)
     for agent, _ in agents.values():
         agent.close()
     abort_group(raw)
@@ -229,11 +239,14 @@ def receive(agent: KVTransferAgent, clock: Clock, key: str, tid: int, peer: str,
         time.sleep(50e-6)
 
 
-def bench_agent(role, agent, peer, device, clock, key, ids, args) -> list[float]:
+def bench_agent(role, agent, peer, device, clock, key, ids, args, ahead_s=0.0) -> list[float]:
+    """start_send .. the receiver's DONE. With `ahead_s` > 0 the clock starts that long after
+    start_send, at the first send_layer: the header has travelled meanwhile, as it does in
+    serving, where start_send comes before the forward pass that computes the layers."""
     times = []
     for i in range(args.repeats + 1):
-        tid = zlib.crc32(f"bw/{key}/{i}".encode())
-        rep = f"agent/{key}/{i}"
+        tid = zlib.crc32(f"bw/{key}/{ahead_s}/{i}".encode())
+        rep = f"agent/{key}/{ahead_s}/{i}"
         if role == "decode":
             receive(agent, clock, rep, tid, peer, ids)
             continue
@@ -241,11 +254,29 @@ def bench_agent(role, agent, peer, device, clock, key, ids, args) -> list[float]
         sync(device)
         start = time.perf_counter()
         handle = agent.start_send(tid, peer, ids)
+        if ahead_s:
+            time.sleep(ahead_s)
+            sync(device)
+            start = time.perf_counter()
         for layer in range(args.layers):
             agent.send_layer(handle, layer)
         assert agent.finish_send(handle) is TransferState.DONE
         times.append(clock_end(clock, rep) - start)
     return times[1:]
+
+
+def profile_agent(role, agent, peer, device, clock, ids, args) -> None:
+    """One header-ahead transfer under torch.profiler; a chrome trace per process."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    once = argparse.Namespace(**{**vars(args), "repeats": 1})
+    # the receiver works on its own thread, started before the profiler
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=activities, experimental_config=config) as prof:
+        bench_agent(role, agent, peer, device, clock, "profile", ids, once, ahead_s=AHEAD_S)
+    os.makedirs(args.profile, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(args.profile, f"{role}.json"))
 
 
 def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
@@ -302,14 +333,16 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             f"{'min ' + label(m):>10} {'GB/s':>6} {'ratio':>5}" for m in args.min_message_bytes
         ),
     ]
-    for tokens in args.tokens:
-        total = tokens * kv_bytes_per_token
-        raw = total / statistics.median(prefill["raw"][tokens]) / 1e9
-        cells = []
-        for m in args.min_message_bytes:
-            bw = total / statistics.median(prefill["agent"][f"{tokens}/{m}"]) / 1e9
-            cells.append(f"{'':>10} {bw:6.1f} {bw / raw:5.2f}")
-        lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
+    for kind, what in (("agent", "header included"), ("ahead", "header sent ahead")):
+        lines.append(f"-- {kind}: {what}")
+        for tokens in args.tokens:
+            total = tokens * kv_bytes_per_token
+            raw = total / statistics.median(prefill["raw"][tokens]) / 1e9
+            cells = []
+            for m in args.min_message_bytes:
+                bw = total / statistics.median(prefill[kind][f"{tokens}/{m}"]) / 1e9
+                cells.append(f"{'':>10} {bw:6.1f} {bw / raw:5.2f}")
+            lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
     if not args.skip_ttft:
         lines += [
             "",
@@ -347,6 +380,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--json", default=None, help="also write the raw timings here")
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="write chrome traces of one transfer (the first --tokens, "
+        "the first --min-message-bytes) to this folder",
+    )
     for name in GPU_SHAPE:
         p.add_argument(f"--{name.replace('_', '-')}", default=None)
     args = p.parse_args()

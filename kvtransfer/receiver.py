@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from kvtransfer.pair import wait_work
 from kvtransfer.protocol import BROKEN, CLOSE, Header, message_plan
@@ -83,11 +84,13 @@ class Receiver(threading.Thread):
                     if expectation.cancelled:
                         expectation = None
                         continue
-                    for i in range(count):
-                        rows = agent.layout.as_rows(buf[i])
-                        agent._rows[first + i].index_copy_(0, index, rows)
+                    with record_function("kv.recv.scatter"):
+                        for i in range(count):
+                            rows = agent.layout.as_rows(buf[i])
+                            agent._rows[first + i].index_copy_(0, index, rows)
             if expectation is not None and pair.stream is not None:
-                pair.stream.synchronize()  # DONE promises the KV is readable from any stream
+                with record_function("kv.recv.sync"):
+                    pair.stream.synchronize()  # DONE: the KV is readable from any stream
         except Exception as e:
             if expectation is not None:
                 agent._finish(expectation, failed=True)
@@ -117,5 +120,6 @@ class Receiver(threading.Thread):
             bytes_posted -= buf.nbytes
             if pair.broken:
                 raise RuntimeError("the pair was broken")
-            wait_work(work, pair.backend, timeout_s)
+            with record_function("kv.recv.wait"):
+                wait_work(work, pair.backend, timeout_s)
             yield first, count, buf
