@@ -89,10 +89,12 @@ class ModelRunner:
             quant.cache_row_size(config.kv_cache_dtype, model_config.head_dim),
         )
         cache_dtype = quant.cache_dtype(config.kv_cache_dtype, dtype)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=cache_dtype, device=self.device)
-            for _ in range(model_config.num_layers)
-        ]
+        # One allocation, a view per layer: kvtransfer then copies all of a message's layers
+        # in one kernel (KVLayout.stacked_rows).
+        stacked = torch.zeros(
+            (model_config.num_layers, *shape), dtype=cache_dtype, device=self.device
+        )
+        self.kv_caches = list(stacked.unbind(0))
         self.sampler = Sampler(self.device, config.seed)
         # Set by a prefill worker: moves KV out while the forward pass runs.
         self.kv_connector: KVConnector | None = None

@@ -141,10 +141,17 @@ class KVTransferAgent:
         self.worker_id, self.role, self.backend = worker_id, role, backend
         self.kv_caches = kv_caches
         self._rows = [self.layout.as_rows(kv) for kv in kv_caches]  # views, for copies
+        # All layers' rows as one view when the caches allow: one copy kernel per message.
+        self._all_rows = self.layout.stacked_rows(kv_caches)
+        rows_per_layer = self._rows[0].shape[0]
+        self._layer_offsets = (
+            torch.arange(self.layout.num_layers, device=self.layout.device) * rows_per_layer
+        )
         self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
         self._store_addr = (store_host, store_port)
         self._store = connect_store(store_host, store_port, timeout_s)
         self._lock = threading.Lock()  # guards the dicts below
+        self._reported = threading.Condition(self._lock)  # a result was added to _results
         self._pairs: dict[str, _Pair] = {}
         self._connect_locks: dict[str, threading.Lock] = {}
         self._expected: dict[int, _Expectation] = {}
@@ -346,10 +353,13 @@ class KVTransferAgent:
             handle._buffers.append(
                 torch.empty(shape, dtype=self.layout.dtype, device=self.layout.device)
             )
-        out = self.layout.as_rows(handle._buffers[message][position])
-        torch.index_select(self._rows[layer_idx], 0, handle._index, out=out)
+        buf = handle._buffers[message]
+        if self._all_rows is None:  # gather each layer as it is done
+            self._gather(handle._index, layer_idx, 1, buf[position : position + 1])
         handle._next_layer += 1
         if position == layers_in_message - 1:
+            if self._all_rows is not None:  # the whole message at once
+                self._gather(handle._index, layer_idx - position, layers_in_message, buf)
             handle._gathered += 1
             self._post_sends(handle._pair)
 
@@ -421,7 +431,14 @@ class KVTransferAgent:
         """Transfers that reached DONE or FAILED since the last call, each reported once. DONE:
         the KV is in `kv_caches` (on CUDA: synchronized, safe to read from any stream). An
         expected transfer whose header never came stays unreported until cancelled."""
+        return self.wait(0.0)
+
+    def wait(self, timeout_s: float) -> dict[int, TransferState]:
+        """`poll`, after waiting up to `timeout_s` for at least one result (a waiting thread
+        wakes as the receiver finishes a transfer, not at its next polling tick)."""
         with self._lock:
+            if timeout_s > 0:
+                self._reported.wait_for(lambda: self._results, timeout_s)
             results, self._results = self._results, {}
         return results
 
@@ -454,6 +471,7 @@ class KVTransferAgent:
                 )
                 del self._expected[transfer_id]
                 self._results[transfer_id] = TransferState.FAILED
+                self._reported.notify_all()
                 return None
             expectation.state = TransferState.TRANSFERRING
             pair = self._pairs.get(peer_id)
@@ -466,6 +484,7 @@ class KVTransferAgent:
                 del self._expected[expectation.transfer_id]
                 state = TransferState.FAILED if failed else TransferState.DONE
                 self._results[expectation.transfer_id] = state
+                self._reported.notify_all()
 
     # ---------------------------------------------------------------- shared
 
@@ -490,13 +509,36 @@ class KVTransferAgent:
             self._pairs.clear()
 
     def _index_tensor(self, block_ids: list[int]) -> torch.Tensor:
-        """The rows of `as_rows` views that hold these blocks: all K rows, then all V rows."""
+        """The rows of a layer's `as_rows` view that hold these blocks: all K rows, then all V
+        rows; with stacked caches, [num_layers, 2 * len(block_ids)]: each layer's rows in the
+        `_all_rows` view."""
         num_blocks = self.kv_caches[0].shape[1]
         index = torch.tensor(block_ids + [b + num_blocks for b in block_ids], dtype=torch.int64)
-        if self.layout.device.type != "cuda":
-            return index
-        # Pinned + non_blocking: a pageable copy would stall the calling thread's stream.
-        return index.pin_memory().to(self.layout.device, non_blocking=True)
+        if self.layout.device.type == "cuda":
+            # Pinned + non_blocking: a pageable copy would stall the calling thread's stream.
+            index = index.pin_memory().to(self.layout.device, non_blocking=True)
+        if self._all_rows is not None:
+            return self._layer_offsets[:, None] + index[None, :]
+        return index
+
+    def _gather(self, index: torch.Tensor, first: int, count: int, buf: torch.Tensor) -> None:
+        """Layers [first, first + count) of the indexed blocks into `buf` (the message's layout),
+        on the current stream. `index` as `_index_tensor` made it."""
+        if self._all_rows is not None:
+            rows = index[first : first + count].view(-1)
+            torch.index_select(self._all_rows, 0, rows, out=self.layout.as_rows(buf))
+            return
+        for i in range(count):
+            torch.index_select(self._rows[first + i], 0, index, out=self.layout.as_rows(buf[i]))
+
+    def _scatter(self, index: torch.Tensor, first: int, count: int, buf: torch.Tensor) -> None:
+        """The inverse of `_gather`: `buf`'s layers into the indexed blocks."""
+        if self._all_rows is not None:
+            rows = index[first : first + count].view(-1)
+            self._all_rows.index_copy_(0, rows, self.layout.as_rows(buf))
+            return
+        for i in range(count):
+            self._rows[first + i].index_copy_(0, index, self.layout.as_rows(buf[i]))
 
     def _check_blocks(self, block_ids: list[int]) -> None:
         num_blocks = self.kv_caches[0].shape[1]

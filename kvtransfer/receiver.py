@@ -85,9 +85,7 @@ class Receiver(threading.Thread):
                         expectation = None
                         continue
                     with record_function("kv.recv.scatter"):
-                        for i in range(count):
-                            rows = agent.layout.as_rows(buf[i])
-                            agent._rows[first + i].index_copy_(0, index, rows)
+                        agent._scatter(index, first, count, buf)
             if expectation is not None and pair.stream is not None:
                 with record_function("kv.recv.sync"):
                     pair.stream.synchronize()  # DONE: the KV is readable from any stream

@@ -16,7 +16,7 @@ import torch
 
 from kvtransfer import KVTransferAgent, TransferState, start_store
 from kvtransfer.pair import wait_work
-from kvtransfer.protocol import layers_per_message, message_plan
+from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
 from kvtransfer.store import connect_store
 
 NUM_LAYERS = 5
@@ -40,11 +40,26 @@ def port():
 
 
 def make_caches(
-    seed: int, num_blocks: int, num_layers: int = NUM_LAYERS, device: str = "cpu"
+    seed: int, num_blocks: int, num_layers: int = NUM_LAYERS, device: str = "cpu", stacked=False
 ) -> list[torch.Tensor]:
+    """`stacked`: views of one allocation, as the model runner makes them (the agent then
+    copies a message's layers in one kernel); the values do not depend on it."""
     g = torch.Generator().manual_seed(seed)
     caches = [torch.randn(2, num_blocks, *BLOCK_SHAPE, generator=g) for _ in range(num_layers)]
+    if stacked:
+        return list(torch.stack(caches).to(device).unbind(0))
     return [c.to(device) for c in caches]
+
+
+def test_stacked_rows_only_for_consecutive_views_of_one_allocation():
+    caches = make_caches(0, 4, stacked=True)
+    layout = KVLayout.of(caches)
+    rows = layout.stacked_rows(caches)
+    assert rows is not None and rows.shape[0] == NUM_LAYERS * 2 * 4
+    for layer, kv in enumerate(caches):
+        assert torch.equal(rows[layer * 8 : (layer + 1) * 8], layout.as_rows(kv))
+    assert layout.stacked_rows(caches[::-1]) is None
+    assert layout.stacked_rows(make_caches(0, 4)) is None
 
 
 def transfer_plan() -> list[tuple[int, str, str, list[int], list[int]]]:
@@ -105,7 +120,7 @@ def send_all(agent: KVTransferAgent, tid: int, peer: str, blocks: list[int]) -> 
 
 
 def prefill_process(port: int, device: str, run: str, out) -> None:
-    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS, device=device)
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS, device=device, stacked=True)
     agents = {
         name: KVTransferAgent(
             name, caches, "127.0.0.1", port, timeout_s=10, min_message_bytes=m, role="prefill"
@@ -143,7 +158,10 @@ def prefill_process(port: int, device: str, run: str, out) -> None:
 
 
 def decode_process(name: str, port: int, device: str, run: str, out) -> None:
-    caches = make_caches(DECODE_SEEDS[name], DECODE_BLOCKS, device=device)
+    # One decode worker's caches stacked, the other's not: both copy paths receive.
+    stacked = name == min(DECODE_SEEDS)
+    caches = make_caches(DECODE_SEEDS[name], DECODE_BLOCKS, device=device, stacked=stacked)
+    assert (KVLayout.of(caches).stacked_rows(caches) is not None) == stacked
     agent = KVTransferAgent(name, caches, "127.0.0.1", port, timeout_s=10, role="decode")
     store = connect_store("127.0.0.1", port, 60)
     meet(store, run, name, "prefill")
