@@ -75,6 +75,9 @@ class ModelConfig:
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head before RoPE
 
+    # Per-layer attention windows (None: global), from `layer_types` or Qwen's
+    # `max_window_layers`; empty: `sliding_window` for every layer.
+    layer_windows: tuple[int | None, ...] = ()
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
@@ -124,6 +127,7 @@ class ModelConfig:
             # Qwen3's attention_bias also puts a bias on o_proj, which Baton's model lacks.
             raise ValueError("Qwen3 with attention_bias is not supported")
         eos = cfg.get("eos_token_id")
+        layer_windows = _layer_windows(cfg, qwen, sliding_window)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=known[0],
@@ -147,14 +151,50 @@ class ModelConfig:
             **_moe_fields(family, cfg),
             qk_norm=family in ("qwen3", "qwen3_moe"),
         )
+            layer_windows=layer_windows,
 
     @property
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: it sees the whole sequence)."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window that bounds the KV cache: the largest layer window when every layer has
+        one. One global layer needs every token's KV, and blocks hold all layers, so then None."""
+        windows = [self.layer_window(i) for i in range(self.num_layers)]
+        return None if None in windows else max(windows)
+
     def kv_elements_per_token(self) -> int:
         """K and V elements one token occupies across all layers (times the dtype's size: bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
 def _moe_fields(family: str, cfg: dict) -> dict:
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _layer_windows(cfg: dict, qwen: bool, sliding_window: int | None) -> tuple[int | None, ...]:
+    """Each layer's window as transformers assigns it: `layer_types` when the config lists them,
+    else for Qwen the layers from `max_window_layers` on (its default 28), else every layer."""
+    num_layers = cfg["num_hidden_layers"]
+    if sliding_window is None:
+        return ()
+    if sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    types = cfg.get("layer_types")
+    if types is None and qwen:
+        first = cfg.get("max_window_layers", 28)
+        types = [_LAYER_TYPES[i < first] for i in range(num_layers)]
+    if types is None:
+        return ()
+    if len(types) != num_layers or any(t not in _LAYER_TYPES for t in types):
+        raise ValueError(
+            f"layer_types must list {num_layers} entries, each one of {list(_LAYER_TYPES)}"
+        )
+    return tuple(sliding_window if t == "sliding_attention" else None for t in types)
+
+
     """The MoE fields of ModelConfig, from each family's spelling of them."""
     num_layers = cfg["num_hidden_layers"]
     if family == "mixtral":
@@ -225,6 +265,12 @@ class EngineConfig:
     # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.
     speculative: dict | SpeculativeConfig | None = None
     seed: int = 0
+    # Attention sinks (StreamingLLM), off by default: every query attends to the first
+    # `attention_sinks` tokens and the last `sink_window` (itself included), with RoPE positions
+    # counted within that cache (engine/attention/sink_backend.py), so KV memory per request is
+    # bounded and requests may generate past max_model_len.
+    attention_sinks: int = 0
+    sink_window: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -252,4 +298,12 @@ class EngineConfig:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.attention_sinks < 0 or self.sink_window < 0:
+            raise ValueError("attention_sinks and sink_window must be >= 0")
+        if bool(self.attention_sinks) != bool(self.sink_window):
+            raise ValueError(
+                "attention sinks need both attention_sinks (the first k tokens kept) and "
+                f"sink_window (the recent tokens kept) > 0; got {self.attention_sinks} and "
+                f"{self.sink_window}"
+            )
         return torch.device(self.device)

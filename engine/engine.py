@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig, ModelConfig, parse_dtype
-from engine.kv_cache import KVCacheManager
+from engine.kv_cache import KVCacheManager, KVWindow
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -78,8 +78,15 @@ class LLMEngine:
             )
         torch.manual_seed(config.seed)
         self.runner = ModelRunner(config, self.model_config, self.dtype)
+        # Sliding windows and attention sinks bound a request's KV: blocks no query can read
+        # again go back to the pool (kv_cache/window.py).
+        window = (
+            KVWindow(config.block_size, config.sink_window, config.attention_sinks)
+            if config.attention_sinks
+            else KVWindow(config.block_size, self.model_config.kv_window)
+        )
         self.kv_manager = KVCacheManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching, window
         )
         # Stop on config.json's EOS and on generation_config.json's (Llama 3 lists several there).
         eos = tuple(
@@ -133,11 +140,12 @@ class LLMEngine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        max_len = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        if self.kv_manager.blocks_needed(max_len) > self.kv_manager.num_blocks:
+        max_len = min(len(token_ids) + params.max_tokens, self.scheduler.max_len)
+        peak = self.kv_manager.window.peak_blocks(max_len, self.config.max_num_batched_tokens)
+        if peak > self.kv_manager.num_blocks:
             raise ValueError(
-                f"request needs up to {self.kv_manager.blocks_needed(max_len)} KV blocks "
-                f"but the pool has only {self.kv_manager.num_blocks}"
+                f"request needs up to {peak} KV blocks but the pool has only "
+                f"{self.kv_manager.num_blocks}"
             )
         request = Request(request_id, token_ids, params)
         detok = (

@@ -22,7 +22,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
-from engine.models.llama import LlamaForCausalLM
+from engine.models.llama import LlamaForCausalLM, rope_inv_freq
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
 
@@ -60,11 +60,15 @@ class ModelRunner:
             scale=model_config.head_dim**-0.5,
             sliding_window=model_config.sliding_window,
             kv_cache_dtype=config.kv_cache_dtype,
+            layer_windows=model_config.layer_windows,
         )
         on_cuda = self.device.type == "cuda"
         # extra["attention_backend"] = "torch" keeps the reference backend on CUDA (tests).
         use_triton = on_cuda and config.extra.get("attention_backend", "triton") == "triton"
-        if use_triton:
+        if config.attention_sinks:  # no Triton kernel for sinks yet: plain PyTorch everywhere
+            use_triton = False
+            self.backend = _sink_backend(spec, model_config, config)
+        elif use_triton:
             from engine.attention.triton_backend import TritonAttentionBackend
 
             self.backend = TritonAttentionBackend(spec, self.max_model_len)
@@ -370,6 +374,18 @@ class DecodeGraphs:
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[: meta.num_seqs]
+
+
+def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig):
+    from engine.attention.sink_backend import SinkAttentionBackend
+
+    windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w is not None]
+    if windows and config.sink_window > min(windows):
+        raise ValueError(
+            f"sink_window {config.sink_window} exceeds the model's sliding window {min(windows)}"
+        )
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    return SinkAttentionBackend(spec, inv_freq, config.attention_sinks, config.sink_window)
 
 
 def random_model(

@@ -16,6 +16,7 @@ Any token of a request is one unit of budget: a decode costs 1, a prefill chunk 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -78,6 +79,12 @@ class Scheduler:
         assert request.request_id not in self.requests, "duplicate request id"
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    @property
+    def max_len(self) -> float:
+        """How long a request may grow: max_model_len, or without limit with attention sinks
+        (StreamingLLM counts positions within the cache, so the model never sees a larger one)."""
+        return math.inf if self.kv.window.num_sink_tokens else self.max_model_len
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -144,14 +151,16 @@ class Scheduler:
         assert request.request_id not in self.requests, "duplicate request id"
         # Leave every running request room for its next block, so reservations never starve
         # the batch already decoding (which would then preempt itself into a stall).
-        needed = self.kv.blocks_needed(request.num_prompt_tokens)
+        n = request.num_prompt_tokens
+        # With a window only the blocks the next token can see are reserved, and sent.
+        needed = self.kv.window.num_live_blocks(n, n)
         if self.kv.num_free_blocks - needed < len(self.running):
             return None
-        if not self.kv.allocate(request, request.num_prompt_tokens):
+        if not self.kv.allocate_computed(request, n):
             return None
         self.requests[request.request_id] = request
         self.reserved[request.request_id] = request
-        return self.kv.block_ids(request.request_id)
+        return self.kv.held_block_ids(request.request_id)
 
     def admit_prefilled(self, request_id: str, first_token: int) -> Request:
         """The reserved request's prompt KV has arrived, with the token sampled after it: it
@@ -173,7 +182,7 @@ class Scheduler:
         room = min(
             budget - 1,
             request.sampling_params.max_tokens - request.num_output_tokens - 1,
-            self.max_model_len - request.num_tokens - 1,
+            self.max_len - request.num_tokens - 1,
         )
         return request.spec_token_ids[: max(room, 0)]
 
@@ -220,6 +229,7 @@ class Scheduler:
             else:
                 request.num_computed_tokens += s.num_tokens
             self.kv.cache_computed_blocks(request)
+            self.kv.release_out_of_window(request)
             if reason is not None:
                 self.finish(request.request_id, reason)
                 finished.append(request)
@@ -235,7 +245,7 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_model_len:
+        if request.num_tokens >= self.max_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

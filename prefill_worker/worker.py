@@ -15,6 +15,7 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.engine_thread import EngineThread
+from engine.kv_cache import KVCacheManager
 from engine.kv_connector import KVConnector
 from engine.metrics import EngineMetrics
 from engine.scheduler import SchedulerOutput
@@ -38,8 +39,15 @@ class _SendConnector(KVConnector):
     """Starts a request's transfer in the step that completes its prompt, sends each layer as
     soon as the forward pass has written it, and waits for the sends before blocks may be freed."""
 
-    def __init__(self, agent: KVTransferAgent, metrics: EngineMetrics, bytes_per_block: int):
+    def __init__(
+        self,
+        agent: KVTransferAgent,
+        metrics: EngineMetrics,
+        bytes_per_block: int,
+        kv_manager: KVCacheManager,
+    ):
         self.agent = agent
+        self.kv_manager = kv_manager
         self.metrics = metrics
         self.bytes_per_block = bytes_per_block
         self.targets: dict[str, tuple[int, str]] = {}  # request id -> (transfer id, decode peer)
@@ -53,8 +61,11 @@ class _SendConnector(KVConnector):
             rid = s.request.request_id
             if s.samples and rid in self.targets:
                 transfer_id, peer = self.targets.pop(rid)
-                handle = self.agent.start_send(transfer_id, peer, s.block_ids)
-                num_bytes = len(s.block_ids) * self.bytes_per_block
+                # With a sliding window or sinks only the blocks the decode side's next token
+                # can see travel; it reserved exactly those (Scheduler.reserve).
+                block_ids = self.kv_manager.live_block_ids(s.request, s.request.num_tokens)
+                handle = self.agent.start_send(transfer_id, peer, block_ids)
+                num_bytes = len(block_ids) * self.bytes_per_block
                 self._active.append((rid, handle, num_bytes, time.perf_counter()))
         return bool(self._active)
 
@@ -102,7 +113,10 @@ class PrefillWorker:
         )
         self.metrics = EngineMetrics(tier, "prefill", worker_id)
         self.connector = _SendConnector(
-            self.agent, self.metrics, self.engine.runner.kv_bytes_per_block
+            self.agent,
+            self.metrics,
+            self.engine.runner.kv_bytes_per_block,
+            self.engine.kv_manager,
         )
         self.engine.runner.kv_connector = self.connector
         self._pending: dict[str, tuple[Future, float]] = {}

@@ -52,9 +52,26 @@ class AttentionSpec:
     sliding_window: int | None = None
     # "auto", or "fp8" / "int8": the cache holds 8-bit rows with their scales (kv_cache/quant.py)
     kv_cache_dtype: str = "auto"
+    # Per-layer windows (alternating local and global layers): layer i attends with
+    # layer_windows[i] (None: global). Empty: every layer uses `sliding_window`.
+    layer_windows: tuple[int | None, ...] = ()
+
+    def window_of(self, layer: int | None) -> int | None:
+        if layer is None or not self.layer_windows:
+            return self.sliding_window
+        return self.layer_windows[layer]
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """The distinct windows the layers use (a backend prepares its masks once for each)."""
+        return tuple(dict.fromkeys(self.layer_windows)) or (self.sliding_window,)
 
 
 class AttentionBackend(ABC):
+    # True when `forward` takes q and k before RoPE and rotates them itself (attention sinks:
+    # positions counted within the cache); the model then skips its own rotation.
+    applies_rope = False
+
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
 
@@ -72,7 +89,9 @@ class AttentionBackend(ABC):
         # [2, num_blocks, block_size, num_kv_heads, head_dim (+ 4 scale bytes when quantized)]
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        layer: int | None = None,
     ) -> torch.Tensor:
-        """Called by each attention layer: writes this step's K and V into `kv_cache` at
+        """Called by each attention layer (`layer`: its index, which picks its window in
+        `spec.layer_windows`): writes this step's K and V into `kv_cache` at
         `meta.slot_mapping`, then returns attention over each sequence's cached context,
         [num_tokens, num_heads, head_dim]."""

@@ -16,6 +16,9 @@ context of every chunk, every layer, into a contiguous buffer (for the last 512-
 so the call would fall back to a kernel that materialises the mask. The kernel reads each page
 once where it lies and applies the shift by index arithmetic.
 
+With a sliding window (per layer: `forward`'s `layer` picks it) neither kernel loads a key
+before the window: those blocks may be back in the pool, their table slots a placeholder.
+
 With an 8-bit KV cache (`spec.kv_cache_dtype`), K and V are quantized (kv_cache/quant.py) before
 the write, the kernels dequantize as they read, and every prefill chunk goes through (4) so it
 attends to its own keys quantized, as the torch backend does.
@@ -103,7 +106,7 @@ class TritonAttentionBackend(AttentionBackend):
         fresh, cont = [], []
         for i in prefill_seqs:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            plain = self.spec.sliding_window is None and not quant.is_quantized(
+            plain = self.spec.windows == (None,) and not quant.is_quantized(
                 self.spec.kv_cache_dtype
             )
             if end - start == meta.seq_lens[i] and plain:
@@ -129,8 +132,9 @@ class TritonAttentionBackend(AttentionBackend):
             prefills.seq_lens, prefills.table_row = parts[2], parts[3]
         meta.backend_data = (decodes, prefills)
 
-    def forward(self, query, key, value, kv_cache, meta):
+    def forward(self, query, key, value, kv_cache, meta, layer=None):
         spec = self.spec
+        window = spec.window_of(layer)
         if quant.is_quantized(spec.kv_cache_dtype):
             quant.write(kv_cache[0], meta.slot_mapping, key, spec.kv_cache_dtype)
             quant.write(kv_cache[1], meta.slot_mapping, value, spec.kv_cache_dtype)
@@ -148,7 +152,7 @@ class TritonAttentionBackend(AttentionBackend):
                 spec.scale,
                 decodes.num_splits,
                 decodes.token_idx,
-                spec.sliding_window,
+                window,
             )
         if prefills is None:
             return out
@@ -173,7 +177,7 @@ class TritonAttentionBackend(AttentionBackend):
                 prefills.q_lens,
                 prefills.seq_lens,
                 prefills.table_row,
-                spec.sliding_window,
+                window,
             )
         return out
 

@@ -434,12 +434,16 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], tl.float32)
     hi = tl.minimum(ctx + t0 + BLOCK_Q, seq_len)
     lo = 0
+    first_key = 0
     if WINDOW > 0:
-        lo = tl.maximum(ctx + t0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        # NOTE: keys before the tile's first visible one are never loaded, not only masked: their
+        # blocks may be back in the pool (kv_cache/window.py), the table slot a placeholder.
+        first_key = tl.maximum(ctx + t0 - WINDOW + 1, 0)
+        lo = first_key // BLOCK_N * BLOCK_N
     table = block_tables + tl.load(table_row + s).to(tl.int64) * stride_bt
     for tile_pos in range(lo, hi, BLOCK_N):
         pos = tile_pos + tl.arange(0, BLOCK_N)
-        valid = pos < hi
+        valid = (pos < hi) & (pos >= first_key)
         page = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
         page_offs = page * stride_kb
         row_offs = (pos % PAGE) * stride_ks + kv_head * stride_kh

@@ -83,8 +83,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        layer: int | None = None,
+    ):
         super().__init__()
+        self.layer = layer  # picks this layer's window in the backend (per-layer windows)
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -121,8 +128,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self._rotary[0](positions, q, k)
-        out = self._backend.forward(q, k, v, kv_cache, meta)
+        if not self._backend.applies_rope:  # attention sinks: the backend rotates in-cache
+            q, k = self._rotary[0](positions, q, k)
+        out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
     def _fused_forward(self, positions, x, kv_cache, meta):
@@ -134,7 +142,7 @@ class Attention(nn.Module):
         if self.qk_norm:  # new contiguous tensors: rope_ below works in place on them
             q, k = self.q_norm(q), self.k_norm(k)
         self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
-        out = self._backend.forward(q, k, v, kv_cache, meta)
+        out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -175,7 +183,7 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, backend)
+        self.self_attn = Attention(cfg, rotary, backend, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoeBlock(cfg, MLP) if index in cfg.moe_layers else MLP(cfg)
 
