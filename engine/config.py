@@ -74,10 +74,10 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on, sigmoid-gated expert
     moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the sparse block
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head before RoPE
-
     # Per-layer attention windows (None: global), from `layer_types` or Qwen's
     # `max_window_layers`; empty: `sliding_window` for every layer.
     layer_windows: tuple[int | None, ...] = ()
+
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
@@ -126,8 +126,8 @@ class ModelConfig:
         if family in ("qwen3", "qwen3_moe") and attention_bias:
             # Qwen3's attention_bias also puts a bias on o_proj, which Baton's model lacks.
             raise ValueError("Qwen3 with attention_bias is not supported")
-        eos = cfg.get("eos_token_id")
         layer_windows = _layer_windows(cfg, qwen, sliding_window)
+        eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=known[0],
@@ -150,10 +150,9 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             **_moe_fields(family, cfg),
             qk_norm=family in ("qwen3", "qwen3_moe"),
-        )
             layer_windows=layer_windows,
+        )
 
-    @property
     def layer_window(self, layer: int) -> int | None:
         """The attention window of one layer (None: it sees the whole sequence)."""
         return self.layer_windows[layer] if self.layer_windows else self.sliding_window
@@ -165,12 +164,12 @@ class ModelConfig:
         windows = [self.layer_window(i) for i in range(self.num_layers)]
         return None if None in windows else max(windows)
 
+    @property
     def kv_elements_per_token(self) -> int:
         """K and V elements one token occupies across all layers (times the dtype's size: bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
 
-def _moe_fields(family: str, cfg: dict) -> dict:
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -195,6 +194,7 @@ def _layer_windows(cfg: dict, qwen: bool, sliding_window: int | None) -> tuple[i
     return tuple(sliding_window if t == "sliding_attention" else None for t in types)
 
 
+def _moe_fields(family: str, cfg: dict) -> dict:
     """The MoE fields of ModelConfig, from each family's spelling of them."""
     num_layers = cfg["num_hidden_layers"]
     if family == "mixtral":
@@ -264,13 +264,13 @@ class EngineConfig:
     # Speculative decoding, off by default: e.g. {"method": "ngram", "num_speculative_tokens": 4}
     # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.
     speculative: dict | SpeculativeConfig | None = None
-    seed: int = 0
     # Attention sinks (StreamingLLM), off by default: every query attends to the first
     # `attention_sinks` tokens and the last `sink_window` (itself included), with RoPE positions
     # counted within that cache (engine/attention/sink_backend.py), so KV memory per request is
     # bounded and requests may generate past max_model_len.
     attention_sinks: int = 0
     sink_window: int = 0
+    seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -294,10 +294,6 @@ class EngineConfig:
                 f"got {self.kv_cache_dtype!r}"
             )
         self.speculative = SpeculativeConfig.parse(self.speculative)
-
-    def resolve_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.attention_sinks < 0 or self.sink_window < 0:
             raise ValueError("attention_sinks and sink_window must be >= 0")
         if bool(self.attention_sinks) != bool(self.sink_window):
@@ -306,4 +302,8 @@ class EngineConfig:
                 f"sink_window (the recent tokens kept) > 0; got {self.attention_sinks} and "
                 f"{self.sink_window}"
             )
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
