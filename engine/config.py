@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine.quantization.config import QuantConfig
 from engine.speculative import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = {
@@ -264,6 +265,9 @@ class EngineConfig:
     # Speculative decoding, off by default: e.g. {"method": "ngram", "num_speculative_tokens": 4}
     # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.
     speculative: dict | SpeculativeConfig | None = None
+    # Weight quantization, off by default: "int8" | "int4" | "fp8", or a dict such as
+    # {"method": "int4", "group_size": 64, "symmetric": False} (engine/quantization/config.py).
+    quantization: str | dict | QuantConfig | None = None
     # Attention sinks (StreamingLLM), off by default: every query attends to the first
     # `attention_sinks` tokens and the last `sink_window` (itself included), with RoPE positions
     # counted within that cache (engine/attention/sink_backend.py), so KV memory per request is
@@ -294,6 +298,7 @@ class EngineConfig:
                 f"got {self.kv_cache_dtype!r}"
             )
         self.speculative = SpeculativeConfig.parse(self.speculative)
+        self.quantization = QuantConfig.parse(self.quantization)
         if self.attention_sinks < 0 or self.sink_window < 0:
             raise ValueError("attention_sinks and sink_window must be >= 0")
         if bool(self.attention_sinks) != bool(self.sink_window):

@@ -13,6 +13,9 @@ from engine.attention.backend import AttentionBackend
 from engine.config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.models.moe import checkpoint_target
+from engine.quantization.checkpoint import stored_quantization
+from engine.quantization.config import QuantConfig
+from engine.quantization.linear import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +46,28 @@ def load_model(
     backend: AttentionBackend,
     dtype: torch.dtype,
     device: torch.device,
+    quantization: QuantConfig | None = None,
 ) -> LlamaForCausalLM:
     """Build the model without allocating, then fill every parameter from the checkpoint.
 
     A parameter may come in parts (MoE experts stored one matrix each: `moe.checkpoint_target`
-    says which part a tensor fills); it counts as loaded once its parts cover all its elements."""
+    says which part a tensor fills); it counts as loaded once its parts cover all its elements.
+
+    `quantization`: the linears are quantized once loaded (engine/quantization). A checkpoint
+    Baton saved quantized is built quantized and loaded as it is."""
     model_dir = Path(model_dir)
     files = weight_files(model_dir)
+    stored = stored_quantization(model_dir)
+    if stored is not None and quantization not in (None, stored):
+        raise ValueError(
+            f"{model_dir} is quantized as {stored}; it cannot be loaded as {quantization}"
+        )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, backend)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if stored is not None:
+        quantize_model(model, stored)  # on meta: the quantized layout, to load into
+    model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     loaded_elements = dict.fromkeys(params, 0)
     for path in files:
@@ -74,11 +89,13 @@ def load_model(
                         f"config implies {tuple(dest.shape)}"
                     )
                 with torch.no_grad():
-                    dest.copy_(tensor.to(dtype))
+                    dest.copy_(tensor.to(dest.dtype))
                 loaded_elements[target] += dest.numel()
     missing = sorted(n for n, p in params.items() if loaded_elements[n] != p.numel())
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} weights: {shown}")
+    if quantization is not None and stored is None:
+        quantize_model(model, quantization)
     model.rotary.build(device)
     return model.eval().requires_grad_(False)

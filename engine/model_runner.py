@@ -23,6 +23,7 @@ from engine.kv_cache import quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM, rope_inv_freq
+from engine.quantization.linear import check_supported, quantize_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
 
@@ -74,10 +75,16 @@ class ModelRunner:
             self.backend = TritonAttentionBackend(spec, self.max_model_len)
         else:
             self.backend = TorchAttentionBackend(spec)
+        if config.quantization is not None:
+            check_supported(config.quantization, self.device)
         if config.extra.get("random_weights"):
             self.model = random_model(model_config, self.backend, dtype, self.device, config.seed)
+            if config.quantization is not None:
+                quantize_model(self.model, config.quantization)
         else:
-            self.model = load_model(config.model, model_config, self.backend, dtype, self.device)
+            self.model = load_model(
+                config.model, model_config, self.backend, dtype, self.device, config.quantization
+            )
         if use_triton:
             self.model.fuse_for_cuda()
         # NOTE: MoE layers read per-expert token counts on the host each step (moe.py), which a

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.moe import SparseMoeBlock
+from engine.quantization.linear import QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -112,12 +114,9 @@ class Attention(nn.Module):
         self._ops = None  # engine.attention.fused_ops once `fuse` ran (CUDA)
 
     def fuse(self, ops) -> None:
-        """One [q; k; v] matrix (the q/k/v parameters become views of it) and the RoPE kernel."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_weight = _concat_params([p.weight for p in projs])
-        self.qkv_bias = (
-            _concat_params([p.bias for p in projs]) if projs[0].bias is not None else None
-        )
+        """One [q; k; v] projection (the q/k/v parameters become views of it) and the RoPE
+        kernel."""
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         self._ops = ops
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
@@ -135,7 +134,7 @@ class Attention(nn.Module):
 
     def _fused_forward(self, positions, x, kv_cache, meta):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], -1)
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -156,14 +155,29 @@ class MLP(nn.Module):
         self._ops = None
 
     def fuse(self, ops) -> None:
-        """One [gate; up] matrix and the SiLU-and-mul kernel."""
-        self.gate_up_weight = _concat_params([self.gate_proj.weight, self.up_proj.weight])
+        """One [gate; up] projection and the SiLU-and-mul kernel."""
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
         self._ops = ops
 
     def forward(self, x):
         if self._ops is not None:
-            return self.down_proj(self._ops.silu_and_mul(F.linear(x, self.gate_up_weight)))
+            return self.down_proj(self._ops.silu_and_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse_linears(linears: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One projection whose output is the concatenation of `linears`' outputs, over tensors
+    the parts' parameters become views of. A plain callable, not a module: the fused tensors
+    are not listed (or counted) twice among the parameters."""
+    first = linears[0]
+    fused = {
+        name: _concat_params([getattr(lin, name) for lin in linears])
+        for name, param in first.named_parameters(recurse=False)
+        if param is not None
+    }
+    if isinstance(first, QuantLinear):
+        return first.with_tensors(**fused)
+    return partial(F.linear, weight=fused["weight"], bias=fused.get("bias"))
 
 
 def _concat_params(params: list[nn.Parameter]) -> torch.Tensor:

@@ -33,6 +33,13 @@ class Experts(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    # The per-expert products the block runs (quantization.linear.QuantExperts has the same).
+    def gate_up(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.gate_up_proj[expert])
+
+    def down(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.down_proj[expert])
+
 
 class Router(nn.Module):
     """`gate.weight` [num_experts, hidden] in the checkpoint."""
@@ -85,10 +92,8 @@ class SparseMoeBlock(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate_up = F.linear(rows[start : start + n], self.experts.gate_up_proj[e])
-            out_rows[start : start + n] = F.linear(
-                self._silu_mul(gate_up), self.experts.down_proj[e]
-            )
+            gate_up = self.experts.gate_up(e, rows[start : start + n])
+            out_rows[start : start + n] = self.experts.down(e, self._silu_mul(gate_up))
             start += n
         weighted = out_rows.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

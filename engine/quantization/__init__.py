@@ -1,0 +1,12 @@
+"""Weight quantization: int8 / int4 / fp8 linear layers (EngineConfig.quantization).
+
+config.py      QuantConfig: the user's choice, validated
+formats.py     quantize / dequantize a matrix (the storage formats)
+linear.py      QuantLinear, quantize_model (at load), how each device computes
+kernels.py     the Triton weight-only matmul (CUDA)
+checkpoint.py  Baton's pre-quantized checkpoints: save_quantized, stored_quantization
+"""
+
+from engine.quantization.config import METHODS, QuantConfig
+
+__all__ = ["METHODS", "QuantConfig"]

@@ -1,0 +1,266 @@
+"""Triton weight-only matmul for quantized linears on CUDA (W8A16 int8, W8A16 fp8, W4A16 int4):
+out[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias), reading the quantized bytes once.
+
+Why a kernel: a batch-1 decode step is memory-bound (every weight byte read once per token), so
+a dequantize-then-matmul would read the small weights, write the wide ones and read them again,
+slower than bf16. Here each program loads a [BLOCK_N, BLOCK_K] tile of the quantized matrix,
+dequantizes it in registers and multiplies it into a [BLOCK_M, BLOCK_N] float32 accumulator:
+
+    grid = (ceil(M / BLOCK_M), ceil(N / BLOCK_N), split_k)
+    program (m, n, s) sums k in [s * k_per_split, (s + 1) * k_per_split) of rows m, columns n
+
+M is padded to 16 rows inside a program (the smallest `tl.dot` tile; the padding rows are
+masked loads of zeros, free in a memory-bound kernel). Split-K gives a small-M, small-N matmul
+enough programs to keep HBM busy (o_proj at batch 1: 4096 / BLOCK_N programs without it); the
+splits then add float32 partial sums atomically into a zeroed buffer, cast at the end.
+
+Formats (formats.py): int8 and fp8 (e4m3 bits as uint8) scale whole output channels, so the
+scale multiplies the finished sum; int4 bytes hold k = 2j (low nibble) and 2j + 1 (high), so
+a tile is split into its even and odd columns, each dotted with the matching columns of x, and
+each element is scaled by its group's scale before the dot.
+
+Block sizes and split_k: measured per (format, M bucket, N, K) the first time a shape runs
+outside CUDA graph capture (`_tuned`), among a handful of candidates; `BATON_QUANT_TUNE=0`, the
+interpreter and capture use `_heuristic`. No host sync and no host tensors in `matmul`, so
+decode CUDA graphs capture it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.quantization.formats import QuantizedWeight
+
+# Above this many rows (prefill) the Triton kernel re-reads each weight tile ceil(M / 64) times
+# and is compute-bound without tensor-core-friendly tiles: dequantize once and use cuBLAS.
+MAX_KERNEL_ROWS = 256
+_METHOD_CODE = {"int8": 0, "fp8": 1, "int4": 2}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _wq_matmul_kernel(
+    x,
+    qweight,
+    scales,
+    zeros,
+    bias,
+    out,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    GROUP_SIZE: tl.constexpr,
+    METHOD: tl.constexpr,  # 0 int8, 1 fp8 (e4m3 bits), 2 int4 (packed)
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,  # split-K: out is a zeroed float32 buffer, partial sums are added
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_rows = x + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = qweight + rn.to(tl.int64)[:, None] * stride_wn
+    dtype = x.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if METHOD == 2:
+            # Byte j of the tile holds columns k0 + 2j (low nibble) and k0 + 2j + 1 (high);
+            # k0 is even (k_per_split and BLOCK_K are), so both share a group (even size).
+            j = tl.arange(0, BLOCK_K // 2)
+            k_even = k0 + 2 * j
+            w_mask = n_mask[:, None] & (k_even < k_end)[None, :]
+            packed = tl.load(w_rows + (k_even // 2)[None, :], mask=w_mask, other=0)
+            s_rows = scales + rn.to(tl.int64)[:, None] * stride_sn + (k_even // GROUP_SIZE)[None, :]
+            scale = tl.load(s_rows, mask=w_mask, other=0).to(tl.float32)
+            if HAS_ZEROS:
+                z_rows = zeros + rn.to(tl.int64)[:, None] * stride_sn
+                zero = tl.load(z_rows + (k_even // GROUP_SIZE)[None, :], mask=w_mask, other=0)
+                zero = zero.to(tl.float32)
+            else:
+                zero = 8.0
+            w_lo = (((packed & 0xF).to(tl.float32) - zero) * scale).to(dtype)
+            w_hi = (((packed >> 4).to(tl.float32) - zero) * scale).to(dtype)
+            x_lo = tl.load(
+                x_rows + k_even[None, :], mask=m_mask[:, None] & (k_even < k_end)[None, :], other=0
+            )
+            x_hi = tl.load(
+                x_rows + (k_even + 1)[None, :],
+                mask=m_mask[:, None] & (k_even + 1 < k_end)[None, :],
+                other=0,
+            )
+            acc += tl.dot(x_lo, tl.trans(w_lo), input_precision=PRECISION)
+            acc += tl.dot(x_hi, tl.trans(w_hi), input_precision=PRECISION)
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k < k_end
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+            if METHOD == 1:
+                w = w.to(tl.float8e4nv, bitcast=True)
+            # Exact: int8 and e4m3 values are representable in bf16, fp16 and fp32.
+            w = w.to(dtype)
+            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
+            acc += tl.dot(xt, tl.trans(w), input_precision=PRECISION)
+    if METHOD != 2:  # per-channel scale: a factor of the whole sum
+        acc = acc * tl.load(scales + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias + rn, mask=n_mask, other=0).to(tl.float32)
+        if ATOMIC:
+            b = tl.where(pid_k == 0, b, 0.0)  # added once, by the first split
+        acc += b[None, :]
+    o_ptrs = out + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(o_ptrs, acc, mask=o_mask)
+    else:
+        tl.store(o_ptrs, acc.to(out.dtype.element_ty), mask=o_mask)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _block_m(num_rows: int) -> int:
+    return 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+
+
+def _split_for(num_rows: int, n: int, k: int, block_n: int, block_k: int) -> int:
+    """Enough programs for ~4 per SM on a 132-SM H100, without splits shorter than 4 tiles."""
+    programs = -(-num_rows // _block_m(num_rows)) * -(-n // block_n)
+    return max(1, min(-(-528 // programs), k // (4 * block_k)))
+
+
+def _heuristic(num_rows: int, n: int, k: int, method: str) -> KernelConfig:
+    block_n, block_k = 32, 256 if method == "int4" else 128
+    return KernelConfig(block_n, block_k, _split_for(num_rows, n, k, block_n, block_k))
+
+
+def _candidates(num_rows: int, n: int, k: int, method: str) -> list[KernelConfig]:
+    tiles = [(32, 128), (64, 128), (32, 256), (64, 256), (128, 128)]
+    if method == "int4":
+        tiles = [(32, 256), (64, 256), (32, 512), (64, 128), (128, 256)]
+    found = []
+    for block_n, block_k in tiles:
+        split = _split_for(num_rows, n, k, block_n, block_k)
+        for s in sorted({1, split, 2 * split}):
+            if s == 1 or k // s >= 2 * block_k:
+                for stages in (3, 4):
+                    found.append(KernelConfig(block_n, block_k, s, 4, stages))
+    return found
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> KernelConfig:
+    """The fastest candidate for this call's shape bucket, measured once; the heuristic while a
+    CUDA graph is being captured (the warm-up run before each capture tunes its shapes)."""
+    num_rows, k = x.shape
+    n = qw.qweight.shape[0]
+    bucket = 1 << (num_rows - 1).bit_length()
+    key = (qw.method, bucket, n, k, qw.group_size, qw.zeros is not None, bias is not None,
+           x.dtype)  # fmt: skip
+    if key in _TUNED:
+        return _TUNED[key]
+    fallback = _heuristic(bucket, n, k, qw.method)
+    if (
+        _INTERPRET
+        or os.environ.get("BATON_QUANT_TUNE", "1") == "0"
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return fallback
+    best, best_ms = fallback, float("inf")
+    for cfg in _candidates(bucket, n, k, qw.method):
+        try:
+            ms = triton.testing.do_bench(lambda c=cfg: _launch(x, qw, bias, c), warmup=5, rep=20)
+        except Exception:  # e.g. out of shared memory / registers for a big tile: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _TUNED[key] = best
+    return best
+
+
+def _launch(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, cfg: KernelConfig
+) -> torch.Tensor:
+    num_rows, k = x.shape
+    n = qw.qweight.shape[0]
+    atomic = cfg.split_k > 1
+    if atomic:
+        out = torch.zeros((num_rows, n), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out.to(x.dtype)
+    # Splits start on whole blocks (even k: int4 bytes are never split between programs).
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    block_m = _block_m(num_rows)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    _wq_matmul_kernel[grid](
+        x,
+        qw.qweight,
+        qw.scales,
+        zeros,
+        bias if bias is not None else qw.scales,
+        out,
+        num_rows,
+        n,
+        k,
+        k_per_split,
+        x.stride(0),
+        qw.qweight.stride(0),
+        qw.scales.stride(0) if qw.method == "int4" else 0,
+        out.stride(0),
+        GROUP_SIZE=max(qw.group_size, 2),
+        METHOD=_METHOD_CODE[qw.method],
+        HAS_ZEROS=qw.zeros is not None,
+        HAS_BIAS=bias is not None,
+        ATOMIC=atomic,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out.to(x.dtype) if atomic else out
+
+
+def weight_only_matmul(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16 / fp32) @ dequant(qw)^T + bias -> [M, N] in x's dtype. `config`
+    pins the blocks and split (tests); else tuned per shape."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    assert qw.qweight.stride(-1) == 1 and qw.scales.stride(-1) == 1
+    return _launch(x, qw, bias, config or _tuned(x, qw, bias))
