@@ -324,6 +324,11 @@ def median_ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
 
 
+def median_ratio(values: list[float], bases: list[float]) -> float:
+    """The median over repeats of (value - base) / base, in percent."""
+    return 100 * statistics.median((v - b) / b for v, b in zip(values, bases))
+
+
 def report(args, results: dict, kv_bytes_per_token: int) -> str:
     prefill = results["prefill"]
     lines = [
@@ -349,7 +354,8 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             "",
             "TTFT: prefill = 32 matmul layer steps; +send = the same with send_layer after each "
             "layer (until the compute stream is done); tail = that -> receiver DONE; "
-            "handoff = (DONE - start - prefill) / prefill",
+            "handoff = (DONE - start - prefill) / prefill; percentages: medians of each "
+            "repeat's ratio",
             f"{'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} {'compute +%':>10} "
             f"{'tail ms':>8} {'handoff +%':>10}",
         ]
@@ -357,12 +363,14 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             for m in args.min_message_bytes:
                 runs = prefill["ttft"][f"{tokens}/{m}"]
                 base, sending = median_ms(runs["compute"]), median_ms(runs["compute_sending"])
-                done = median_ms(runs["done"])
                 tails = [d - c for d, c in zip(runs["done"], runs["compute_sending"])]
+                # Paired: each repeat's prefill with sends against the one just before it
+                # without (the GPU's clock drifts between repeats by more than the effect).
+                slowdown = median_ratio(runs["compute_sending"], runs["compute"])
+                handoff = median_ratio(runs["done"], runs["compute"])
                 lines.append(
                     f"{tokens:6d} {label(m):>7} {base:10.2f} {sending:9.2f} "
-                    f"{100 * (sending - base) / base:10.2f} {median_ms(tails):8.2f} "
-                    f"{100 * (done - base) / base:10.2f}"
+                    f"{slowdown:10.2f} {median_ms(tails):8.2f} {handoff:10.2f}"
                 )
     return "\n".join(lines)
 

@@ -346,8 +346,9 @@ class KVTransferAgent:
                 f"transfer {handle.transfer_id}: expected layer "
                 f"{handle._next_layer}, got {layer_idx}"
             )
-        message, position = divmod(layer_idx, handle._per_message)
-        layers_in_message = handle._plan[message][1]
+        message = handle._gathered  # messages fill in order
+        first, layers_in_message = handle._plan[message]
+        position = layer_idx - first
         if position == 0:
             shape = self.layout.message_shape(layers_in_message, handle.num_blocks)
             handle._buffers.append(
@@ -359,7 +360,7 @@ class KVTransferAgent:
         handle._next_layer += 1
         if position == layers_in_message - 1:
             if self._all_rows is not None:  # the whole message at once
-                self._gather(handle._index, layer_idx - position, layers_in_message, buf)
+                self._gather(handle._index, first, layers_in_message, buf)
             handle._gathered += 1
             self._post_sends(handle._pair)
 

@@ -121,7 +121,10 @@ def layers_per_message(layer_bytes: int, min_message_bytes: int, num_layers: int
 
 
 def message_plan(num_layers: int, per_message: int) -> list[tuple[int, int]]:
-    """(first layer, layer count) of each message, in sending order."""
-    return [
-        (first, min(per_message, num_layers - first)) for first in range(0, num_layers, per_message)
-    ]
+    """(first layer, layer count) of each message, in sending order: `per_message` layers a
+    message, and the last layer alone. The last message can only leave once the forward pass
+    has computed the last layer; what it carries is the transfer's tail on the critical path
+    (its time on the wire plus its scatter), so it carries one layer, not `per_message`."""
+    body = num_layers - 1 if per_message > 1 and num_layers > 1 else num_layers
+    plan = [(first, min(per_message, body - first)) for first in range(0, body, per_message)]
+    return plan + [(body, 1)] if body < num_layers else plan

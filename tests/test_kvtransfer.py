@@ -617,7 +617,15 @@ def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatc
 
 def test_message_plan_covers_every_layer_once():
     assert message_plan(5, 2) == [(0, 2), (2, 2), (4, 1)]
-    assert message_plan(32, 32) == [(0, 32)]
+    assert message_plan(6, 2) == [(0, 2), (2, 2), (4, 1), (5, 1)]
+    assert message_plan(32, 32) == [(0, 31), (31, 1)]
+    assert message_plan(3, 1) == [(0, 1), (1, 1), (2, 1)]
+    assert message_plan(1, 4) == [(0, 1)]
+    for layers in range(1, 12):
+        for per_message in range(1, 14):
+            plan = message_plan(layers, per_message)
+            assert [f + i for f, c in plan for i in range(c)] == list(range(layers))
+            assert all(c <= per_message for _, c in plan)
     assert layers_per_message(layer_bytes=8 << 20, min_message_bytes=16 << 20, num_layers=32) == 2
     assert layers_per_message(layer_bytes=8 << 20, min_message_bytes=0, num_layers=32) == 1
     assert layers_per_message(layer_bytes=1, min_message_bytes=1 << 30, num_layers=32) == 32
