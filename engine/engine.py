@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.grammar import Grammar, GrammarCompiler
 from engine.kv_cache import KVCacheManager, KVWindow
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
@@ -103,6 +104,7 @@ class LLMEngine:
             eos,
         )
         self._text: dict[str, TextStream] = {}
+        self.grammar_compiler: GrammarCompiler | None = None  # on the first constrained request
         self.last_step = StepStats()
         self.speculative = config.speculative
         self.proposer = NgramProposer(config.speculative) if config.speculative else None
@@ -148,6 +150,8 @@ class LLMEngine:
                 f"{self.kv_manager.num_blocks}"
             )
         request = Request(request_id, token_ids, params)
+        if params.grammar is not None:
+            request.grammar = self._grammar_for(params, token_ids)
         detok = (
             IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             if self.tokenizer
@@ -155,6 +159,21 @@ class LLMEngine:
         )
         state = TextStream(text_prompt, detok, params.stop, params.include_stop_str_in_output)
         return request, state
+
+    def _grammar_for(self, params: SamplingParams, token_ids: list[int]) -> Grammar:
+        """The request's structured output matcher (engine/structured_output.py)."""
+        if self.tokenizer is None:
+            raise ValueError("structured output needs a tokenizer; this model has none")
+        n = params.num_structured_prompt_tokens
+        if n >= len(token_ids):
+            raise ValueError("num_structured_prompt_tokens must be less than the prompt's length")
+        if self.grammar_compiler is None:
+            self.grammar_compiler = GrammarCompiler(
+                self.tokenizer.to_json(),
+                self.model_config.vocab_size,
+                sorted(self.scheduler.eos_token_ids),
+            )
+        return self.grammar_compiler.grammar(params.grammar, token_ids[len(token_ids) - n :])
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         request, state = self.make_request(request_id, prompt, params)

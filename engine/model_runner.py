@@ -26,6 +26,7 @@ from engine.models.llama import LlamaForCausalLM, rope_inv_freq
 from engine.quantization.linear import check_supported, quantize_model
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
+from engine.structured_output import GrammarMasker
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class ModelRunner:
         )
         self.kv_caches = list(stacked.unbind(0))
         self.sampler = Sampler(self.device, config.seed)
+        self.grammar_masker = GrammarMasker(model_config.vocab_size, self.device)
         # Set by a prefill worker: moves KV out while the forward pass runs.
         self.kv_connector: KVConnector | None = None
         self.stager = _Stager(self.device)
@@ -149,6 +151,12 @@ class ModelRunner:
         if self.graphs is not None and layer_done is None:
             graph_size = self.graphs.batch_size_for(sched)
         input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched, graph_size)
+        drafts = {s.request.request_id: s.spec_token_ids for s in sched.scheduled}
+        # Structured output: the constrained rows' masks are filled on the host while the model
+        # runs (None when no request sampled in this step is constrained).
+        masks = self.grammar_masker.start(
+            sample_requests, [drafts[r.request_id] for r in sample_requests]
+        )
         if graph_size is not None:
             hidden = self.graphs.replay(graph_size, input_ids, positions, meta)
         else:
@@ -157,11 +165,11 @@ class ModelRunner:
         result = RunnerOutput({}, {})
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows])
-            drafts = {s.request.request_id: s.spec_token_ids for s in sched.scheduled}
+            masked = logits if masks is None else masks.apply(logits)
             if any(drafts.values()):
-                result = self._verify(logits, sample_requests, drafts)
+                result = self._verify(masked, sample_requests, drafts, logits)
             else:
-                out: SamplerOutput = self.sampler(logits, sample_requests)
+                out: SamplerOutput = self.sampler(masked, sample_requests, raw_logits=logits)
                 ids = [r.request_id for r in sample_requests]
                 logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
                 sampled = {rid: [t] for rid, t in zip(ids, out.token_ids)}
@@ -170,9 +178,10 @@ class ModelRunner:
             connector.on_step_end(sched)
         return result
 
-    def _verify(self, logits, requests, drafts: dict[str, list[int]]) -> RunnerOutput:
+    def _verify(self, logits, requests, drafts: dict[str, list[int]], raw) -> RunnerOutput:
         """A step with drafts: `logits` has len(draft) + 1 rows per request (one for the rest).
-        Requests with drafts are verified; the others sample their one row as usual.
+        Requests with drafts are verified; the others sample their one row as usual. `raw`:
+        the logits before structured output's masks, for logprobs.
 
             rows   | r0 | r1 r1 r1 | r2 | r3 r3 |     (r1 verifies 2 drafts, r3 one)
         """
@@ -182,7 +191,8 @@ class ModelRunner:
         spec = [i for i, r in enumerate(requests) if drafts[r.request_id]]
         sampled, logprobs = {}, {}
         if plain:
-            out = self.sampler(logits[ends[plain] - 1], [requests[i] for i in plain])
+            last = ends[plain] - 1
+            out = self.sampler(logits[last], [requests[i] for i in plain], raw_logits=raw[last])
             for i, token, lp in zip(plain, out.token_ids, out.logprobs):
                 sampled[requests[i].request_id] = [token]
                 if lp is not None:
@@ -194,7 +204,7 @@ class ModelRunner:
         )
         sampled.update((r.request_id, t) for r, t in zip(spec_requests, verified))
         # One logits row per request, its last, in `sampled`'s order.
-        return RunnerOutput(sampled, logprobs, logits[ends[plain + spec] - 1])
+        return RunnerOutput(sampled, logprobs, raw[ends[plain + spec] - 1])
 
     def _prepare(self, sched: SchedulerOutput, graph_size: int | None = None):
         """Pack the step's tokens. With `graph_size`, pad to that many decode rows (see

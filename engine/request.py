@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.grammar import Grammar
 from engine.sampling_params import SamplingParams
 
 
@@ -57,6 +58,9 @@ class Request:
     spec_acceptance: float = 1.0
     # The request's own random stream when it has a seed; made by the sampler on its device.
     generator: torch.Generator | None = None
+    # Structured output: the matcher of its constraint (engine/grammar.py), None without one.
+    # It consumes every token appended below.
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -84,3 +88,5 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)

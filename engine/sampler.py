@@ -31,11 +31,15 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        raw = logits.float()
-        logits = raw
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], raw_logits: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """`raw_logits`: the model's, when `logits` were masked (structured output); logprobs
+        come from them. Without, `logits` are the model's."""
+        raw = (logits if raw_logits is None else raw_logits).float()
+        logits = logits.float()
         if any(r.sampling_params.has_penalties for r in requests):
-            logits = apply_penalties(raw.clone(), requests)
+            logits = apply_penalties(logits.clone(), requests)
         params = [r.sampling_params for r in requests]
         tokens = logits.argmax(dim=-1)
         # Decided on the host: an all-greedy batch costs one argmax and one device sync.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+
+from engine.grammar import grammar_text
 
 MAX_LOGPROBS = 20
 # Bounds that keep one request from costing the server much more than its tokens: every stop
@@ -13,6 +16,9 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_TOP_K = 2**31 - 1
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
+# Structured output: a constraint's size (schema as JSON text, regex, all choices together).
+MAX_STRUCTURED_CHARS = 64 * 1024
+MAX_CHOICES = 1024
 
 
 @dataclass
@@ -32,6 +38,15 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # top-n logprobs per sampled token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    # Structured output (engine/structured_output.py), at most one: a JSON schema (a dict, or
+    # its JSON text), a regular expression the whole output must match, or a list of strings
+    # the output must equal one of.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    # Set by the router when it retries a request: the prompt's last n tokens were generated
+    # under the constraint already, and its grammar must consume them first.
+    num_structured_prompt_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,10 +89,53 @@ class SamplingParams:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex, choice; got {given}")
+        n = self.num_structured_prompt_tokens
+        if not isinstance(n, int) or n < 0 or (n and not given):
+            raise ValueError("num_structured_prompt_tokens must be >= 0 (0 without a constraint)")
+        if not given:
+            return
+        if isinstance(self.json_schema, str):
+            if len(self.json_schema) > MAX_STRUCTURED_CHARS:
+                raise ValueError(f"json_schema must be at most {MAX_STRUCTURED_CHARS} characters")
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON: {e}") from None
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise ValueError("json_schema must be a JSON object (a dict)")
+            size = len(json.dumps(self.json_schema))
+        elif self.regex is not None:
+            if not isinstance(self.regex, str) or not self.regex:
+                raise ValueError("regex must be a non-empty string")
+            size = len(self.regex)
+        else:
+            self.choice = list(self.choice)
+            if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+            if len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"at most {MAX_CHOICES} choices, got {len(self.choice)}")
+            size = sum(map(len, self.choice))
+        if size > MAX_STRUCTURED_CHARS:
+            raise ValueError(f"{given[0]} must be at most {MAX_STRUCTURED_CHARS} characters")
+        grammar_text(self.json_schema, self.regex, self.choice)  # raises ValueError if invalid
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def grammar(self) -> str | None:
+        """The structured output constraint as llguidance grammar text, None without one."""
+        if self.json_schema is None and self.regex is None and self.choice is None:
+            return None
+        return grammar_text(self.json_schema, self.regex, self.choice)
 
     @property
     def has_penalties(self) -> bool:

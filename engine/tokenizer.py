@@ -6,6 +6,7 @@ edges (prompt in, streamed deltas out), so it does not pull in `transformers`.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -41,6 +42,14 @@ class Tokenizer:
         post_processor_adds_bos = bos_token_id is not None and probe[:1] == [bos_token_id]
         wants_bos = add_bos_token if add_bos_token is not None else True
         self._prepend_bos = bos_token_id is not None and wants_bos and not post_processor_adds_bos
+
+    def to_json(self) -> str:
+        """The backend tokenizer as `tokenizer.json` text (structured output builds its token
+        automaton from it), without padding or truncation."""
+        backend = copy.copy(self._backend)
+        backend.no_padding()
+        backend.no_truncation()
+        return backend.to_str()
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> Tokenizer | None:

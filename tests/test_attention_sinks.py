@@ -161,3 +161,15 @@ def test_memory_bounded_while_generating_ten_windows(model_dir, streaming):
     # The sink block, the window, one chunk, one partial block.
     assert peak <= 1 + -(-(WINDOW + 16) // BLOCK) + 1 < -(-total // BLOCK) // 3
     assert outputs[-1].token_ids == streaming.greedy(prompt, 10 * WINDOW)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_sinks_match_reference(model_dir, streaming):
+    """Sinks run the PyTorch backend on CUDA too (no Triton kernel for them yet)."""
+    prompts = random_prompts([40, 7], seed=6)
+    llm = sink_llm(model_dir, device="cuda", dtype="float32", max_model_len=64)
+    assert type(llm.engine.runner.backend).__name__ == "SinkAttentionBackend"
+    outputs = run_checked(llm, prompts, greedy(60))
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == streaming.greedy(prompt, 60)
