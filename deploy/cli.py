@@ -23,6 +23,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 _API_KEY_HELP = "Bearer token for HTTP and gRPC (default: $BATON_API_KEY; unset: no key)"
+_QUANT_HELP = "weight quantization (engine/quantization): int8, int4 (group 128) or fp8"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -31,6 +32,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from deploy.launcher import deploy, load_config
 
     config = load_config(args.config, args.model)
+    if args.quantization:
+        from engine.quantization.config import QuantConfig
+
+        QuantConfig.parse(args.quantization)  # a bad name fails here, not in every worker
+        for tier in config.tiers.values():
+            tier.engine_args["quantization"] = args.quantization
     overrides = {"http_port": args.http_port, "api_key": args.api_key}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -132,7 +139,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
-    engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, num_blocks=args.num_blocks))
+    engine = LLMEngine(
+        EngineConfig(
+            model=model,
+            dtype=args.dtype,
+            num_blocks=args.num_blocks,
+            quantization=args.quantization,
+        )
+    )
     prompt = " ".join(args.prompt)
     engine.add_request("cli", prompt, params)
     start = time.perf_counter()
@@ -152,6 +166,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from engine.quantization.checkpoint import save_quantized
+
+    quantization = {"method": args.quantization}
+    if args.quantization == "int4":
+        quantization.update(group_size=args.group_size, symmetric=not args.asymmetric)
+    out = save_quantized(args.model, args.output, quantization, dtype=args.dtype)
+    print(f"wrote {out} ({args.quantization}); serve it as any model folder")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -168,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--timeout", type=float, default=300.0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--num-blocks", type=int, default=None)
+    gen.add_argument("--quantization", default=None, help=_QUANT_HELP)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -178,7 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--metrics-port", type=int, default=None, help="default 9400")
     serve.add_argument("--http-port", type=int, default=None, help="OpenAI API; default 8000")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help=_API_KEY_HELP)
+    serve.add_argument("--quantization", default=None, help="every tier's " + _QUANT_HELP)
     serve.set_defaults(func=cmd_serve)
+
+    quant = sub.add_parser("quantize", help="write a pre-quantized copy of a model folder")
+    quant.add_argument("model", help="Hugging Face model folder (unquantized)")
+    quant.add_argument("output", help="folder to write")
+    quant.add_argument("--quantization", required=True, help=_QUANT_HELP)
+    quant.add_argument("--group-size", type=int, default=128, help="int4: inputs per scale")
+    quant.add_argument("--asymmetric", action="store_true", help="int4: a zero point per group")
+    quant.add_argument("--dtype", default="auto", help="of the unquantized rest")
+    quant.set_defaults(func=cmd_quantize)
 
     bench = sub.add_parser("bench", help="load-test a running server (gRPC)")
     bench.add_argument("--target", default="localhost:50051", help="HOST:PORT")

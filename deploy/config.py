@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from engine.chat_template import read_template
+from engine.quantization.config import QuantConfig
 
 ROLES = ("prefill", "decode")
 _POSITIVE_SECONDS = (
@@ -49,6 +50,10 @@ class TierConfig:
             raise ValueError(f"config: tiers.{self.name}.max_queued_requests must be >= 0")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError(f"config: tiers.{self.name}.max_prompt_chars must be >= 1")
+        try:
+            QuantConfig.parse(self.engine_args.get("quantization"))
+        except ValueError as e:
+            raise ValueError(f"config: tiers.{self.name}.engine_args: {e}") from None
         if self.chat_template is not None:
             try:
                 read_template(self.chat_template)

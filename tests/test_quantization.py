@@ -117,26 +117,35 @@ def measure(model_dir, quantization, baseline, dtype="float32") -> dict:
 
 
 @pytest.fixture(scope="module")
-def unquantized(model_dir):
-    return run_with_logits(LLM(model_dir, num_blocks=1024), accuracy_prompts())
+def measured(model_dir):
+    """name -> measure(...) against the unquantized model, each computed once."""
+    baseline = run_with_logits(LLM(model_dir, num_blocks=1024), accuracy_prompts())
+    configs = {"int8": "int8", "fp8": "fp8", "int4": "int4", "int4-asym": INT4_ASYM}
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = measure(model_dir, configs[name], baseline)
+        return cache[name]
+
+    return get
 
 
 @pytest.mark.parametrize("method", list(ACCURACY_BOUNDS))
-def test_accuracy_against_unquantized(model_dir, unquantized, method):
-    result = measure(model_dir, method, unquantized)
+def test_accuracy_against_unquantized(measured, method):
+    result = measured(method)
     max_err, min_first, min_whole = ACCURACY_BOUNDS[method]
     assert result["rel_logit_err_mean"] < max_err, result
     assert result["first_token_agreement"] >= min_first, result
     assert result["greedy_agreement"] >= min_whole, result
 
 
-def test_int8_is_closer_than_int4_and_asymmetric_int4_no_worse(model_dir, unquantized):
-    errors = {
-        name: measure(model_dir, q, unquantized)["rel_logit_err_mean"]
-        for name, q in (("int8", "int8"), ("int4", "int4"), ("int4-asym", INT4_ASYM))
-    }
+def test_int8_is_closer_than_int4_and_asymmetric_int4_no_worse(measured):
+    errors = {name: measured(name)["rel_logit_err_mean"] for name in ("int8", "int4", "int4-asym")}
     assert errors["int8"] < errors["int4"] / 5
     assert errors["int4-asym"] < errors["int4"] * 1.1
+    # Bytes: int8 halves the linears, int4 quarters them (plus scales); the rest stays float32.
+    assert measured("int4")["weight_bytes"] < measured("int8")["weight_bytes"]
 
 
 @pytest.mark.parametrize("quantization", ["int8", INT4_ASYM, "fp8"], ids=["int8", "int4a", "fp8"])
@@ -215,3 +224,31 @@ if __name__ == "__main__":
     folder = sys.argv[1] if len(sys.argv) > 1 else write_test_checkpoint(tempfile.mkdtemp())
     for row in accuracy_table(folder):
         print(json.dumps(row))
+
+
+@pytest.mark.timeout(300)
+def test_quantized_workers_serve_over_grpc(model_dir):
+    """The deployment path: tier engine_args carry the quantization to a prefill and a decode
+    worker (Ray actors, KV over gloo); gRPC streams the tokens the offline quantized engine
+    gives."""
+    ray = pytest.importorskip("ray")
+    from tests.test_serving import Server, generate
+
+    prompts = random_prompts([5, 40, 130], seed=22)
+    offline = LLM(
+        model_dir, dtype="float32", num_blocks=256, max_num_batched_tokens=128, quantization="int4"
+    )
+    expected = [o.token_ids for o in offline.generate(prompts, GREEDY)]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        server = Server(
+            model_dir, num_prefill=1, num_decode=1, engine_args={"quantization": "int4"}
+        )
+        try:
+            for prompt, want in zip(prompts, expected):
+                tokens, _ = generate(server.stub, prompt, max_tokens=GREEDY.max_tokens)
+                assert tokens == want
+        finally:
+            server.close()
+    finally:
+        ray.shutdown()

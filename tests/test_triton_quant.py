@@ -27,13 +27,23 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 pytestmark = [pytest.mark.gpu] if CUDA else []
 
 FORMATS = [("int8", True), ("fp8", True), ("int4", True), ("int4", False)]
-# (M, N, K, group): K odd and not a multiple of the group, N not a multiple of BLOCK_N.
-SHAPES = [(1, 40, 99, 32), (3, 33, 130, 64), (17, 50, 66, 16), (64, 24, 258, 128)]
-if CUDA:
-    SHAPES += [(1, 4096 + 48, 4096 + 72, 128), (3, 1000, 3000, 128), (17, 6144, 4096, 128)]
-    SHAPES += [(64, 2050, 1030, 64), (200, 512, 768, 128)]
-CONFIGS = [kernels.KernelConfig(16, 32, 1), kernels.KernelConfig(32, 64, 2)]
-CONFIGS += [kernels.KernelConfig(16, 32, 3)] if not CUDA else [kernels.KernelConfig(64, 256, 4)]
+Config = kernels.KernelConfig  # (block_n, block_k, split_k, block_m): block_m 0 is the tl.dot
+# form, 1..8 the FMA (GEMV) form. Shapes (M, N, K, group): K odd or not a multiple of the
+# group, N not a multiple of BLOCK_N, splits that end mid-group or past K.
+CASES = [
+    ((1, 40, 99, 32), Config(16, 32, 1, 1)),
+    ((1, 40, 99, 32), Config(16, 32, 2)),
+    ((3, 33, 130, 64), Config(16, 64, 2, 4)),
+    ((17, 50, 66, 16), Config(16, 32, 3)),
+    ((64, 24, 258, 128), Config(32, 64, 2)),
+]
+if CUDA:  # every shape with every config, and Llama-sized ones
+    shapes = [(1, 40, 99, 32), (3, 33, 130, 64), (17, 50, 66, 16), (64, 24, 258, 128)]
+    shapes += [(1, 4096 + 48, 4096 + 72, 128), (3, 1000, 3000, 128), (17, 6144, 4096, 128)]
+    shapes += [(64, 2050, 1030, 64), (200, 512, 768, 128)]
+    configs = [Config(16, 32, 1), Config(32, 64, 2), Config(64, 256, 4), Config(32, 128, 1, 1)]
+    configs += [Config(32, 128, 3, 1), Config(16, 256, 2, 4)]
+    CASES = [(shape, config) for shape in shapes for config in configs]
 
 
 def check(x, qw, bias, config):
@@ -46,11 +56,15 @@ def check(x, qw, bias, config):
     assert err < (1e-5 if x.dtype == torch.float32 else 1e-2), err
 
 
+def case_id(case):
+    (m, n, k, group), c = case
+    return f"m{m}n{n}k{k}g{group}-bm{c.block_m}bn{c.block_n}bk{c.block_k}s{c.split_k}"
+
+
 @pytest.mark.parametrize("method,symmetric", FORMATS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "m{}n{}k{}g{}".format(*s))
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"bn{c.block_n}bk{c.block_k}s{c.split_k}")
-def test_kernel_matches_dequantized_reference(method, symmetric, shape, config):
-    m, n, k, group = shape
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_dequantized_reference(method, symmetric, case):
+    (m, n, k, group), config = case
     g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
     weight = (torch.randn(n, k, generator=g) * 0.02).to(DTYPE).to(DEVICE)
     x = torch.randn(m, k, generator=g).to(DTYPE).to(DEVICE)
@@ -74,7 +88,7 @@ def test_expert_slice_of_a_stack(method, symmetric):
         qs.in_features,
         qs.group_size,
     )
-    check(x, expert, None, CONFIGS[0])
+    check(x, expert, None, Config(16, 32, 2))
 
 
 @pytest.mark.skipif(not CUDA, reason="tuning and graphs need a GPU")
@@ -96,3 +110,21 @@ def test_tuned_kernel_inside_a_cuda_graph(method):
     graph.replay()
     expected = new_x.float() @ dequantize(qw).T
     assert float((static_out.float() - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("method", ["int8", "int4", "fp8"])
+def test_quantized_model_on_gpu_matches_cpu(model_dir, method):
+    """The whole quantized model on CUDA (fused q/k/v and gate/up, Triton kernels, decode CUDA
+    graphs) against the same quantized model on CPU (dequantize + matmul), float32 both."""
+    from engine import LLM
+    from tests.test_kv_quant import GREEDY, accuracy_prompts, run_with_logits
+
+    prompts = accuracy_prompts(16)
+    args = dict(dtype="float32", num_blocks=512, quantization=method)
+    gpu_out, gpu_logits = run_with_logits(LLM(model_dir, **args), prompts, GREEDY)
+    cpu_out, cpu_logits = run_with_logits(LLM(model_dir, device="cpu", **args), prompts, GREEDY)
+    rel = [float((a.cpu() - b).norm() / b.norm()) for a, b in zip(gpu_logits, cpu_logits)]
+    assert max(rel) < 1e-3, rel
+    same = sum(a.token_ids == b.token_ids for a, b in zip(gpu_out, cpu_out))
+    assert same >= 0.9 * len(prompts)

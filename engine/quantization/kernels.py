@@ -44,6 +44,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _mac(acc, xt, w, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += xt [BLOCK_M, BK] @ w [BLOCK_N, BK]^T. Under 16 rows (decode at
+    batch 1..8) as FMAs and a row sum, a GEMV with no tensor-core layout shuffles; else tl.dot."""
+    if BLOCK_M < 16:
+        prod = xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        return acc + tl.sum(prod, axis=2)
+    return acc + tl.dot(xt, tl.trans(w), input_precision=PRECISION)
+
+
+@triton.jit
 def _wq_matmul_kernel(
     x,
     qweight,
@@ -108,8 +118,8 @@ def _wq_matmul_kernel(
                 mask=m_mask[:, None] & (k_even + 1 < k_end)[None, :],
                 other=0,
             )
-            acc += tl.dot(x_lo, tl.trans(w_lo), input_precision=PRECISION)
-            acc += tl.dot(x_hi, tl.trans(w_hi), input_precision=PRECISION)
+            acc = _mac(acc, x_lo, w_lo, BLOCK_M, PRECISION)
+            acc = _mac(acc, x_hi, w_hi, BLOCK_M, PRECISION)
         else:
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < k_end
@@ -119,7 +129,7 @@ def _wq_matmul_kernel(
             # Exact: int8 and e4m3 values are representable in bf16, fp16 and fp32.
             w = w.to(dtype)
             xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0)
-            acc += tl.dot(xt, tl.trans(w), input_precision=PRECISION)
+            acc = _mac(acc, xt, w, BLOCK_M, PRECISION)
     if METHOD != 2:  # per-channel scale: a factor of the whole sum
         acc = acc * tl.load(scales + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -140,36 +150,54 @@ class KernelConfig:
     block_n: int
     block_k: int
     split_k: int
+    block_m: int = 0  # 0: 16, 32 or 64 by the number of rows; 1..8: the FMA (GEMV) form
     num_warps: int = 4
     num_stages: int = 3
 
+    def rows_per_program(self, num_rows: int) -> int:
+        if self.block_m:
+            return self.block_m
+        return 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
-def _block_m(num_rows: int) -> int:
-    return 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
 
-
-def _split_for(num_rows: int, n: int, k: int, block_n: int, block_k: int) -> int:
+def _split_for(num_rows: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> int:
     """Enough programs for ~4 per SM on a 132-SM H100, without splits shorter than 4 tiles."""
-    programs = -(-num_rows // _block_m(num_rows)) * -(-n // block_n)
-    return max(1, min(-(-528 // programs), k // (4 * block_k)))
+    programs = triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n)
+    return max(1, min(triton.cdiv(528, programs), k // (4 * block_k)))
+
+
+def _config(num_rows: int, n: int, k: int, block_m: int, block_n: int, block_k: int, **kw):
+    rows = KernelConfig(block_n, block_k, 1, block_m).rows_per_program(num_rows)
+    split = _split_for(num_rows, n, k, rows, block_n, block_k)
+    return KernelConfig(block_n, block_k, split, block_m, **kw)
 
 
 def _heuristic(num_rows: int, n: int, k: int, method: str) -> KernelConfig:
-    block_n, block_k = 32, 256 if method == "int4" else 128
-    return KernelConfig(block_n, block_k, _split_for(num_rows, n, k, block_n, block_k))
+    block_m = num_rows if num_rows <= 4 else 0
+    return _config(num_rows, n, k, block_m, 32, 256 if method == "int4" else 128)
+
+
+# Rows up to this many are tuned (decode at small batch: where weight bytes are the cost);
+# larger buckets use the heuristic, which keeps tuning to a few seconds per shape.
+_MAX_TUNED_ROWS = 16
 
 
 def _candidates(num_rows: int, n: int, k: int, method: str) -> list[KernelConfig]:
-    tiles = [(32, 128), (64, 128), (32, 256), (64, 256), (128, 128)]
+    tiles = [(32, 128), (64, 128), (32, 256), (16, 256)]
     if method == "int4":
-        tiles = [(32, 256), (64, 256), (32, 512), (64, 128), (128, 256)]
+        tiles = [(32, 256), (64, 256), (32, 512), (16, 512)]
     found = []
-    for block_n, block_k in tiles:
-        split = _split_for(num_rows, n, k, block_n, block_k)
-        for s in sorted({1, split, 2 * split}):
-            if s == 1 or k // s >= 2 * block_k:
-                for stages in (3, 4):
-                    found.append(KernelConfig(block_n, block_k, s, 4, stages))
+    for block_m in {0, num_rows if num_rows <= 8 else 0}:
+        for block_n, block_k in tiles:
+            # The FMA form holds a [block_m, block_n, block_k] product: at most 16K floats
+            # (128 registers a thread at 4 warps), else it spills.
+            columns = block_k // 2 if method == "int4" else block_k
+            if block_m * block_n * columns > 16384:
+                continue
+            base = _config(num_rows, n, k, block_m, block_n, block_k)
+            for split in sorted({1, base.split_k, 2 * base.split_k}):
+                if split == 1 or k // split >= 2 * block_k:
+                    found.append(KernelConfig(block_n, block_k, split, block_m))
     return found
 
 
@@ -189,6 +217,7 @@ def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> K
     fallback = _heuristic(bucket, n, k, qw.method)
     if (
         _INTERPRET
+        or bucket > _MAX_TUNED_ROWS
         or os.environ.get("BATON_QUANT_TUNE", "1") == "0"
         or torch.cuda.is_current_stream_capturing()
     ):
@@ -219,7 +248,7 @@ def _launch(
         return out.to(x.dtype)
     # Splits start on whole blocks (even k: int4 bytes are never split between programs).
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    block_m = _block_m(num_rows)
+    block_m = cfg.rows_per_program(num_rows)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     zeros = qw.zeros if qw.zeros is not None else qw.scales
     _wq_matmul_kernel[grid](
