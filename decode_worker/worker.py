@@ -56,21 +56,26 @@ class DecodeWorker:
         transfer_backend: str = "auto",
         tier: str = "",
         reservation_ttl_s: float = 60.0,
+        colocated: bool = False,
     ):
+        """`colocated`: this worker prefills its requests too (`generate`), with no KV agent:
+        the baseline that disaggregated serving is compared against."""
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.reservation_ttl_s = reservation_ttl_s
         self.engine = LLMEngine(EngineConfig(**engine_args))
-        self.agent = KVTransferAgent(
-            worker_id,
-            self.engine.runner.kv_caches,
-            store_host,
-            store_port,
-            backend=transfer_backend,
-            timeout_s=transfer_timeout_s,
-            role="decode",
-        )
+        self.agent = None
+        if not colocated:
+            self.agent = KVTransferAgent(
+                worker_id,
+                self.engine.runner.kv_caches,
+                store_host,
+                store_port,
+                backend=transfer_backend,
+                timeout_s=transfer_timeout_s,
+                role="decode",
+            )
         self._handoffs: dict[str, _Handoff] = {}  # reserved requests, by request id
         self._by_transfer: dict[int, str] = {}
         self._updates: list[list[TokenUpdate]] = []
@@ -80,7 +85,7 @@ class DecodeWorker:
         self.num_transfers_failed = 0
         self.num_leases_expired = 0
         self.num_orphans_aborted = 0
-        self.metrics = EngineMetrics(tier, "decode", worker_id)
+        self.metrics = EngineMetrics(tier, "colocated" if colocated else "decode", worker_id)
         self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
 
     def ping(self, max_stall_s: float | None = None) -> str:
@@ -120,6 +125,17 @@ class DecodeWorker:
             return True
 
         return self.loop.call(fn)
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Colocated serving: prefill and decode the request here; its tokens, the first one
+        included, come in `poll_updates` like a handed-off request's."""
+        if self.agent is not None:
+            raise RuntimeError(f"{self.worker_id} is a decode worker: requests come prefilled")
+        # The router applies stop strings (they may span tokens it has already streamed).
+        params = dataclasses.replace(params, stop=[])
+        self.loop.call(lambda engine: engine.add_request(request_id, prompt_token_ids, params))
 
     def start(self, request_id: str, first_token: int, first_logprobs: tuple | None = None) -> None:
         """The prefill worker sampled `first_token`; decode from it once the KV is in."""
@@ -188,7 +204,7 @@ class DecodeWorker:
 
     def _poll_transfers(self, engine: LLMEngine) -> bool:
         failed = []
-        for transfer_id, state in self.agent.poll().items():
+        for transfer_id, state in self.agent.poll().items() if self.agent else ():
             request_id = self._by_transfer.pop(transfer_id, None)
             if request_id is None:
                 continue  # cancelled meanwhile
@@ -252,7 +268,7 @@ class DecodeWorker:
             kv = engine.kv_manager
             return {
                 "worker_id": self.worker_id,
-                "role": "decode",
+                "role": "decode" if self.agent is not None else "colocated",
                 "num_blocks": kv.num_blocks,
                 "num_free_blocks": kv.num_free_blocks,
                 "num_running": len(engine.scheduler.running),
@@ -280,7 +296,8 @@ class DecodeWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
-        self.agent.close()
+        if self.agent is not None:
+            self.agent.close()
 
 
 def coalesce(batches: list[list[TokenUpdate]]) -> list[TokenUpdate]:

@@ -12,7 +12,10 @@ import yaml
 from engine.chat_template import read_template
 from engine.quantization.config import QuantConfig
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "colocated")
+# A tier is served either disaggregated (a prefill and a decode pool) or colocated (workers
+# that prefill and decode their own requests: the baseline disaggregation is measured against).
+DISAGGREGATED, COLOCATED = {"prefill", "decode"}, {"colocated"}
 _POSITIVE_SECONDS = (
     "transfer_timeout_s",
     "health_check_interval_s",
@@ -117,8 +120,11 @@ class BatonConfig:
                 raise ValueError(f"config: pool count must be >= 1, got {pool.count}")
         for name in self.tiers:
             roles = {p.role for p in self.pools if p.tier == name}
-            if roles != set(ROLES):
-                raise ValueError(f"config: tier {name!r} needs a prefill and a decode pool")
+            if roles not in (DISAGGREGATED, COLOCATED):
+                raise ValueError(
+                    f"config: tier {name!r} needs a prefill and a decode pool, or only "
+                    f"colocated pools; got {sorted(roles)}"
+                )
         if self.placement not in ("goodput", "least_loaded", "round_robin"):
             raise ValueError(f"config: unknown placement {self.placement!r}")
         if self.overload_policy not in ("queue", "reject"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from deploy.config import BatonConfig, TierConfig
+from deploy.config import COLOCATED, BatonConfig, TierConfig
 from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig, parse_dtype
 from engine.tokenizer import Tokenizer
@@ -49,7 +49,7 @@ def kv_bytes_per_token(model_config: ModelConfig, dtype_bytes: int, engine_args:
     return model_config.kv_elements_per_token * dtype_bytes
 
 
-def tier_info(tier: TierConfig, path: str) -> TierInfo:
+def tier_info(tier: TierConfig, path: str, colocated: bool = False) -> TierInfo:
     model_config = ModelConfig.from_pretrained(path)
     max_len = tier.engine_args.get("max_model_len") or model_config.max_position_embeddings
     dtype = model_config.torch_dtype if tier.dtype == "auto" else tier.dtype
@@ -69,6 +69,7 @@ def tier_info(tier: TierConfig, path: str) -> TierInfo:
         chat_template=ChatTemplate.from_pretrained(path, tier.chat_template),
         max_queued_requests=tier.max_queued_requests,
         max_prompt_chars=tier.max_prompt_chars or 0,
+        colocated=colocated,
     )
 
 
@@ -144,16 +145,19 @@ def worker_specs(config: BatonConfig, store_host: str, store_port: int):
     specs, tiers = [], {}
     for name, tier in config.tiers.items():
         path = resolve_model(tier)
-        tiers[name] = tier_info(tier, path)
+        colocated = {p.role for p in config.pools if p.tier == name} == COLOCATED
+        tiers[name] = tier_info(tier, path, colocated)
         engine_args = {"model": path, "dtype": tier.dtype, **tier.engine_args}
         for pool in (p for p in config.pools if p.tier == name):
             resources = dict(pool.resources)
             num_cpus = resources.pop("CPU", 1)
             num_gpus = resources.pop("GPU", 0)
             on_cpu = num_gpus == 0
-            kwargs = (
-                {"reservation_ttl_s": config.reservation_ttl_s} if pool.role == "decode" else {}
-            )
+            kwargs = {}
+            if pool.role != "prefill":
+                kwargs = {"reservation_ttl_s": config.reservation_ttl_s}
+            if pool.role == "colocated":
+                kwargs["colocated"] = True
             for i in range(pool.count):
                 worker_id = f"{name}-{pool.role}-{i}"
                 options = dict(
@@ -291,6 +295,11 @@ def make_placement(config: BatonConfig) -> Placement:
 def make_tier_selector(config: BatonConfig, placement: Placement) -> TierSelector | None:
     """A selector when there is a choice to make and placement can predict latencies."""
     if len(config.tiers) < 2 or not isinstance(placement, GoodputPlacement):
+        return None
+    if any(p.role == "colocated" for p in config.pools):
+        # NOTE: the selector predicts TTFT and ITL from prefill and decode pools' latency
+        # models; colocated tiers have neither: requests name their tier.
+        log.warning("tier selection is off: a colocated tier has no latency models")
         return None
 
     def cost_per_s(tier: str, role: str) -> float:

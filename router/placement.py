@@ -66,6 +66,14 @@ class Placement:
     ) -> tuple[Worker, Worker]:
         raise NotImplementedError
 
+    def choose_colocated(
+        self, workers: list[Worker], info: PlacementInfo, avoid: set[str] = frozenset()
+    ) -> Worker:
+        """A colocated tier's worker: the least loaded, whatever the policy (colocated serving
+        is the baseline disaggregation is measured against, not a placement problem here)."""
+        live = _live(workers, info.tier, "colocated", avoid)
+        return min(live, key=lambda w: (w.load, w.worker_id))
+
     def on_placed(self, prefill: Worker, decode: Worker, info: PlacementInfo, wid: str) -> None:
         pass
 

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 _RESERVE_RETRY_S = (0.002, 0.05)  # backoff bounds while the decode worker has no free blocks
 _POLL_WAIT_S = 0.5  # a decode worker's long poll waits this long for an update
+ROLES = ("prefill", "decode", "colocated")
+STREAMING_ROLES = ("decode", "colocated")  # workers whose token updates the router polls
 MAX_REQUEST_ID_CHARS = 256
 
 
@@ -85,6 +87,7 @@ class TierInfo:
     # Requests waiting for a decode reservation or their prefill; more get RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
     max_prompt_chars: int = 0  # 0: 64 characters per token of context
+    colocated: bool = False  # served by workers that prefill and decode (no KV handoff)
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = self.max_prompt_chars or 64 * self.max_model_len
@@ -173,7 +176,7 @@ class Router:
 
     async def start(self) -> None:
         for worker in self.workers:
-            if worker.role == "decode":
+            if worker.role in STREAMING_ROLES:
                 self._tasks.append(asyncio.create_task(self._poll_decode(worker)))
         self._tasks.append(asyncio.create_task(self._refresh_worker_metrics()))
         self._tasks.append(asyncio.create_task(self.supervisor.run()))
@@ -244,7 +247,7 @@ class Router:
         self.placement.on_restarted(worker)
         worker.alive = True
         log.warning("worker %s is back (restart %d)", worker.worker_id, worker.restarts)
-        if worker.role == "decode":
+        if worker.role in STREAMING_ROLES:
             self._tasks.append(asyncio.create_task(self._poll_decode(worker)))
 
     # -- validation -------------------------------------------------------------------------
@@ -463,10 +466,15 @@ class Router:
                 block_size=req.tier.block_size,
                 kv_bytes_per_token=req.tier.kv_bytes_per_token,
             )
-            prefill, decode = await self._choose(info, failed_workers)
             wid = f"{req.key}.{req.attempts}"
+            if req.tier.colocated:
+                worker = await self._choose(info, failed_workers, colocated=True)
+                workers, attempt = (worker,), self._attempt_colocated(req, wid, worker, info)
+            else:
+                prefill, decode = await self._choose(info, failed_workers)
+                workers, attempt = (prefill, decode), self._attempt(req, wid, prefill, decode, info)
             try:
-                async for chunk in self._attempt(req, wid, prefill, decode, info):
+                async for chunk in attempt:
                     yield chunk
                     if chunk.finish_reason is not None:
                         return
@@ -474,18 +482,21 @@ class Router:
             except (WorkerDied, _AttemptFailed) as e:
                 last_error = _first_line(e)
                 log.warning("request %s attempt %d failed: %s", req.key, req.attempts, last_error)
-                failed_workers.update(w.worker_id for w in (prefill, decode) if not w.alive)
+                failed_workers.update(w.worker_id for w in workers if not w.alive)
                 if isinstance(e, _AttemptFailed) and e.worker is not None:
                     failed_workers.add(e.worker)
         raise RequestError(
             "UNAVAILABLE", f"request failed after {req.attempts} attempts: {last_error}"
         )
 
-    async def _choose(self, info: PlacementInfo, avoid: set[str]) -> tuple[Worker, Worker]:
-        """Placement; while a role has no live worker but one restarting, wait (bounded)."""
+    async def _choose(self, info: PlacementInfo, avoid: set[str], colocated: bool = False):
+        """Placement: (prefill, decode), or the one worker of a colocated tier; while a role
+        has no live worker but one restarting, wait (bounded)."""
         deadline = time.monotonic() + self.options.restart_wait_s
         while True:
             try:
+                if colocated:
+                    return self.placement.choose_colocated(self.workers, info, avoid)
                 return self.placement.choose(self.workers, info, avoid)
             except NoWorkerAvailable as e:
                 waiting = any(self.supervisor.restarting(info.tier, r) for r in ROLES)
@@ -589,6 +600,48 @@ class Router:
                 asyncio.get_running_loop().create_task(
                     self._abort(wid, prefill if still_prefilling else None, decode)
                 )
+
+    async def _attempt_colocated(
+        self, req: _Request, wid: str, worker: Worker, info: PlacementInfo
+    ) -> AsyncIterator[Chunk]:
+        """A colocated tier: one worker prefills and decodes; its updates (the first token
+        included) stream as a decode worker's do."""
+        params = dataclasses.replace(req.params, max_tokens=info.max_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[wid] = queue
+        worker.requests.add(wid)
+        worker_finished = False  # the worker ended it itself (nothing left to abort)
+        try:
+            start = time.perf_counter()
+            await self._attempt_call(worker, "generate", wid, info.prompt_token_ids, params)
+            while True:
+                update = await queue.get()
+                if isinstance(update, _Failure):
+                    raise _AttemptFailed(update.reason, None)
+                if update.error:
+                    raise _AttemptFailed(update.error, worker.worker_id)
+                if req.queued and update.new_token_ids:  # the first token: prefill is over
+                    self._dequeue(req)
+                    req.prefill_ms += (time.perf_counter() - start) * 1e3
+                worker_finished = update.finish_reason is not None
+                chunk = self._advance(
+                    req,
+                    update.new_token_ids,
+                    update.logprobs,
+                    update.finish_reason,
+                    update.stop_reason,
+                )
+                if chunk.finish_reason is not None:
+                    self._finalize(chunk, req, worker, worker)
+                if chunk.token_ids or chunk.text or chunk.finish_reason:
+                    yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self._streams.pop(wid, None)
+            worker.requests.discard(wid)
+            if not worker_finished:
+                asyncio.get_running_loop().create_task(self._abort(wid, None, worker))
 
     def _advance(self, req: _Request, token_ids, logprobs, finish_reason, stop_reason) -> Chunk:
         req.output_token_ids.extend(token_ids)
@@ -741,9 +794,6 @@ class _AttemptFailed(Exception):
     def __init__(self, message: str, worker: str | None):
         super().__init__(message)
         self.worker = worker
-
-
-ROLES = ("prefill", "decode")
 
 
 def _first_line(e: BaseException) -> str:

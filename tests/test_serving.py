@@ -24,7 +24,8 @@ MAX_TOKENS = 12
 class Server:
     """A deployment whose router runs on an event loop in a background thread. `http_port`
     (0: a free one; None: no HTTP) and `api_key` go to the config as `baton serve` sets them;
-    `engine_args`, `tier` and `config` add to the tier's engine args, the tier and the config."""
+    `engine_args`, `tier` and `config` add to the tier's engine args, the tier and the config;
+    `pools` replaces the prefill and decode pools."""
 
     def __init__(
         self,
@@ -38,8 +39,24 @@ class Server:
         engine_args=None,
         tier=None,
         config=None,
+        pools=None,
     ):
         from deploy.launcher import deploy
+
+        pools = pools or [
+            {
+                "tier": "tiny",
+                "role": "prefill",
+                "count": num_prefill,
+                "resources": resources or {"CPU": 1},
+            },
+            {
+                "tier": "tiny",
+                "role": "decode",
+                "count": num_decode,
+                "resources": resources or {"CPU": 1},
+            },
+        ]
 
         config = BatonConfig.from_dict(
             {
@@ -57,20 +74,7 @@ class Server:
                         **(tier or {}),
                     }
                 },
-                "pools": [
-                    {
-                        "tier": "tiny",
-                        "role": "prefill",
-                        "count": num_prefill,
-                        "resources": resources or {"CPU": 1},
-                    },
-                    {
-                        "tier": "tiny",
-                        "role": "decode",
-                        "count": num_decode,
-                        "resources": resources or {"CPU": 1},
-                    },
-                ],
+                "pools": pools,
                 "transfer_timeout_s": 5.0,
                 "http_port": http_port,
                 "api_key": api_key,
@@ -321,3 +325,34 @@ def test_metrics_agree_with_the_client(server):
     assert delta("baton_decode_tokens_total", role="decode") >= 4 * (MAX_TOKENS - 1)
     instances = {dict(ls).get("instance") for (n, ls) in after if n == "baton_kv_cache_usage_ratio"}
     assert instances == {"tiny-prefill-0", "tiny-prefill-1", "tiny-decode-0", "tiny-decode-1"}
+
+
+def test_colocated_tier_serves_the_same_tokens_and_frees_blocks(ray_local, model_dir):
+    """The baseline deployment: workers that prefill and decode their own requests, no KV
+    handoff. Same greedy tokens as engine.LLM; cancellation frees the blocks."""
+    pools = [{"tier": "tiny", "role": "colocated", "count": 2, "resources": {"CPU": 1}}]
+    server = Server(model_dir, pools=pools, http_port=None)
+    try:
+        prompts = random_prompts([1 + (i * 53) % 300 for i in range(12)], seed=33)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda p: generate(server.stub, p), prompts))
+        for (tokens, last), want in zip(results, expected):
+            assert tokens == want
+            assert last.finish_reason == "length" and last.usage.completion_tokens == MAX_TOKENS
+            assert last.prefill_instance == last.decode_instance
+            assert last.prefill_instance.startswith("tiny-colocated")
+        assert len({last.decode_instance for _, last in results}) == 2  # both workers used
+        sp = serving_pb2.SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True)
+        call = server.stub.Generate(
+            serving_pb2.GenerateRequest(prompt_token_ids=prompts[0], sampling=sp), timeout=60
+        )
+        for message in call:
+            if message.token_ids:
+                break
+        call.cancel()
+        stats = server.wait_all_blocks_free()
+        assert all(s["role"] == "colocated" and s["num_running"] == 0 for s in stats.values())
+    finally:
+        server.close()
