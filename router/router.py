@@ -582,13 +582,7 @@ class Router:
                     raise _AttemptFailed(update.error, None)
                 decode_finished = update.finish_reason is not None
                 self.placement.on_tokens(decode, wid, len(update.new_token_ids))
-                chunk = self._advance(
-                    req,
-                    update.new_token_ids,
-                    update.logprobs,
-                    update.finish_reason,
-                    update.stop_reason,
-                )
+                chunk = self._advance_update(req, update)
         finally:
             self.placement.on_finished(prefill, decode, wid)
             self._streams.pop(wid, None)
@@ -624,13 +618,7 @@ class Router:
                     self._dequeue(req)
                     req.prefill_ms += (time.perf_counter() - start) * 1e3
                 worker_finished = update.finish_reason is not None
-                chunk = self._advance(
-                    req,
-                    update.new_token_ids,
-                    update.logprobs,
-                    update.finish_reason,
-                    update.stop_reason,
-                )
+                chunk = self._advance_update(req, update)
                 if chunk.finish_reason is not None:
                     self._finalize(chunk, req, worker, worker)
                 if chunk.token_ids or chunk.text or chunk.finish_reason:
@@ -642,6 +630,11 @@ class Router:
             worker.requests.discard(wid)
             if not worker_finished:
                 asyncio.get_running_loop().create_task(self._abort(wid, None, worker))
+
+    def _advance_update(self, req: _Request, update) -> Chunk:
+        return self._advance(
+            req, update.new_token_ids, update.logprobs, update.finish_reason, update.stop_reason
+        )
 
     def _advance(self, req: _Request, token_ids, logprobs, finish_reason, stop_reason) -> Chunk:
         req.output_token_ids.extend(token_ids)
