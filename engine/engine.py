@@ -13,17 +13,28 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig, ModelConfig, parse_dtype
+from engine.draft_model import DraftProposer
 from engine.grammar import Grammar, GrammarCompiler
 from engine.kv_cache import KVCacheManager, KVWindow
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.speculative import NgramProposer, num_drafts, update_acceptance
+from engine.speculative import (
+    AcceptanceMeter,
+    NgramProposer,
+    choose_num_drafts,
+    num_drafts,
+    update_acceptance,
+)
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Dynamic speculation: with acceptance too low for any drafts, probe with one every this many
+# steps, so that the measured acceptance can recover.
+_PROBE_STEPS = 16
 
 
 @dataclass
@@ -78,7 +89,18 @@ class LLMEngine:
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.dtype)
+        self.speculative = config.speculative
+        # A draft model loads before the target sizes its KV cache from the memory left, and
+        # takes its share of that budget for its own cache (engine/draft_model.py).
+        self.drafter = None
+        if self.speculative and self.speculative.method == "draft":
+            self.drafter = DraftProposer(config, self.model_config, self.dtype)
+        self.runner = ModelRunner(
+            config,
+            self.model_config,
+            self.dtype,
+            self.drafter.kv_bytes_per_token if self.drafter else 0,
+        )
         # Sliding windows and attention sinks bound a request's KV: blocks no query can read
         # again go back to the pool (kv_cache/window.py).
         window = (
@@ -106,8 +128,16 @@ class LLMEngine:
         self._text: dict[str, TextStream] = {}
         self.grammar_compiler: GrammarCompiler | None = None  # on the first constrained request
         self.last_step = StepStats()
-        self.speculative = config.speculative
-        self.proposer = NgramProposer(config.speculative) if config.speculative else None
+        self.proposer = self.drafter
+        if self.drafter is not None:
+            num_blocks = self.speculative.draft_num_blocks
+            self.drafter.allocate_cache(
+                num_blocks or self.runner.num_blocks + config.max_num_seqs, self.runner.sampler
+            )
+        elif self.speculative:
+            self.proposer = NgramProposer(self.speculative)
+        self.acceptance = AcceptanceMeter()
+        self._num_steps = 0
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -188,6 +218,7 @@ class LLMEngine:
         request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
+        self._retain_drafts()
         return self._output(request, finished=True)
 
     def has_unfinished_requests(self) -> bool:
@@ -265,12 +296,15 @@ class LLMEngine:
         )
         self.num_draft_tokens += self.last_step.num_draft_tokens
         self.num_accepted_tokens += self.last_step.num_accepted_tokens
+        verified = []
         for s in spec:
             request = s.request
             accepted = len(result.sampled[request.request_id]) - 1
+            verified.append((len(s.spec_token_ids), accepted))
             request.spec_acceptance = update_acceptance(
                 request.spec_acceptance, len(s.spec_token_ids), accepted
             )
+        self.acceptance.update(verified)
         num_before = {s.request.request_id: s.request.num_output_tokens for s in sched.scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
@@ -289,27 +323,62 @@ class LLMEngine:
                 self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
                 finished.add(rid)
             outputs.append(self._output(request, finished=rid in finished))
+        self._retain_drafts()
         return outputs
 
     def _propose(self) -> None:
-        """Speculative decoding: give each running request in decode its draft tokens for this
+        """Speculative decoding: give running requests in decode their draft tokens for this
         step (the scheduler trims them to what fits). Requests with penalties or logprobs are
-        not speculated (their verification would need per-position penalties and logprobs)."""
+        not speculated (their verification would need per-position penalties and logprobs).
+
+        How many: the step's k from the batch size and the measured acceptance
+        (`speculative.choose_num_drafts`; when acceptance alone rules speculation out, one
+        draft every _PROBE_STEPS steps keeps measuring it), and per request at most what its
+        own acceptance earns (`num_drafts`) and what its max_tokens and the context leave."""
         if self.proposer is None:
             return
+        spec = self.speculative
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
-        if len(decoding) > self.speculative.max_batch_size:
+        if not decoding or len(decoding) > spec.max_batch_size:
             return
-        k_max = self.speculative.num_speculative_tokens
+        k_step = spec.num_speculative_tokens
+        if spec.adaptive:
+            k_step = self._step_num_drafts(len(decoding))
+        requests, counts = [], []
         for request in decoding:
             params = request.sampling_params
             if params.has_penalties or params.logprobs is not None:
                 continue
-            k = k_max
-            if self.speculative.adaptive:
-                k = num_drafts(request.spec_acceptance, k_max, request.num_output_tokens)
-            if k:
-                request.spec_token_ids = self.proposer.propose(request.all_token_ids, k)
+            k = k_step
+            if spec.adaptive:
+                k = min(k, num_drafts(request.spec_acceptance, k, request.num_output_tokens))
+            room = min(
+                params.max_tokens - request.num_output_tokens,
+                self.max_model_len - request.num_tokens,
+            )
+            k = min(k, room - 1)
+            if k > 0:
+                requests.append(request)
+                counts.append(k)
+        if requests:
+            self.proposer.propose_batch(requests, counts)
+
+    def _step_num_drafts(self, batch_size: int) -> int:
+        spec = self.speculative
+        saturation = spec.saturation_tokens or (256 if self.runner.device.type == "cuda" else 8)
+        cost = self.drafter.cost if self.drafter is not None else 0.0
+        k_max = spec.num_speculative_tokens
+        k = choose_num_drafts(batch_size, self.acceptance.acceptance, k_max, cost, saturation)
+        self._num_steps += 1
+        if k == 0 and self._num_steps % _PROBE_STEPS == 0:
+            # Probe, unless the batch alone rules speculation out (even if every draft held).
+            return min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation))
+        return k
+
+    def _retain_drafts(self) -> None:
+        """The draft model frees the draft KV of requests no longer running."""
+        if self.drafter is not None:
+            self.drafter.retain({r.request_id for r in self.scheduler.running})
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id

@@ -14,6 +14,10 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str, **engine_args):
+        """`engine_args` are EngineConfig's fields; `speculative_config` (vLLM's name) is
+        accepted for `speculative`."""
+        if "speculative_config" in engine_args:
+            engine_args["speculative"] = engine_args.pop("speculative_config")
         self.engine = LLMEngine(EngineConfig(model=str(model), **engine_args))
         self._ids = itertools.count()
 

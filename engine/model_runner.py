@@ -47,35 +47,59 @@ class RunnerOutput:
     logits: torch.Tensor | None = None
 
 
+def make_attention_backend(
+    config: EngineConfig, model_config: ModelConfig, max_model_len: int, device: torch.device
+):
+    """The attention backend for a model: Triton on CUDA, plain PyTorch otherwise (also on
+    CUDA with extra["attention_backend"] = "torch", for tests). Returns (backend, is_triton)."""
+    spec = AttentionSpec(
+        num_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        scale=model_config.head_dim**-0.5,
+        sliding_window=model_config.sliding_window,
+        kv_cache_dtype=config.kv_cache_dtype,
+        layer_windows=model_config.layer_windows,
+    )
+    if config.attention_sinks:  # no Triton kernel for sinks yet: plain PyTorch everywhere
+        return _sink_backend(spec, model_config, config), False
+    use_triton = (
+        device.type == "cuda" and config.extra.get("attention_backend", "triton") == "triton"
+    )
+    if use_triton:
+        from engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(spec, max_model_len), True
+    return TorchAttentionBackend(spec), False
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes across all layers (8-bit KV: values and scales)."""
+    elem = quant.cache_dtype(kv_cache_dtype, dtype).itemsize
+    row = quant.cache_row_size(kv_cache_dtype, cfg.head_dim)
+    return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        dtype: torch.dtype,
+        extra_kv_bytes_per_token: int = 0,
+    ):
+        """`extra_kv_bytes_per_token`: another cache that grows with this one (a draft model's)
+        and shares the memory budget when `num_blocks` is sized from free memory."""
         self.config = config
         self.model_config = model_config
         self.device = config.resolve_device()
         self.dtype = dtype
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        spec = AttentionSpec(
-            num_heads=model_config.num_heads,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            scale=model_config.head_dim**-0.5,
-            sliding_window=model_config.sliding_window,
-            kv_cache_dtype=config.kv_cache_dtype,
-            layer_windows=model_config.layer_windows,
+        self.extra_kv_bytes_per_token = extra_kv_bytes_per_token
+        self.backend, use_triton = make_attention_backend(
+            config, model_config, self.max_model_len, self.device
         )
-        on_cuda = self.device.type == "cuda"
-        # extra["attention_backend"] = "torch" keeps the reference backend on CUDA (tests).
-        use_triton = on_cuda and config.extra.get("attention_backend", "triton") == "triton"
-        if config.attention_sinks:  # no Triton kernel for sinks yet: plain PyTorch everywhere
-            use_triton = False
-            self.backend = _sink_backend(spec, model_config, config)
-        elif use_triton:
-            from engine.attention.triton_backend import TritonAttentionBackend
-
-            self.backend = TritonAttentionBackend(spec, self.max_model_len)
-        else:
-            self.backend = TorchAttentionBackend(spec)
         if config.quantization is not None:
             check_supported(config.quantization, self.device)
         if config.extra.get("random_weights"):
@@ -120,11 +144,7 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token takes across all layers (8-bit KV: values and scales)."""
-        cfg, kind = self.model_config, self.config.kv_cache_dtype
-        elem = quant.cache_dtype(kind, self.dtype).itemsize
-        row = quant.cache_row_size(kind, cfg.head_dim)
-        return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
+        return kv_bytes_per_token(self.model_config, self.config.kv_cache_dtype, self.dtype)
 
     def _blocks_from_memory(self) -> int:
         if self.device.type == "cuda":
@@ -135,7 +155,9 @@ class ModelRunner:
 
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = min(int(available * _CPU_KV_FRACTION), _CPU_KV_CAP_BYTES)
-        num_blocks = budget // self.kv_bytes_per_block
+        num_blocks = budget // (
+            self.kv_bytes_per_block + self.extra_kv_bytes_per_token * self.block_size
+        )
         if num_blocks < 1:
             raise RuntimeError("not enough memory left for a single KV block")
         log.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)

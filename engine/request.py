@@ -54,6 +54,9 @@ class Request:
     # Draft tokens proposed for the next step (speculative decoding); the scheduler may trim them
     # and clears them once the step is scheduled.
     spec_token_ids: list[int] = field(default_factory=list)
+    # With a draft model and sampling: the draft's distribution q for each of those drafts,
+    # [num_drafts, vocab] (None: greedy, or n-gram drafts, a point mass). Set with them.
+    spec_draft_probs: torch.Tensor | None = None
     # Share of this request's drafts accepted lately (decides how many it gets; see speculative).
     spec_acceptance: float = 1.0
     # The request's own random stream when it has a seed; made by the sampler on its device.

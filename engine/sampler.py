@@ -51,7 +51,11 @@ class Sampler:
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, requests))
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        probs = self.probs(logits, requests)
+        return self.draw(self.probs(logits, requests), requests)
+
+    def draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One token per row of `probs` (need not be normalized), each from its request's
+        random stream. Also draws a draft model's proposals."""
         noise = torch.empty_like(probs)
         for i, request in enumerate(requests):
             noise[i].exponential_(generator=self._generator_for(request))
@@ -104,7 +108,11 @@ class Sampler:
                 tokens.append(accept_greedy(draft, argmax[start:end]))
             else:
                 gen = self._generator_for(request)
-                tokens.append(rejection_sample(probs[start:end], draft, None, gen))
+                # A draft model's q (its processed distribution, one row per draft); None
+                # for n-gram drafts, a point mass.
+                q = request.spec_draft_probs
+                q = None if q is None else q[: len(draft)]
+                tokens.append(rejection_sample(probs[start:end], draft, q, gen))
             start = end
         return tokens
 

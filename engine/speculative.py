@@ -12,40 +12,53 @@ were accepted, the bonus), so a step yields 1..k+1 tokens. The KV of the rejecte
 written past `num_computed_tokens`; the scheduler simply does not count it, and the next step
 overwrites those slots (the blocks stay with the request, or go back with it).
 
-Proposers: `NgramProposer` (prompt lookup, model-free). A draft model would be a second
-`Proposer` that runs a small checkpoint on its own paged cache; it is not built yet.
+Proposers: `NgramProposer` (prompt lookup, model-free) and `engine.draft_model.DraftProposer`
+(a smaller checkpoint with the same tokenizer on its own paged KV cache; its probabilities q go
+to the rejection rule). How many drafts a step proposes is `choose_num_drafts` (below).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclass
 class SpeculativeConfig:
-    """`EngineConfig.speculative`, e.g. `{"method": "ngram", "num_speculative_tokens": 4}`."""
+    """`EngineConfig.speculative`, e.g. `{"method": "ngram", "num_speculative_tokens": 4}` or
+    `{"method": "draft", "model": "/path/to/small", "num_speculative_tokens": 4}`."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
+    # Draft model: a Hugging Face folder with the target's tokenizer (same vocabulary).
+    model: str | None = None
+    # Blocks of the draft's own KV pool; None: the target's count + max_num_seqs (the draft
+    # shares no prefixes and looks k tokens ahead). Its memory is the target's times the ratio
+    # of the two models' KV bytes per token.
+    draft_num_blocks: int | None = None
     # N-gram lookup: try the longest suffix first, down to the shortest.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    # Dynamic speculation, the simple rule: no proposals while more requests than this decode
-    # (a large batch is compute-bound, and verifying drafts that fail costs real work there).
+    # Dynamic speculation (`choose_num_drafts`): never propose while more requests than this
+    # decode (a hard cap over the cost rule).
     max_batch_size: int = 32
-    # Per request, fewer drafts while few are accepted (`num_drafts`); False: always up to k.
+    # Per step, k from the batch size and the measured acceptance (`choose_num_drafts`); per
+    # request, fewer drafts while few are accepted (`num_drafts`). False: always k drafts.
     adaptive: bool = True
+    # The cost rule's roofline: tokens per target forward past which a step's time grows with
+    # its tokens (below it, weight reads dominate). None: 256 on CUDA, 8 on CPU (measured on
+    # the benchmark's models; CPU matmuls are compute-bound almost at once).
+    saturation_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(
-                f"speculative method {self.method!r} is not supported; use one of {METHODS} "
-                "(a draft model is not implemented yet)"
+                f"speculative method {self.method!r} is not supported; use one of {METHODS}"
             )
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(
@@ -58,6 +71,17 @@ class SpeculativeConfig:
             )
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if (self.method == "draft") != (self.model is not None):
+            raise ValueError(
+                "speculative method 'draft' needs 'model' (a draft checkpoint folder), and "
+                "only it takes one"
+            )
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"draft model {self.model}: no config.json (a Hugging Face folder?)")
+        if self.draft_num_blocks is not None and self.draft_num_blocks < 1:
+            raise ValueError(f"draft_num_blocks must be >= 1, got {self.draft_num_blocks}")
+        if self.saturation_tokens is not None and self.saturation_tokens < 1:
+            raise ValueError(f"saturation_tokens must be >= 1, got {self.saturation_tokens}")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
@@ -90,6 +114,82 @@ class NgramProposer:
                 start = int(hits[-1]) + n  # the token after the latest match
                 return tokens[start : start + k].tolist()
         return []
+
+    def propose_batch(self, requests: list, num_drafts: list[int]) -> None:
+        """Set each request's `spec_token_ids` (up to its count of drafts)."""
+        for request, k in zip(requests, num_drafts):
+            request.spec_token_ids = self.propose(request.all_token_ids, k)
+
+    def retain(self, running_ids: set[str]) -> None:
+        """Model-free: no per-request state to drop."""
+
+
+# Dynamic speculation per step: choose k from the batch size and the measured acceptance.
+#
+# With per-draft acceptance probability a (drafts i.i.d., Leviathan et al. 2023, eq. 1), a
+# request gains E(k) = (1 - a^(k+1)) / (1 - a) tokens per step with k drafts (k = 0: one).
+# A target forward over n tokens costs about max(1, n / S) plain memory-bound steps (a
+# roofline: below S tokens weight reads dominate, above it compute; S = saturation_tokens),
+# and each of the k draft passes costs c = the draft's share of a target step (its parameter
+# count over the target's; 0 for n-gram lookup). With B requests decoding, relative to a plain
+# step:
+#
+#     speed-up(k) = E(k) * T(B) / (T(B (k + 1)) + k c T(B)),   T(n) = max(1, n / S)
+#
+# and the step uses the k in 0..k_max with the highest speed-up, or 0 unless it beats plain
+# decoding by _MIN_GAIN. So k falls to 0 as the batch grows (verifying k extra tokens per
+# request is no longer free) or as acceptance falls (E(k) -> 1).
+_MIN_GAIN = 1.05
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a request gains in a step with k drafts: 1 + a + a^2 + ... + a^k."""
+    return sum(acceptance**i for i in range(k + 1))
+
+
+def choose_num_drafts(
+    batch_size: int, acceptance: float, k_max: int, draft_cost: float, saturation_tokens: int
+) -> int:
+    """The step's draft count by the rule above (0: no speculation this step)."""
+
+    def step_cost(num_tokens: int) -> float:
+        return max(1.0, num_tokens / saturation_tokens)
+
+    plain = step_cost(batch_size)
+    best_k, best = 0, _MIN_GAIN
+    for k in range(1, k_max + 1):
+        cost = step_cost(batch_size * (k + 1)) + k * draft_cost * plain
+        gain = expected_tokens(acceptance, k) * plain / cost
+        if gain > best:
+            best_k, best = k, gain
+    return best_k
+
+
+class AcceptanceMeter:
+    """The measured per-draft acceptance probability, an exponential average over steps.
+
+    A request verifying k drafts accepts n: n draft positions were accepted and, if n < k, one
+    was rejected (later ones were never reached). The estimate is accepted / (accepted +
+    rejected), the geometric distribution's maximum likelihood, not accepted / drafted (which
+    counts unreached drafts as failures and so depends on k)."""
+
+    def __init__(self, decay: float = 0.9, prior: float = 0.7):
+        self.decay = decay
+        # Pseudo-counts: start at `prior` with the weight of a few drafts.
+        self.accepted, self.tried = 2.0 * prior, 2.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.tried
+
+    def update(self, verified: list[tuple[int, int]]) -> None:
+        """One step's (num_drafted, num_accepted) per request that verified drafts."""
+        if not verified:
+            return
+        accepted = sum(n for _, n in verified)
+        rejected = sum(1 for k, n in verified if n < k)
+        self.accepted = self.decay * self.accepted + accepted
+        self.tried = self.decay * self.tried + accepted + rejected
 
 
 # Dynamic speculation per request: an exponential average of the share of drafts accepted.

@@ -353,6 +353,61 @@ def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, to
     return tensors
 
 
+def write_truncated_draft(target: str | Path, path: str | Path, num_layers: int) -> Path:
+    """A draft model for speculative decoding from a target checkpoint: its first `num_layers`
+    decoder layers with the target's embedding, final norm, output head and tokenizer (a layer-
+    skipping draft; it agrees with the target as far as the later layers change little).
+    Returns `path`."""
+    from safetensors.torch import load_file
+
+    target, path = Path(target), Path(path)
+    config = json.loads((target / "config.json").read_text())
+    if not 1 <= num_layers <= config["num_hidden_layers"]:
+        raise ValueError(
+            f"num_layers must be in [1, {config['num_hidden_layers']}], got {num_layers}"
+        )
+    tensors = {}
+    for file in sorted(target.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    kept = {
+        name: t
+        for name, t in tensors.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (target / name).is_file():
+            shutil.copyfile(target / name, path / name)
+    _write_json(path / "config.json", {**config, "num_hidden_layers": num_layers})
+    _save_weights(path, kept, num_shards=1)
+    return path
+
+
+def write_draft_pair(
+    path: str | Path, num_draft_layers: int, later_layer_scale: float = 1.0, **checkpoint_args
+) -> tuple[Path, Path]:
+    """A target checkpoint (`write_test_checkpoint(**checkpoint_args)`) at `path / "target"`
+    and its truncated draft (`write_truncated_draft`) at `path / "draft"`.
+
+    Random layers all matter equally, so a random target's truncation agrees with it little.
+    `later_layer_scale` < 1 scales the residual branches (o_proj, down_proj) of the layers the
+    draft lacks, as in a trained model whose late layers refine more than they rewrite; the
+    target is then still a checkpoint like any other, and the draft's acceptance meaningful."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    target = write_test_checkpoint(path / "target", **checkpoint_args)
+    if later_layer_scale != 1.0:
+        weights = target / "model.safetensors"
+        tensors = load_file(weights)
+        for name, tensor in tensors.items():
+            later = name.startswith("model.layers.") and int(name.split(".")[2]) >= num_draft_layers
+            if later and name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensor.mul_(later_layer_scale)
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return target, write_truncated_draft(target, path / "draft", num_draft_layers)
+
+
 def _save_weights(path: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
     """Save as one `model.safetensors`, or as HF-style shards plus an index when num_shards > 1."""
     metadata = {"format": "pt"}  # transformers checks this key

@@ -24,7 +24,9 @@ from tests.test_handoff_engine import CopyConnector
 
 MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+# saturation_tokens: verification priced as on a GPU, so the step rule lets these batches
+# speculate (the CPU default would mostly turn it off past a few requests).
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "saturation_tokens": 1024}
 
 
 def prompts_16() -> list[list[int]]:
@@ -89,7 +91,10 @@ def test_ngram_proposer():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"method": "draft"}, "not supported"),
+        ({"method": "medusa"}, "not supported"),
+        ({"method": "draft"}, "needs 'model'"),
+        ({"method": "ngram", "model": "/x"}, "only it takes one"),
+        ({"method": "draft", "model": "/nonexistent"}, "no config.json"),
         ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_min"),
         ({"k": 4}, "unknown speculative options"),
@@ -211,10 +216,19 @@ def test_handoff_decode_side_speculates(model_dir):
     expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(PROMPTS, GREEDY)]
     prefill = LLM(model_dir, num_blocks=256, max_num_batched_tokens=64)
     decode = spec_llm(model_dir, num_blocks=256, max_num_batched_tokens=64)
+    assert handoff(prefill, decode, PROMPTS) == expected
+    assert_accepted_some(decode)
+    for llm in (prefill, decode):
+        assert_pool_whole(llm)
+
+
+def handoff(prefill: LLM, decode: LLM, prompts) -> list[list[int]]:
+    """Greedy generation split as on two workers: the prefill engine computes each prompt and
+    token 1, its KV is copied into blocks the decode engine reserved, which decodes the rest."""
     connector = CopyConnector(prefill.engine.runner.kv_caches, decode.engine.runner.kv_caches)
     prefill.engine.runner.kv_connector = connector
     first_only = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
+    for i, prompt in enumerate(prompts):
         block_ids = decode.engine.reserve(f"r{i}", prompt, GREEDY)
         assert block_ids is not None
         connector.targets[f"r{i}"] = block_ids
@@ -228,10 +242,7 @@ def test_handoff_decode_side_speculates(model_dir):
     while decode.engine.has_unfinished_requests():
         for out in decode.engine.step():
             results[out.request_id].extend(out.new_token_ids)
-    assert [results[f"r{i}"] for i in range(len(PROMPTS))] == expected
-    assert_accepted_some(decode)
-    for llm in (prefill, decode):
-        assert_pool_whole(llm)
+    return [results[f"r{i}"] for i in range(len(prompts))]
 
 
 def test_num_drafts_follows_acceptance():
