@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x08\x62\x61ton.v1\"\xa9\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\xda\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x02\x12\x12\n\nitl_slo_ms\x18\x07 \x01(\x02\x12\x13\n\x0bmin_quality\x18\x08 \x01(\x02\x12\x10\n\x08max_cost\x18\t \x01(\x01\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"b\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"\xd0\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\"\n\x07timings\x18\x07 \x01(\x0b\x32\x11.baton.v1.Timings\x12\r\n\x05model\x18\x08 \x01(\t\x12\x18\n\x10prefill_instance\x18\t \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\n \x01(\t\x12\x13\n\x0bstop_reason\x18\x0b \x01(\t\x12\x16\n\x0e\x65stimated_cost\x18\x0c \x01(\x01\x12\x13\n\x0btier_reason\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"\x87\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x19\n\x11prefill_instances\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_instances\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\x95\x01\n\x05\x42\x61ton\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/serving.proto\x12\x08\x62\x61ton.v1\"\xdd\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x12\r\n\x05regex\x18\x10 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x11 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"\xda\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0bttft_slo_ms\x18\x06 \x01(\x02\x12\x12\n\nitl_slo_ms\x18\x07 \x01(\x02\x12\x13\n\x0bmin_quality\x18\x08 \x01(\x02\x12\x10\n\x08max_cost\x18\t \x01(\x01\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"b\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\r\"\xd0\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.baton.v1.TokenLogprob\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\"\n\x07timings\x18\x07 \x01(\x0b\x32\x11.baton.v1.Timings\x12\r\n\x05model\x18\x08 \x01(\t\x12\x18\n\x10prefill_instance\x18\t \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\n \x01(\t\x12\x13\n\x0bstop_reason\x18\x0b \x01(\t\x12\x16\n\x0e\x65stimated_cost\x18\x0c \x01(\x01\x12\x13\n\x0btier_reason\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"\x87\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x19\n\x11prefill_instances\x18\x04 \x01(\r\x12\x18\n\x10\x64\x65\x63ode_instances\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\"P\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t2\x95\x01\n\x05\x42\x61ton\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,23 +32,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.serving_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=34
-  _globals['_SAMPLINGPARAMS']._serialized_end=459
-  _globals['_GENERATEREQUEST']._serialized_start=462
-  _globals['_GENERATEREQUEST']._serialized_end=680
-  _globals['_TOKENLOGPROB']._serialized_start=682
-  _globals['_TOKENLOGPROB']._serialized_end=776
-  _globals['_USAGE']._serialized_start=778
-  _globals['_USAGE']._serialized_end=865
-  _globals['_TIMINGS']._serialized_start=867
-  _globals['_TIMINGS']._serialized_end=965
-  _globals['_GENERATERESPONSE']._serialized_start=968
-  _globals['_GENERATERESPONSE']._serialized_end=1304
-  _globals['_LISTMODELSREQUEST']._serialized_start=1306
-  _globals['_LISTMODELSREQUEST']._serialized_end=1325
-  _globals['_MODELINFO']._serialized_start=1328
-  _globals['_MODELINFO']._serialized_end=1463
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1465
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1545
-  _globals['_BATON']._serialized_start=1548
-  _globals['_BATON']._serialized_end=1697
+  _globals['_SAMPLINGPARAMS']._serialized_end=511
+  _globals['_GENERATEREQUEST']._serialized_start=514
+  _globals['_GENERATEREQUEST']._serialized_end=732
+  _globals['_TOKENLOGPROB']._serialized_start=734
+  _globals['_TOKENLOGPROB']._serialized_end=828
+  _globals['_USAGE']._serialized_start=830
+  _globals['_USAGE']._serialized_end=917
+  _globals['_TIMINGS']._serialized_start=919
+  _globals['_TIMINGS']._serialized_end=1017
+  _globals['_GENERATERESPONSE']._serialized_start=1020
+  _globals['_GENERATERESPONSE']._serialized_end=1356
+  _globals['_LISTMODELSREQUEST']._serialized_start=1358
+  _globals['_LISTMODELSREQUEST']._serialized_end=1377
+  _globals['_MODELINFO']._serialized_start=1380
+  _globals['_MODELINFO']._serialized_end=1515
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1517
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1597
+  _globals['_BATON']._serialized_start=1600
+  _globals['_BATON']._serialized_end=1749
 # @@protoc_insertion_point(module_scope)

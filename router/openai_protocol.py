@@ -2,8 +2,9 @@
 the responses built from the router's chunks. No web framework here (see `openai_api.py`).
 
 Unknown fields are ignored, as OpenAI-compatible servers do; fields that would change the
-answer but are not supported (n > 1, echo, logit_bias, tools, JSON response formats) get a 400
-naming them rather than being silently dropped.
+answer but are not supported (n > 1, echo, logit_bias, tools) get a 400 naming them rather than
+being silently dropped. Structured output: `response_format` (`json_object`, `json_schema`) and
+vLLM's `guided_json` / `guided_regex` / `guided_choice`.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured output: OpenAI's response_format, and vLLM's extensions.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -111,9 +117,11 @@ class _SamplingRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "seed": self.seed,
         }
+        structured = self._structured()
         try:
             return SamplingParams(
                 **{name: value for name, value in given.items() if value is not None},
+                **structured,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
@@ -123,6 +131,38 @@ class _SamplingRequest(BaseModel):
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
+
+    def _structured(self) -> dict:
+        """The SamplingParams fields of the one structured output constraint asked for."""
+        kind = (self.response_format or {}).get("type", "text")
+        extensions = {
+            "guided_json": ("json_schema", self.guided_json),
+            "guided_regex": ("regex", self.guided_regex),
+            "guided_choice": ("choice", self.guided_choice),
+        }
+        asked = [name for name, (_, value) in extensions.items() if value is not None]
+        if kind != "text":
+            asked.append("response_format")
+        if len(asked) > 1:
+            raise APIError(400, f"give at most one structured output constraint, got {asked}")
+        if kind == "json_object":
+            return {"json_schema": {"type": "object"}}
+        if kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(
+                    400,
+                    "response_format json_schema needs json_schema.schema, an object",
+                    param="response_format",
+                )
+            return {"json_schema": spec["schema"]}
+        if kind != "text":
+            raise APIError(
+                400,
+                f"response_format type must be text, json_object or json_schema, not {kind!r}",
+                param="response_format",
+            )
+        return {key: value for key, value in extensions.values() if value is not None}
 
 
 class CompletionRequest(_SamplingRequest):
@@ -180,16 +220,11 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = None  # the older name; max_completion_tokens wins
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (vLLM's)
 
     def check_supported(self) -> None:
         super().check_supported()
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            # NOTE: needs structured output (guided decoding), which Baton does not have yet.
-            raise unsupported("response_format", f"response_format {kind!r}")
         if self.tools:
             raise unsupported("tools", "tools")
         if self.top_logprobs is not None and not self.logprobs:

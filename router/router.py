@@ -513,7 +513,7 @@ class Router:
         self, req: _Request, wid: str, prefill: Worker, decode: Worker, info: PlacementInfo
     ) -> AsyncIterator[Chunk]:
         prompt = info.prompt_token_ids
-        params = dataclasses.replace(req.params, max_tokens=info.max_tokens)
+        params = _attempt_params(req, info)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[wid] = queue
         prefill.requests.add(wid)
@@ -600,7 +600,7 @@ class Router:
     ) -> AsyncIterator[Chunk]:
         """A colocated tier: one worker prefills and decodes; its updates (the first token
         included) stream as a decode worker's do."""
-        params = dataclasses.replace(req.params, max_tokens=info.max_tokens)
+        params = _attempt_params(req, info)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[wid] = queue
         worker.requests.add(wid)
@@ -787,6 +787,15 @@ class _AttemptFailed(Exception):
     def __init__(self, message: str, worker: str | None):
         super().__init__(message)
         self.worker = worker
+
+
+def _attempt_params(req: _Request, info: PlacementInfo) -> SamplingParams:
+    """One attempt's params: what is left of max_tokens; with structured output, the tokens
+    already streamed end the re-prefilled prompt, and the grammar must consume them first."""
+    n = len(req.output_token_ids) if req.params.grammar is not None else 0
+    return dataclasses.replace(
+        req.params, max_tokens=info.max_tokens, num_structured_prompt_tokens=n
+    )
 
 
 def _first_line(e: BaseException) -> str:

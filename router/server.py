@@ -34,6 +34,10 @@ def sampling_from_proto(sp: serving_pb2.SamplingParams) -> SamplingParams:
     for name in ("temperature", "top_p", "seed", "repetition_penalty", "logprobs"):
         if sp.HasField(name):
             kwargs[name] = getattr(sp, name)
+    # Structured output: proto3 strings have no presence, so empty means unset.
+    kwargs.update(json_schema=sp.json_schema or None, regex=sp.regex or None)
+    if sp.choice:
+        kwargs["choice"] = list(sp.choice)
     return SamplingParams(**kwargs)
 
 

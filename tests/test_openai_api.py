@@ -216,7 +216,23 @@ def test_models_and_health(server, client):
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             400,
             "response_format",
-            "not supported yet",
+            "needs json_schema.schema",
+        ),
+        ("chat", {"response_format": {"type": "yaml"}}, 400, "response_format", "not 'yaml'"),
+        ("completions", {"extra_body": {"guided_regex": "(ab"}}, 400, None, "invalid regex"),
+        (
+            "chat",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 1}}}},
+            400,
+            None,
+            "invalid json_schema",
+        ),
+        (
+            "completions",
+            {"extra_body": {"guided_regex": "a", "guided_choice": ["a"]}},
+            400,
+            None,
+            "at most one",
         ),
     ],
 )
@@ -349,3 +365,38 @@ def test_client_disconnect_aborts_the_request(server, client, monkeypatch):
     assert finished == [False, False]
     stats = server.wait_all_blocks_free()
     assert all(s["num_running"] == 0 for s in stats.values())
+
+
+def test_structured_output(client, llm, model_dir):
+    """response_format (json_object, json_schema) on chat, vLLM's guided_* on completions."""
+    from tests.test_structured_output import SCHEMAS
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = SCHEMAS[0]
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    for stream in (False, True):
+        result = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=160, temperature=0.0,
+            response_format=response_format, stream=stream,
+        )  # fmt: skip
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in result if c.choices)
+        else:
+            text = result.choices[0].message.content
+            assert result.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(text), schema)
+    result = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=100, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(result.choices[0].message.content), dict)
+    choices = ["positive", "negative", "neutral"]
+    result = client.completions.create(
+        model="tiny", prompt="Alice was", max_tokens=20, extra_body={"guided_choice": choices}
+    )
+    assert result.choices[0].text in choices and result.choices[0].finish_reason == "stop"
+    want = llm.generate("Alice was", greedy(max_tokens=20, regex="[0-9]{3}-[0-9]{4}"))[0].text
+    result = client.completions.create(
+        model="tiny", prompt="Alice was", max_tokens=20, temperature=0.0,
+        extra_body={"guided_regex": "[0-9]{3}-[0-9]{4}"},
+    )  # fmt: skip
+    assert result.choices[0].text == want and len(want) == 8

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -19,6 +21,7 @@ from tests.helpers import random_prompts
 ray = pytest.importorskip("ray")
 
 MAX_TOKENS = 12
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class Server:
@@ -215,14 +218,27 @@ def test_cancelled_stream_frees_blocks_on_both_workers(server):
         ),
         ({"prompt_token_ids": [5] * 600}, 4, grpc.StatusCode.INVALID_ARGUMENT, "context"),
         ({"prompt_token_ids": [5], "sampling": None}, 4, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        ({"prompt_token_ids": [5], "sampling": {"regex": "(ab"}}, 4, INVALID, "invalid regex"),
+        (
+            {"prompt_token_ids": [5], "sampling": {"json_schema": '{"type": "objekt"}'}},
+            4,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid json_schema: Invalid type",
+        ),
+        (
+            {"prompt_token_ids": [5], "sampling": {"json_schema": "{"}},
+            4,
+            INVALID,
+            "not valid JSON",
+        ),
     ],
 )
 def test_bad_requests_get_clear_status_and_no_work(server, request_kwargs, max_tokens, code, match):
     before = {k: s.get("num_prefills") for k, s in server.stats().items()}
     kwargs = dict(request_kwargs)
-    sp = serving_pb2.SamplingParams(max_tokens=max_tokens)
-    if "sampling" in kwargs:
-        kwargs.pop("sampling")
+    sampling = kwargs.pop("sampling", {})
+    sp = serving_pb2.SamplingParams(max_tokens=max_tokens, **(sampling or {}))
+    if sampling is None:
         sp.top_p = 1.5
     with pytest.raises(grpc.RpcError) as err:
         list(server.stub.Generate(serving_pb2.GenerateRequest(sampling=sp, **kwargs), timeout=10))
@@ -356,3 +372,36 @@ def test_colocated_tier_serves_the_same_tokens_and_frees_blocks(ray_local, model
         assert all(s["role"] == "colocated" and s["num_running"] == 0 for s in stats.values())
     finally:
         server.close()
+
+
+def test_structured_output_through_prefill_and_decode_workers(server, model_dir):
+    """The prefill worker samples token 1 under the mask, the decode worker's matcher consumes
+    it and goes on: every output validates, greedy ones equal the engine's."""
+    from tests.test_structured_output import PROMPTS, check, constraints
+
+    items = [(c, PROMPTS[i % 4]) for i, c in enumerate(constraints())]
+    llm = LLM(model_dir, num_blocks=256)
+    expected = llm.generate(
+        [p for _, p in items],
+        [SamplingParams(max_tokens=160, temperature=0.0, **c) for c, _ in items],
+    )
+
+    def run(item, temperature):
+        constraint, prompt = item
+        fields = dict(constraint)
+        if "json_schema" in fields:
+            fields["json_schema"] = json.dumps(fields["json_schema"])
+        sp = serving_pb2.SamplingParams(max_tokens=160, temperature=temperature, seed=7, **fields)
+        request = serving_pb2.GenerateRequest(prompt=prompt, sampling=sp)
+        messages = list(server.stub.Generate(request, timeout=60))
+        return messages
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        greedy = list(pool.map(lambda item: run(item, 0.0), items))
+        sampled = list(pool.map(lambda item: run(item, 1.0), items))
+    for messages, want in zip(greedy, expected):
+        assert [t for m in messages for t in m.token_ids] == want.token_ids
+    for (constraint, _), messages in zip(items + items, greedy + sampled):
+        text = "".join(m.text for m in messages)
+        check(SimpleNamespace(text=text, finish_reason=messages[-1].finish_reason), constraint)
+    server.wait_all_blocks_free()

@@ -22,10 +22,10 @@ SCHEMAS = [
             "name": {"type": "string", "maxLength": 12},
             "age": {"type": "integer", "minimum": 0, "maximum": 120},
             "role": {"enum": ["admin", "user", "guest"]},
-            # Bounded: a random model writes unbounded digits and exponents for long.
+            # Bounded, digits too: a random model writes digits and exponents for long.
             "scores": {
                 "type": "array",
-                "items": {"type": "number", "minimum": -100, "maximum": 100},
+                "items": {"type": "number", "minimum": -100, "maximum": 100, "multipleOf": 0.25},
                 "maxItems": 3,
             },
             "address": {
