@@ -266,7 +266,12 @@ class DecodeWorker:
     def stats(self) -> dict:
         def fn(engine: LLMEngine) -> dict:
             kv = engine.kv_manager
+            drafter = engine.drafter  # speculative decoding's draft model, its own KV pool
             return {
+                "num_draft_blocks": drafter.pool.num_blocks if drafter else 0,
+                "num_free_draft_blocks": drafter.pool.num_free_blocks if drafter else 0,
+                "num_draft_tokens": engine.num_draft_tokens,
+                "num_accepted_tokens": engine.num_accepted_tokens,
                 "worker_id": self.worker_id,
                 "role": "decode" if self.agent is not None else "colocated",
                 "num_blocks": kv.num_blocks,

@@ -101,6 +101,9 @@ class PrefillWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
+        # NOTE: a tier's speculative decoding runs on its decode workers; a prefill worker
+        # samples only token 1, so it loads no draft model (the decode side prefills the draft).
+        engine_args = {k: v for k, v in engine_args.items() if k != "speculative"}
         self.engine = LLMEngine(EngineConfig(**engine_args))
         self.agent = KVTransferAgent(
             worker_id,
