@@ -1,14 +1,27 @@
-"""Speculative decoding (n-gram prompt lookup) vs plain decoding: output tokens per second, same
-model, same prompts, same run, greedy (so both sides must produce identical tokens).
+"""Speculative decoding vs plain decoding: output tokens per second, same model, same prompts,
+same run, greedy (so every engine must produce identical tokens).
 
-Two workloads: `copy` (the prompt holds a document, the model's own continuation of it, and the
-document again, so the answer is already in the prompt, as in code editing or quoting back) and
-`random` (random tokens, the same length), on two models (see `make_models`). Each runs at batch
-1 (one request at a time) and at a larger batch. Reported per cell: tokens/s without and with
-speculation, the ratio, the acceptance rate (accepted / proposed draft tokens) and the mean
-number of tokens a request gained per step it was in.
+Methods and workloads:
+- `ngram` (prompt lookup) on `copy` prompts (a document, the model's own continuation of it,
+  and the document again: the answer is already in the prompt, as in code editing or quoting
+  back) and `random` ones, on two models (`make_models`: `random`, and `markov`, whose next
+  token depends on the current one only).
+- `draft`: a draft model that is the target's first `--draft-layers` layers with its embedding
+  and head (`engine.testing.write_draft_pair`; the target's later layers damped by
+  `--later-layer-scale`, so the truncation agrees with it as a trained draft would), on random
+  prompts of 256 tokens.
 
-    python -m benchmarks.speculative                       # CPU, the default model shape
+Each runs at every `--batch-sizes` (max_num_seqs; as many prompts as the batch, at least 2)
+with three engines: plain, `static` (k drafts every step) and `dynamic` (the step's k from
+the batch size and the measured acceptance: `engine.speculative.choose_num_drafts`), both
+with the `max_batch_size` cap lifted so that the rule alone decides. Reported: plain tokens/s,
+each speculative engine's speed-up over it, the acceptance rate (accepted / drafted) and the
+tokens a request gained per step it was in, static/dynamic.
+
+    python -m benchmarks.speculative                              # CPU, small shapes
+    python -m benchmarks.speculative --methods draft --dtype bfloat16 --hidden-size 2048 \
+        --layers 16 --heads 16 --kv-heads 8 --vocab-size 32000 --draft-layers 2 \
+        --batch-sizes 1 64 --max-tokens 128                     # one GPU
 """
 
 from __future__ import annotations
@@ -24,15 +37,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.testing import write_test_checkpoint
+from engine.testing import write_draft_pair, write_test_checkpoint
 
 
-def copy_workload(model_dir, num_prompts, vocab, max_tokens, seed) -> list[list[int]]:
+def copy_workload(model_dir, num_prompts, vocab, args, seed) -> list[list[int]]:
     """Prompts X + C + X, where C is the model's own greedy continuation of X: the answer is
     already in the prompt, as when editing code or quoting a document back."""
     docs = random_prompts(num_prompts, 128, vocab, seed)
-    llm = LLM(model_dir, num_blocks=512, enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm = LLM(model_dir, dtype=args.dtype, num_blocks=1024, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     return [x + out.token_ids + x for x, out in zip(docs, llm.generate(docs, params))]
 
 
@@ -45,19 +58,9 @@ def make_models(root: Path, args) -> dict[str, Path]:
     """`random`: random weights. `markov`: the same with every attention output projection
     zeroed, so the next token is a fixed function of the current one (a stand-in for a model
     that continues text it has seen the way it did before; its attention is still computed)."""
-    shape = dict(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=3 * args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        with_tokenizer=False,
-    )
     models = {}
     for name in ("random", "markov"):
-        models[name] = write_test_checkpoint(root / name, **shape)
+        models[name] = write_test_checkpoint(root / name, **model_shape(args), dtype=args.dtype)
     weights = models["markov"] / "model.safetensors"
     tensors = load_file(weights)
     for key in tensors:
@@ -67,52 +70,108 @@ def make_models(root: Path, args) -> dict[str, Path]:
     return models
 
 
-def run(model_dir, prompts, batch_size, max_tokens, spec, repeats):
-    """Time plain and speculative engines on the same prompts, alternating runs so that drift in
-    the machine's load hits both alike; the best run of each counts."""
+def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
+    """Time a plain engine and one per speculative config on the same prompts, alternating runs
+    so that drift in the machine's load hits all alike; the best run of each counts. Returns
+    (total tokens, [(tok/s, drafted, accepted) per engine, plain first])."""
     llms = [
         LLM(
             model_dir,
+            dtype=dtype,
             max_num_seqs=batch_size,
             num_blocks=48 * batch_size,
             enable_prefix_caching=False,
             speculative=s,
         )
-        for s in (None, spec)
+        for s in (None, *specs)
     ]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    best = [float("inf"), float("inf")]
-    tokens = [None, None]
+    best = [float("inf")] * len(llms)
+    tokens = [None] * len(llms)
+    counts = [(0, 0)] * len(llms)
     for llm in llms:
         llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     for _ in range(repeats):
         for i, llm in enumerate(llms):
-            llm.engine.num_draft_tokens = llm.engine.num_accepted_tokens = 0
+            engine = llm.engine
+            engine.num_draft_tokens = engine.num_accepted_tokens = 0
+            _sync(engine)
             start = time.perf_counter()
             outputs = llm.generate(prompts, params)
-            best[i] = min(best[i], time.perf_counter() - start)
+            _sync(engine)
+            elapsed = time.perf_counter() - start
+            if elapsed < best[i]:
+                best[i] = elapsed
+                counts[i] = (engine.num_draft_tokens, engine.num_accepted_tokens)
             tokens[i] = [o.token_ids for o in outputs]
-    assert tokens[0] == tokens[1], "speculative greedy output differs from plain"
+    for i in range(1, len(llms)):
+        assert tokens[i] == tokens[0], "speculative greedy output differs from plain"
     total = sum(map(len, tokens[0]))
-    engine = llms[1].engine
-    return (
-        total / best[0],
-        total / best[1],
-        total,
-        engine.num_draft_tokens,
-        engine.num_accepted_tokens,
+    return total, [(total / t, *c) for t, c in zip(best, counts)]
+
+
+def _sync(engine) -> None:
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize(engine.runner.device)
+
+
+def cells(args, root: Path):
+    """(method, model, workload, model dir, prompts, spec config) for every row."""
+    vocab = args.vocab_size
+    if "ngram" in args.methods:
+        models = make_models(root, args)
+        for model, model_dir in models.items():
+            work = {
+                "copy": copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1),
+                "random": random_prompts(max(args.batch_sizes), 256 + args.max_tokens, vocab, 2),
+            }
+            for name, prompts in work.items():
+                yield "ngram", model, name, model_dir, prompts, {"method": "ngram"}
+    if "draft" in args.methods:
+        target, draft = write_draft_pair(
+            root / "pair",
+            args.draft_layers,
+            args.later_layer_scale,
+            **model_shape(args),
+            dtype=args.dtype,
+        )
+        prompts = random_prompts(max(args.batch_sizes), 256, vocab, 3)
+        spec = {"method": "draft", "model": str(draft)}
+        yield "draft", "pair", "random", target, prompts, spec
+
+
+def model_shape(args) -> dict:
+    return dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=3 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        with_tokenizer=False,
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--methods", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft"])
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--draft-layers", type=int, default=1, help="the draft: the target's first N")
+    ap.add_argument(
+        "--later-layer-scale",
+        type=float,
+        default=0.1,
+        help="scale of the target's residual branches past the draft's layers (write_draft_pair)",
+    )
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; best is kept")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -121,35 +180,44 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    models = make_models(Path(tempfile.mkdtemp(prefix="baton-spec-")), args)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k}
-    print(
-        f"commit {commit}, {platform.machine()} CPU, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; models: {args.layers} layers, hidden {args.hidden_size}, vocab "
-        f"{args.vocab_size}; {args.num_prompts} prompts, {args.max_tokens} output tokens each, "
-        f"greedy; n-gram k={args.k}"
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.machine()} CPU"
     )
     print(
-        f"{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>13}{'spec tok/s':>12}"
-        f"{'ratio':>7}{'accept':>8}{'tok/step':>10}"
+        f"commit {commit}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"; target: {args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
+        f"{args.dtype}; draft: first {args.draft_layers} layer(s), later layers x"
+        f"{args.later_layer_scale}; {args.max_tokens} output tokens per request, greedy, k={args.k}"
     )
-    for model, model_dir in models.items():
-        work = {
-            "copy": copy_workload(
-                model_dir, args.num_prompts, args.vocab_size, args.max_tokens, seed=1
-            ),
-            "random": random_prompts(args.num_prompts, 256 + args.max_tokens, args.vocab_size, 2),
-        }
-        for name, prompts in work.items():
-            for batch in args.batch_sizes:
-                base, fast, total, drafted, accepted = run(
-                    model_dir, prompts, batch, args.max_tokens, spec, args.repeats
-                )
-                # A request gains its accepted drafts plus one target token per step it runs.
-                print(
-                    f"{model:<8}{name:<9}{batch:>6}{base:>13.1f}{fast:>12.1f}{fast / base:>7.2f}"
-                    f"{accepted / max(drafted, 1):>8.2f}{total / (total - accepted):>10.2f}"
-                )
+    print(
+        f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>13}"
+        f"{'static':>9}{'dynamic':>9}{'accept s/d':>12}{'tok/step s/d':>14}"
+    )
+    root = Path(tempfile.mkdtemp(prefix="baton-spec-"))
+    for method, model, workload, model_dir, prompts, spec in cells(args, root):
+        for batch in args.batch_sizes:
+            common = {**spec, "num_speculative_tokens": args.k, "max_batch_size": 1 << 16}
+            static = {**common, "adaptive": False}
+            dynamic = {**common, "adaptive": True}
+            num_prompts = max(batch, 2)
+            total, rows = run(
+                model_dir,
+                prompts[:num_prompts],
+                batch,
+                args.max_tokens,
+                [static, dynamic],
+                args.repeats,
+                args.dtype,
+            )
+            (base, _, _), (fast, d1, a1), (dyn, d2, a2) = rows
+            # A request gains its accepted drafts plus one target token per step it runs.
+            accept = f"{a1 / max(d1, 1):.2f}/{a2 / max(d2, 1):.2f}"
+            per_step = f"{total / (total - a1):.2f}/{total / (total - a2):.2f}"
+            print(
+                f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>13.1f}{fast / base:>9.2f}"
+                f"{dyn / base:>9.2f}{accept:>12}{per_step:>14}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

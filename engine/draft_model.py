@@ -71,6 +71,10 @@ class DraftProposer:
         dtype: torch.dtype,
     ):
         spec = config.speculative
+        if config.attention_sinks:
+            # NOTE: the draft's pool keeps every block; sinks' cache-relative positions and
+            # evictions are the target scheduler's alone.
+            raise ValueError("a draft model with attention sinks is not supported")
         self.model_config = ModelConfig.from_pretrained(spec.model)
         if self.model_config.vocab_size != target.vocab_size:
             raise ValueError(
