@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--range-ratio", type=float, default=0.5)
     pl.add_argument("--num-requests", type=int, default=400)
     pl.add_argument("--burstiness", type=float, default=1.0)
+    pl.add_argument(
+        "--min-duration-s", type=float, default=60.0, help="simulate at least this long a run"
+    )
     pl.add_argument("--ttft-slo-ms", type=float, default=500.0)
     pl.add_argument("--tpot-slo-ms", type=float, default=50.0)
     pl.add_argument("--max-gpus", type=int, default=8)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 from dataclasses import dataclass
 
@@ -30,10 +31,17 @@ class Workload:
     range_ratio: float = 0.5
     num_requests: int = 400
     burstiness: float = 1.0
+    # At least this long a run of arrivals: a fixed count of requests at a high rate is a short
+    # burst that a backlog absorbs, and the search then finds rates no instance sustains.
+    min_duration_s: float = 60.0
+
+    def count(self, rate: float) -> int:
+        """Requests in a run at `rate`."""
+        return max(self.num_requests, math.ceil(rate * self.min_duration_s))
 
     def sample(self, rate: float, rng: random.Random) -> list[tuple[float, int, int]]:
         t, out = 0.0, []
-        for _ in range(self.num_requests):
+        for _ in range(self.count(rate)):
             t += rng.gammavariate(self.burstiness, 1.0 / (rate * self.burstiness))
 
             def length(mean: int) -> int:
@@ -108,6 +116,11 @@ def max_rate(
     iterations: int = 14,
 ) -> float:
     """Highest rate with ≥ 90% attainment in the simulation (binary search)."""
+    # No split sustains more than its prefill instances serve (a prompt's prefill time grows
+    # faster than its length, so the mean length gives an upper bound): search below that.
+    prefill_s = model.prefill_time(workload.input_len, workload.input_len)
+    if prefill_s > 0:
+        high = min(high, 1.5 * num_prefill / prefill_s)
     low = 0.0
     for _ in range(iterations):
         mid = (low + high) / 2
@@ -154,7 +167,12 @@ def plan(
 def main(args) -> int:
     model = new_instance_model(load_profile(args.profile))
     workload = Workload(
-        args.input_len, args.output_len, args.range_ratio, args.num_requests, args.burstiness
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        args.num_requests,
+        args.burstiness,
+        args.min_duration_s,
     )
     slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
     rows = plan(model, workload, slo, args.max_gpus, args.rate, args.kv_bytes_per_token)
