@@ -17,7 +17,11 @@ from safetensors.torch import load_file
 
 from engine import LLM, EngineConfig, SamplingParams
 from tests.helpers import random_prompts
-from tests.test_sliding_window import check_blocks, run_checked
+from tests.test_sliding_window import (
+    check_blocks,
+    check_preemption_then_prefix_hits,
+    run_checked,
+)
 
 SINKS, WINDOW, BLOCK = 4, 16, 8
 
@@ -138,13 +142,7 @@ def test_prefix_cache_hits_and_preemption(model_dir, streaming):
     base = random_prompts([30], seed=11)[0]
     prompts = [base + p for p in random_prompts([5, 12, 20], seed=12)]
     llm = sink_llm(model_dir, num_blocks=9, max_num_batched_tokens=16)
-    first = run_checked(llm, prompts, greedy(24))
-    assert llm.engine.scheduler.num_preemptions > 0
-    again = run_checked(llm, prompts, greedy(24))
-    assert llm.engine.kv_manager.stats.hit_tokens > 0
-    for prompt, a, b in zip(prompts, first, again):
-        expected = streaming.greedy(prompt, 24)
-        assert a.token_ids == expected and b.token_ids == expected
+    check_preemption_then_prefix_hits(llm, prompts, streaming, 24)
 
 
 def test_memory_bounded_while_generating_ten_windows(model_dir, streaming):

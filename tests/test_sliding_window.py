@@ -97,12 +97,18 @@ def test_prefix_cache_hits_and_preemption(mistral_dir, mistral_ref):
     prompts = [base + p for p in random_prompts([9, 30, 17, 3], seed=8)]
     # 10 blocks: four requests of 4 to 8 live blocks each cannot all run at once.
     llm = LLM(mistral_dir, block_size=BLOCK, num_blocks=10, max_num_batched_tokens=32)
-    first = run_checked(llm, prompts, greedy(24))
+    check_preemption_then_prefix_hits(llm, prompts, mistral_ref, 24)
+
+
+def check_preemption_then_prefix_hits(llm, prompts, reference, max_tokens):
+    """Run twice: the first time with preemptions, the second from the prefix cache; both give
+    the reference's tokens."""
+    first = run_checked(llm, prompts, greedy(max_tokens))
     assert llm.engine.scheduler.num_preemptions > 0
-    again = run_checked(llm, prompts, greedy(24))
+    again = run_checked(llm, prompts, greedy(max_tokens))
     assert llm.engine.kv_manager.stats.hit_tokens > 0
     for prompt, a, b in zip(prompts, first, again):
-        expected = mistral_ref.greedy(prompt, 24)
+        expected = reference.greedy(prompt, max_tokens)
         assert a.token_ids == expected and b.token_ids == expected
 
 
