@@ -44,7 +44,7 @@ def kv_bytes_per_token(model_config: ModelConfig, dtype_bytes: int, engine_args:
     """What one prompt token's KV costs to move: 8-bit caches hold one byte per element plus a
     float32 scale per head and token (engine/kv_cache/quant.py)."""
     if engine_args.get("kv_cache_dtype", "auto") in ("fp8", "int8"):
-        heads = 2 * model_config.num_layers * model_config.num_kv_heads
+        heads = 2 * model_config.num_kv_layers * model_config.num_kv_heads
         return heads * (model_config.head_dim + 4)
     return model_config.kv_elements_per_token * dtype_bytes
 

@@ -78,6 +78,10 @@ class ModelConfig:
     # Per-layer attention windows (None: global), from `layer_types` or Qwen's
     # `max_window_layers`; empty: `sliding_window` for every layer.
     layer_windows: tuple[int | None, ...] = ()
+    # Cross-layer KV sharing (CLA, Brandon et al. 2024): groups of this many adjacent layers
+    # share one KV cache; the group's first layer computes K and V, the others only queries.
+    # From config.json's `cla_share_factor`; 1: every layer has its own.
+    cla_share_factor: int = 1
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
@@ -152,6 +156,7 @@ class ModelConfig:
             **_moe_fields(family, cfg),
             qk_norm=family in ("qwen3", "qwen3_moe"),
             layer_windows=layer_windows,
+            cla_share_factor=_cla_share_factor(cfg, layer_windows),
         )
 
     def layer_window(self, layer: int) -> int | None:
@@ -166,9 +171,29 @@ class ModelConfig:
         return None if None in windows else max(windows)
 
     @property
+    def num_kv_layers(self) -> int:
+        """KV caches the model keeps: one per layer, or one per CLA group."""
+        return -(-self.num_layers // self.cla_share_factor)
+
+    def kv_layer(self, layer: int) -> int:
+        """The KV cache layer `layer` reads (its CLA group's)."""
+        return layer // self.cla_share_factor
+
+    @property
     def kv_elements_per_token(self) -> int:
-        """K and V elements one token occupies across all layers (times the dtype's size: bytes)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        """K and V elements one token occupies across all KV caches (times the dtype's size:
+        bytes); layers that share a cache (CLA) count once."""
+        return 2 * self.num_kv_layers * self.num_kv_heads * self.head_dim
+
+
+def _cla_share_factor(cfg: dict, layer_windows: tuple) -> int:
+    factor = cfg.get("cla_share_factor", 1)
+    if not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"cla_share_factor must be a positive integer, got {factor!r}")
+    groups = [layer_windows[i : i + factor] for i in range(0, len(layer_windows), factor)]
+    if any(len(set(group)) > 1 for group in groups):
+        raise ValueError("layers sharing a KV cache (cla_share_factor) must share a window")
+    return factor
 
 
 _LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -117,7 +117,7 @@ class DraftProposer:
         shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, row)
         dtype = quant.cache_dtype(kind, self.dtype)
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_kv_layers)
         ]
         self.pool = BlockPool(num_blocks)
         log.info("draft KV cache: %d blocks of %d tokens", num_blocks, self.block_size)

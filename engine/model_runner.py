@@ -77,7 +77,7 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_cache_dtype: str, dtype: torch.dtype
     """Bytes of KV cache one token takes across all layers (8-bit KV: values and scales)."""
     elem = quant.cache_dtype(kv_cache_dtype, dtype).itemsize
     row = quant.cache_row_size(kv_cache_dtype, cfg.head_dim)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
+    return 2 * cfg.num_kv_layers * cfg.num_kv_heads * row * elem
 
 
 class ModelRunner:
@@ -128,7 +128,7 @@ class ModelRunner:
         # One allocation, a view per layer: kvtransfer then copies all of a message's layers
         # in one kernel (KVLayout.stacked_rows).
         stacked = torch.zeros(
-            (model_config.num_layers, *shape), dtype=cache_dtype, device=self.device
+            (model_config.num_kv_layers, *shape), dtype=cache_dtype, device=self.device
         )
         self.kv_caches = list(stacked.unbind(0))
         self.sampler = Sampler(self.device, config.seed)

@@ -115,6 +115,7 @@ def write_test_checkpoint(
     num_experts: int = 4,
     num_experts_per_tok: int = 2,
     moe_config: dict | None = None,
+    cla_share_factor: int = 1,
 ) -> Path:
     """Write a random-weight causal LM checkpoint in the Hugging Face layout and return its path.
 
@@ -164,6 +165,11 @@ def write_test_checkpoint(
     if architecture in _MOE:
         config.update(_moe_config(architecture, num_experts, num_experts_per_tok, config))
         config.update(moe_config or {})
+    if cla_share_factor > 1:
+        # Cross-layer KV sharing: no HF architecture has it, so transformers cannot load this
+        # checkpoint (tests compare it with an explicit reference); only each group's first
+        # layer has k_proj / v_proj.
+        config["cla_share_factor"] = cla_share_factor
     _write_json(path / "config.json", config)
     _write_json(
         path / "generation_config.json",
@@ -333,14 +339,17 @@ def _random_weights(config: dict, *, init_std: float, seed: int) -> dict[str, to
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
         tensors[prefix + "input_layernorm.weight"] = norm_weight(hidden)
-        for name, out_size in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+        shares_kv = i % config.get("cla_share_factor", 1) != 0
+        projections = (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size))
+        for name, out_size in projections[:1] if shares_kv else projections:
             tensors[prefix + f"self_attn.{name}.weight"] = normal(out_size, hidden, std=init_std)
             if has_qkv_bias:
                 tensors[prefix + f"self_attn.{name}.bias"] = normal(out_size, std=init_std)
         tensors[prefix + "self_attn.o_proj.weight"] = normal(hidden, q_size, std=init_std)
         if config["model_type"] in ("qwen3", "qwen3_moe"):
             tensors[prefix + "self_attn.q_norm.weight"] = norm_weight(head_dim)
-            tensors[prefix + "self_attn.k_norm.weight"] = norm_weight(head_dim)
+            if not shares_kv:
+                tensors[prefix + "self_attn.k_norm.weight"] = norm_weight(head_dim)
         tensors[prefix + "post_attention_layernorm.weight"] = norm_weight(hidden)
         tensors.update(_mlp_weights({**config, "initializer_range_test": init_std}, prefix, normal))
     # The final norm's output has unit RMS, so logit std = (lm_head row std) * sqrt(hidden).

@@ -46,3 +46,19 @@ class Reference:
     def last_logits(self, prompt: list[int]) -> torch.Tensor:
         with torch.no_grad():
             return self.model(torch.tensor([prompt])).logits[0, -1]
+
+
+def capture_first_logits(llm) -> dict:
+    """Record, per request id, the logits row its first token was sampled from (filled as
+    `llm` runs): the prompt's last-position logits."""
+    captured = {}
+    execute = llm.engine.runner.execute
+
+    def capture(sched):
+        out = execute(sched)
+        for row, rid in enumerate(out.sampled):
+            captured.setdefault(rid, out.logits[row].clone())
+        return out
+
+    llm.engine.runner.execute = capture
+    return captured

@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.testing import write_test_checkpoint
-from tests.helpers import PROMPT_LENGTHS, Reference, random_prompts
+from tests.helpers import PROMPT_LENGTHS, Reference, capture_first_logits, random_prompts
 
 MAX_TOKENS = 12
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -31,16 +31,7 @@ def assert_pool_whole(llm):
 def test_chunked_prefill_small_budget(model_dir, reference):
     prompts = random_prompts(PROMPT_LENGTHS)
     llm = LLM(model_dir, max_num_batched_tokens=32, enable_prefix_caching=False, num_blocks=512)
-    captured = {}
-    execute = llm.engine.runner.execute
-
-    def capture(sched):
-        out = execute(sched)
-        for row, rid in enumerate(out.sampled):
-            captured.setdefault(rid, out.logits[row].clone())
-        return out
-
-    llm.engine.runner.execute = capture
+    captured = capture_first_logits(llm)
     outputs = llm.generate(prompts, GREEDY)
     assert_matches_reference(reference, prompts, outputs, MAX_TOKENS)
     assert_pool_whole(llm)

@@ -222,14 +222,14 @@ def test_handoff_decode_side_speculates(model_dir):
         assert_pool_whole(llm)
 
 
-def handoff(prefill: LLM, decode: LLM, prompts) -> list[list[int]]:
+def handoff(prefill: LLM, decode: LLM, prompts, params=GREEDY) -> list[list[int]]:
     """Greedy generation split as on two workers: the prefill engine computes each prompt and
     token 1, its KV is copied into blocks the decode engine reserved, which decodes the rest."""
     connector = CopyConnector(prefill.engine.runner.kv_caches, decode.engine.runner.kv_caches)
     prefill.engine.runner.kv_connector = connector
     first_only = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        block_ids = decode.engine.reserve(f"r{i}", prompt, GREEDY)
+        block_ids = decode.engine.reserve(f"r{i}", prompt, params)
         assert block_ids is not None
         connector.targets[f"r{i}"] = block_ids
         prefill.engine.add_request(f"r{i}", prompt, first_only)

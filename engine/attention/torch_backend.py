@@ -116,7 +116,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, query, key, value, kv_cache, meta, layer=None):
         spec = self.spec
-        self._write(kv_cache, key, value, meta.slot_mapping)
+        if key is not None:  # None: a CLA layer reading the cache its group's first wrote
+            self._write(kv_cache, key, value, meta.slot_mapping)
         decodes, prefills = meta.backend_data[spec.window_of(layer)]
         out = torch.empty_like(query)
         dt = query.dtype

@@ -135,7 +135,9 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, query, key, value, kv_cache, meta, layer=None):
         spec = self.spec
         window = spec.window_of(layer)
-        if quant.is_quantized(spec.kv_cache_dtype):
+        if key is None:  # a CLA layer reading the cache its group's first layer wrote
+            pass
+        elif quant.is_quantized(spec.kv_cache_dtype):
             quant.write(kv_cache[0], meta.slot_mapping, key, spec.kv_cache_dtype)
             quant.write(kv_cache[1], meta.slot_mapping, value, spec.kv_cache_dtype)
         else:

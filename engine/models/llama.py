@@ -100,13 +100,17 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         bias = cfg.attention_bias
+        # CLA: a layer past the first of its group reads that layer's KV and has no K, V.
+        self.shares_kv = layer is not None and layer % cfg.cla_share_factor != 0
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        if not self.shares_kv:
+            self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            if not self.shares_kv:
+                self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         # Shared with every layer; not registered as a submodule so it is not a weight.
         self._rotary = (rotary,)
@@ -116,10 +120,14 @@ class Attention(nn.Module):
     def fuse(self, ops) -> None:
         """One [q; k; v] projection (the q/k/v parameters become views of it) and the RoPE
         kernel."""
+        if self.shares_kv:
+            return  # queries only: the plain path below
         self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         self._ops = ops
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+        if self.shares_kv:
+            return self._shared_kv_forward(positions, x, kv_cache, meta)
         if self._ops is not None:
             return self._fused_forward(positions, x, kv_cache, meta)
         q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
@@ -130,6 +138,18 @@ class Attention(nn.Module):
         if not self._backend.applies_rope:  # attention sinks: the backend rotates in-cache
             q, k = self._rotary[0](positions, q, k)
         out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def _shared_kv_forward(self, positions, x, kv_cache, meta):
+        """CLA: attend over the cache the group's first layer wrote in this same forward pass
+        (this step's tokens included); no K or V of its own, nothing written."""
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        if self._backend.applies_rope:
+            raise NotImplementedError("cross-layer KV sharing with attention sinks")
+        q, _ = self._rotary[0](positions, q, q[:, :0])  # no keys: an empty slice of heads
+        out = self._backend.forward(q, None, None, kv_cache, meta, self.layer)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
     def _fused_forward(self, positions, x, kv_cache, meta):
@@ -258,21 +278,23 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[torch.Tensor],  # one per layer
+        kv_caches: list[torch.Tensor],  # one per KV layer
         meta: AttentionMetadata,
         layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [num_tokens, hidden_size]. `layer_done(i)` is
-        called once layer i has written its KV (KV transfer overlaps the later layers)."""
+        """Hidden states after the final norm, [num_tokens, hidden_size]. `kv_caches` holds
+        one cache per KV layer (per CLA group); `layer_done(j)` is called once KV layer j is
+        written (KV transfer overlaps the later layers)."""
         x = self.model.embed_tokens(input_ids)
         ops, residual = self._ops, None
-        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+        for i, layer in enumerate(self.model.layers):
+            kv_cache = kv_caches[self.config.kv_layer(i)]
             if ops is None:
                 x = layer(positions, x, kv_cache, meta)
             else:
                 x, residual = layer.fused_forward(ops, positions, x, residual, kv_cache, meta)
-            if layer_done is not None:
-                layer_done(i)
+            if layer_done is not None and not layer.self_attn.shares_kv:
+                layer_done(self.config.kv_layer(i))
         if ops is None:
             return self.model.norm(x)
         return ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps, residual)
