@@ -74,7 +74,7 @@ def _wq_matmul_kernel(
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,  # split-K: out is a zeroed float32 buffer, partial sums are added
-    SUB_K: tl.constexpr,  # int4: sub-tile width inside one group (the fast form); 0: none
+    TILE_IN_GROUP: tl.constexpr,  # int4: GROUP_SIZE % BLOCK_K == 0 (the fast form)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -94,39 +94,33 @@ def _wq_matmul_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if METHOD == 2 and SUB_K > 0:
-            # Sub-tiles of SUB_K columns, each inside one group: one scale and zero per row,
-            # applied to the sub-tile's sum:
+        if METHOD == 2 and TILE_IN_GROUP:
+            # The tile lies in one group (GROUP_SIZE % BLOCK_K == 0): one scale and zero per
+            # row, applied to the tile's sum:
             #     sum_k (q_k - z) s x_k = s (sum_k q_k x_k - z sum_k x_k)
             # x is read contiguously and split into the even and odd columns (low and high
-            # nibbles of byte j), the bytes as one contiguous [BLOCK_N, SUB_K / 2] load.
-            for sub in tl.static_range(BLOCK_K // SUB_K):
-                ks = k0 + sub * SUB_K
-                j = tl.arange(0, SUB_K // 2)
-                k = ks + tl.arange(0, SUB_K)
-                w_mask = n_mask[:, None] & (ks + 2 * j < k_end)[None, :]
-                packed = tl.load(w_rows + (ks // 2 + j)[None, :], mask=w_mask, other=0)
-                group = ks // GROUP_SIZE
-                # a sub-tile past the split's end reads no scale (its group may not exist)
-                g_mask = n_mask & ((tl.zeros((BLOCK_N,), dtype=tl.int32) + ks) < k_end)
-                s_ptrs = scales + rn.to(tl.int64) * stride_sn + group
-                scale = tl.load(s_ptrs, mask=g_mask, other=0)
-                if HAS_ZEROS:
-                    z_ptrs = zeros + rn.to(tl.int64) * stride_sn + group
-                    zero = tl.load(z_ptrs, mask=g_mask, other=0).to(tl.float32)
-                else:
-                    zero = tl.full((BLOCK_N,), 8.0, tl.float32)
-                x_mask = m_mask[:, None] & (k < k_end)[None, :]
-                xt = tl.load(x_rows + k[None, :], mask=x_mask, other=0)
-                x_lo, x_hi = tl.split(tl.reshape(xt, (BLOCK_M, SUB_K // 2, 2)))
-                q_lo = (packed & 0xF).to(dtype)  # 0..15: exact in every float type
-                q_hi = (packed >> 4).to(dtype)
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                part = _mac(part, x_lo, q_lo, BLOCK_M, PRECISION)
-                part = _mac(part, x_hi, q_hi, BLOCK_M, PRECISION)
-                x_sum = tl.sum(xt.to(tl.float32), axis=1)  # the zero's share: z sum_k x_k
-                part -= x_sum[:, None] * zero[None, :]
-                acc += part * scale.to(tl.float32)[None, :]
+            # nibbles of byte j), the bytes as one contiguous [BLOCK_N, BLOCK_K / 2] load.
+            j = tl.arange(0, BLOCK_K // 2)
+            k = k0 + tl.arange(0, BLOCK_K)
+            w_mask = n_mask[:, None] & (k0 + 2 * j < k_end)[None, :]
+            packed = tl.load(w_rows + (k0 // 2 + j)[None, :], mask=w_mask, other=0)
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales + rn.to(tl.int64) * stride_sn + group, mask=n_mask, other=0)
+            if HAS_ZEROS:
+                zero = tl.load(zeros + rn.to(tl.int64) * stride_sn + group, mask=n_mask, other=0)
+                zero = zero.to(tl.float32)
+            else:
+                zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+            xt = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < k_end)[None, :], other=0)
+            x_lo, x_hi = tl.split(tl.reshape(xt, (BLOCK_M, BLOCK_K // 2, 2)))
+            q_lo = (packed & 0xF).to(dtype)  # 0..15: exact in every float type
+            q_hi = (packed >> 4).to(dtype)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = _mac(part, x_lo, q_lo, BLOCK_M, PRECISION)
+            part = _mac(part, x_hi, q_hi, BLOCK_M, PRECISION)
+            x_sum = tl.sum(xt.to(tl.float32), axis=1)  # the zero's share: z * sum_k x_k
+            part -= x_sum[:, None] * zero[None, :]
+            acc += part * scale.to(tl.float32)[None, :]
         elif METHOD == 2:
             # Byte j of the tile holds columns k0 + 2j (low nibble) and k0 + 2j + 1 (high);
             # k0 is even (k_per_split and BLOCK_K are), so both share a group (even size).
@@ -206,15 +200,8 @@ def _config(num_rows: int, n: int, k: int, block_m: int, block_n: int, block_k: 
     return KernelConfig(block_n, block_k, split, block_m, **kw)
 
 
-def _sub_k(block_k: int, group_size: int) -> int:
-    """The int4 kernel's fast form works on sub-tiles inside one group: the group when a tile
-    holds whole groups, the tile when a group holds whole tiles; 0 otherwise."""
-    if block_k % group_size == 0 and group_size & (group_size - 1) == 0:
-        return group_size
-    return block_k if group_size % block_k == 0 else 0
-
-
 def _int4_block_k(group_size: int) -> int:
+    """A tile inside one group takes the kernel's fast int4 form."""
     return group_size if group_size in (32, 64, 128) else 128
 
 
@@ -231,24 +218,21 @@ _MAX_TUNED_ROWS = 16
 
 def _candidates(num_rows: int, n: int, k: int, method: str, group_size: int) -> list[KernelConfig]:
     tiles = [(32, 128), (64, 128), (32, 256), (16, 256)]
-    warps = [4]
     if method == "int4":
-        g = _int4_block_k(group_size)
-        tiles = [(bn, bk) for bn in (16, 32, 64) for bk in (g, 2 * g, 4 * g)]
-        warps = [4, 8]
+        block_k = _int4_block_k(group_size)
+        tiles = [(16, block_k), (32, block_k), (64, block_k), (128, block_k)]
     found = []
     for block_m in {0, num_rows if num_rows <= 8 else 0}:
         for block_n, block_k in tiles:
-            # The FMA form holds a [block_m, block_n, columns] product: at most 16K floats
+            # The FMA form holds a [block_m, block_n, block_k] product: at most 16K floats
             # (128 registers a thread at 4 warps), else it spills.
-            columns = (_sub_k(block_k, group_size) or block_k) // 2 if method == "int4" else block_k
+            columns = block_k // 2 if method == "int4" else block_k
             if block_m * block_n * columns > 16384:
                 continue
             base = _config(num_rows, n, k, block_m, block_n, block_k)
             for split in sorted({1, base.split_k, 2 * base.split_k}):
                 if split == 1 or k // split >= 2 * block_k:
-                    for num_warps in warps:
-                        found.append(KernelConfig(block_n, block_k, split, block_m, num_warps))
+                    found.append(KernelConfig(block_n, block_k, split, block_m))
     return found
 
 
@@ -276,9 +260,10 @@ def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> K
     best, best_ms = fallback, float("inf")
     for cfg in _candidates(bucket, n, k, qw.method, qw.group_size):
         try:
-            # NOTE: do_bench, not do_bench_cudagraph: it flushes L2 between runs, and a
-            # replayed graph reads a 16-25 MB weight from L2 (tried: int8 decode got slower).
-            ms = triton.testing.do_bench(lambda c=cfg: _launch(x, qw, bias, c), warmup=5, rep=20)
+            # Timed as a CUDA graph replays it: GPU time alone. Timed from the host, a
+            # decode-sized call (~10 us of GPU work, three launches with split-K) measures
+            # launch latency, and every candidate looks alike.
+            ms = triton.testing.do_bench_cudagraph(lambda c=cfg: _launch(x, qw, bias, c), rep=20)
         except Exception:  # e.g. out of shared memory / registers for a big tile: skip it
             continue
         if ms < best_ms:
@@ -324,7 +309,7 @@ def _launch(
         HAS_ZEROS=qw.zeros is not None,
         HAS_BIAS=bias is not None,
         ATOMIC=atomic,
-        SUB_K=_sub_k(cfg.block_k, qw.group_size) if qw.method == "int4" else 0,
+        TILE_IN_GROUP=qw.group_size % cfg.block_k == 0,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
