@@ -1,11 +1,14 @@
-"""Decode throughput each KV cache dtype buys at a fixed KV memory budget, on one GPU.
+"""Decode throughput each KV memory option buys at a fixed KV memory budget, on one GPU.
 
-Model: Llama-3-8B shape, bf16, random weights drawn on the GPU (`gpu_common`). For each
-`kv_cache_dtype` the cache gets the same number of bytes (`--kv-gib`); the batch is as many
-requests of `--prompt-len` + decoded tokens as its blocks hold (at most `--max-seqs`), and
-`--steps` pure-decode engine steps are timed after the prefill.
+Model: Llama-3-8B shape, bf16, random weights drawn on the GPU (`gpu_common`). Options
+(`--kinds`): a `kv_cache_dtype` (auto, int8, fp8); `claN`, cross-layer KV sharing with groups
+of N layers (`cla_share_factor`: a different model, N times fewer K/V projections); `windowW`,
+a sliding window of W tokens on every layer (the rolling buffer frees blocks that leave it).
+Each option's cache gets the same number of bytes (`--kv-gib`); the batch is as many requests
+of `--prompt-len` + decoded tokens as its blocks hold while decoding (at most `--max-seqs`),
+and `--steps` pure-decode engine steps are timed after the prefill.
 
-    PYTHONPATH=. python -m benchmarks.kv_cache_dtype --kv-gib 8
+    PYTHONPATH=. python -m benchmarks.kv_cache_dtype --kv-gib 8 --kinds auto,int8,fp8,cla2,window512
 """
 
 from __future__ import annotations
@@ -17,18 +20,27 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_common import describe_run, release_gpu_memory, write_config_only
+from benchmarks.gpu_common import LLAMA3_8B, describe_run, release_gpu_memory, write_config_only
 from benchmarks.gpu_decode import decode_rate
 from engine import LLM
 from engine.config import ModelConfig
 from engine.kv_cache import quant
 
 
-def kv_bytes_per_token(cfg: ModelConfig, kind: str) -> int:
+def kv_bytes_per_token(cfg: ModelConfig, kind: str, cla: int = 1) -> int:
     """As ModelRunner.kv_bytes_per_token (checked there against the engine's), for bf16."""
     elem = quant.cache_dtype(kind, torch.bfloat16).itemsize
     row = quant.cache_row_size(kind, cfg.head_dim)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * row * elem
+    return 2 * (cfg.num_layers // cla) * cfg.num_kv_heads * row * elem
+
+
+def option(kind: str) -> tuple[str, dict, int | None]:
+    """(kv_cache_dtype, config.json changes, window) of a --kinds entry."""
+    if kind.startswith("cla"):
+        return "auto", {"cla_share_factor": int(kind[3:])}, None
+    if kind.startswith("window"):
+        return "auto", {"sliding_window": int(kind[6:])}, int(kind[6:])
+    return kind, {}, None
 
 
 def main() -> None:
@@ -45,27 +57,35 @@ def main() -> None:
     block_size = 16
     blocks_per_request = -(-(args.prompt_len + args.warmup + args.steps + 2) // block_size)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
         for kind in args.kinds.split(","):
-            per_token = kv_bytes_per_token(ModelConfig.from_pretrained(model_dir), kind)
+            dtype_kind, changes, window = option(kind)
+            model_dir = write_config_only(Path(tmp) / kind, {**LLAMA3_8B, **changes})
+            cla = changes.get("cla_share_factor", 1)
+            per_token = kv_bytes_per_token(ModelConfig.from_pretrained(model_dir), dtype_kind, cla)
             per_block = per_token * block_size
             num_blocks = int(args.kv_gib * (1 << 30)) // per_block
-            batch = min(args.max_seqs, num_blocks // blocks_per_request)
+            # A windowed request holds the window and the block being written (plus, while
+            # prefilling, its chunk: prefill chunks of 512 tokens keep that small).
+            held = blocks_per_request if window is None else -(-window // block_size) + 2
+            batch = min(args.max_seqs, num_blocks // held)
             llm = LLM(
-                model_dir, dtype="bfloat16", kv_cache_dtype=kind, num_blocks=num_blocks,
-                max_num_seqs=batch, max_model_len=4096, max_num_batched_tokens=8192,
+                model_dir, dtype="bfloat16", kv_cache_dtype=dtype_kind, num_blocks=num_blocks,
+                max_num_seqs=batch, max_model_len=4096,
+                max_num_batched_tokens=512 if window else 8192,
                 extra={"random_weights": True},
             )  # fmt: skip
             assert llm.engine.runner.kv_bytes_per_token == per_token
             rate = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
             results["kinds"][kind] = {
+                "blocks_per_request": held,
                 "kv_bytes_per_token": per_token,
                 "num_blocks": num_blocks,
                 "batch": batch,
                 "tokens_per_s": rate,
             }
             print(
-                f"{kind:5s}: {per_token} B/token, {num_blocks} blocks -> batch {batch}: "
+                f"{kind:10s}: {per_token} B/token, {num_blocks} blocks, {held} a request -> "
+                f"batch {batch}: "
                 f"{rate:.0f} tok/s",
                 flush=True,
             )
