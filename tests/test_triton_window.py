@@ -81,3 +81,33 @@ def test_window_layers_differ_from_global(device):
     local, _ = run((WINDOW, None), 0, torch.float32, device, seed=1)
     glob, _ = run((WINDOW, None), 1, torch.float32, device, seed=1)
     assert rel_err(local, glob) > 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cla_layer_reads_fresh_prompts_from_the_cache(device):
+    """A cross-layer-sharing layer gets no K/V of its own (key None): for prompts with nothing
+    cached it must read what its group's first layer wrote this step, and equal that layer."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim = 8, 2, 64
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
+    cache, meta = make_step(
+        [(0, 40), (20, 5), (60, 1)], BLOCK, kv_heads, head_dim, dtype, "cpu", gen
+    )
+    num_tokens = meta.query_start_loc[-1]
+    q = torch.randn((num_tokens, heads, head_dim), generator=gen).to(dtype).to(device)
+    k = torch.randn((num_tokens, kv_heads, head_dim), generator=gen).to(dtype).to(device)
+    v = torch.randn((num_tokens, kv_heads, head_dim), generator=gen).to(dtype).to(device)
+    meta = AttentionMetadata(
+        meta.slot_mapping.to(device),
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables.to(device),
+        BLOCK,
+    )
+    backend = TritonAttentionBackend(spec, max_model_len=4096)
+    backend.prepare(meta)
+    cache = cache.to(device)
+    writer = backend.forward(q, k, v, cache, meta)  # writes this step's K/V
+    reader = backend.forward(q, None, None, cache, meta)
+    assert rel_err(reader.float().cpu(), writer.float().cpu()) < tolerance(dtype)

@@ -158,6 +158,12 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if prefills is None:
             return out
+        if key is None and prefills.fresh:
+            # A CLA layer's fresh prompts: this step's K/V are in the cache (its group's first
+            # layer wrote them); read them back by slot for the dense kernel.
+            key, value = (
+                self._read_slots(half, meta.slot_mapping, query.dtype) for half in kv_cache
+            )
         for start, end in prefills.fresh:
             q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             k = key[start:end].transpose(0, 1).unsqueeze(0)
@@ -182,6 +188,18 @@ class TritonAttentionBackend(AttentionBackend):
                 window,
             )
         return out
+
+    def _read_slots(self, cache: torch.Tensor, slot_mapping: torch.Tensor, dtype) -> torch.Tensor:
+        """K or V of these slots: cache [num_blocks, block_size, heads, row] -> [n, heads, D]."""
+        block_size = cache.shape[1]
+        if not quant.is_quantized(self.spec.kv_cache_dtype):
+            return cache.view(-1, *cache.shape[2:]).index_select(0, slot_mapping)
+        # A quantized block keeps its scales after its values: dequantize whole blocks.
+        blocks = quant.read(cache.index_select(0, slot_mapping // block_size),
+                            self.spec.kv_cache_dtype, dtype)  # fmt: skip
+        return blocks[
+            torch.arange(len(slot_mapping), device=cache.device), slot_mapping % block_size
+        ]
 
     def decode_graph_data(
         self, seq_lens: torch.Tensor, block_tables: torch.Tensor
