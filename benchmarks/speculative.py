@@ -105,7 +105,14 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
                 counts[i] = (engine.num_draft_tokens, engine.num_accepted_tokens)
             tokens[i] = [o.token_ids for o in outputs]
     for i in range(1, len(llms)):
-        assert tokens[i] == tokens[0], "speculative greedy output differs from plain"
+        if tokens[i] == tokens[0]:
+            continue
+        # NOTE: in float32 a difference is a bug. In bf16/fp16 a verify pass (k + 1 positions,
+        # other kernels) may round a near-tie differently from k + 1 single steps: report it.
+        same = sum(a == b for a, b in zip(tokens[i], tokens[0]))
+        message = f"speculative greedy output differs from plain in {len(tokens[0]) - same} of "
+        assert llms[0].engine.dtype != torch.float32, message + f"{len(tokens[0])} requests"
+        print(f"  ({message}{len(tokens[0])} requests: {llms[0].engine.dtype} rounding)")
     total = sum(map(len, tokens[0]))
     return total, [(total / t, *c) for t, c in zip(best, counts)]
 

@@ -23,8 +23,10 @@ from engine.scheduler import Scheduler
 from engine.speculative import (
     AcceptanceMeter,
     NgramProposer,
+    StepCostMeter,
     choose_num_drafts,
     num_drafts,
+    relative_step_cost,
     update_acceptance,
 )
 from engine.text_stream import TextStream
@@ -33,8 +35,11 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger(__name__)
 
 # Dynamic speculation: with acceptance too low for any drafts, probe with one every this many
-# steps, so that the measured acceptance can recover.
+# steps, so that the measured acceptance can recover; each probe that does not bring
+# speculation back doubles the interval, up to _MAX_PROBE_STEPS (a probe step costs more than a
+# plain one: on a GPU it runs outside the decode CUDA graphs).
 _PROBE_STEPS = 16
+_MAX_PROBE_STEPS = 1024
 
 
 @dataclass
@@ -137,7 +142,12 @@ class LLMEngine:
         elif self.speculative:
             self.proposer = NgramProposer(self.speculative)
         self.acceptance = AcceptanceMeter()
+        self.step_cost = StepCostMeter()
         self._num_steps = 0
+        self._probe_every = _PROBE_STEPS
+        self._probing = False  # the step just chosen is a probe
+        # The last step's choice, for the cost meter: (batch size, k, modeled relative cost).
+        self._last_choice: tuple[int, int, float] | None = None
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -267,6 +277,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for each request that made progress."""
+        step_start = time.perf_counter()
+        self._last_choice = None
         self._propose()
         sched = self.scheduler.schedule()
         if sched.is_empty:
@@ -305,6 +317,8 @@ class LLMEngine:
                 request.spec_acceptance, len(s.spec_token_ids), accepted
             )
         self.acceptance.update(verified)
+        if self.speculative and all(s.num_tokens == 1 or s.spec_token_ids for s in sched.scheduled):
+            self._observe_step_cost(len(sched.scheduled), bool(spec), step_start)
         num_before = {s.request.request_id: s.request.num_output_tokens for s in sched.scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
@@ -368,12 +382,30 @@ class LLMEngine:
         saturation = spec.saturation_tokens or (256 if self.runner.device.type == "cuda" else 8)
         cost = self.drafter.cost if self.drafter is not None else 0.0
         k_max = spec.num_speculative_tokens
-        k = choose_num_drafts(batch_size, self.acceptance.acceptance, k_max, cost, saturation)
+        overhead = self.step_cost.factor
+        acceptance = self.acceptance.acceptance
+        k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead)
         self._num_steps += 1
-        if k == 0 and self._num_steps % _PROBE_STEPS == 0:
+        if k > 0:
+            self._probe_every = _PROBE_STEPS  # speculation pays again
+        elif self._probing:  # the last probe did not bring it back: probe less often
+            self._probe_every = min(2 * self._probe_every, _MAX_PROBE_STEPS)
+        self._probing = False
+        if k == 0 and self._num_steps % self._probe_every == 0:
             # Probe, unless the batch alone rules speculation out (even if every draft held).
-            return min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation))
+            k = min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation, overhead))
+            self._probing = k > 0
+        if k > 0:
+            self._last_choice = (batch_size, k, relative_step_cost(batch_size, k, cost, saturation))
         return k
+
+    def _observe_step_cost(self, batch_size: int, speculated: bool, start: float) -> None:
+        """Feed the cost meter a pure-decode step's duration, proposing included."""
+        seconds = time.perf_counter() - start
+        if not speculated:
+            self.step_cost.observe_plain(batch_size, seconds)
+        elif self._last_choice is not None and self._last_choice[0] == batch_size:
+            self.step_cost.observe_speculative(batch_size, self._last_choice[2], seconds)
 
     def _retain_drafts(self) -> None:
         """The draft model frees the draft KV of requests no longer running."""

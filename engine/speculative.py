@@ -147,22 +147,60 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return sum(acceptance**i for i in range(k + 1))
 
 
-def choose_num_drafts(
-    batch_size: int, acceptance: float, k_max: int, draft_cost: float, saturation_tokens: int
-) -> int:
-    """The step's draft count by the rule above (0: no speculation this step)."""
+def relative_step_cost(batch_size: int, k: int, draft_cost: float, saturation_tokens: int) -> float:
+    """The rule's cost of a step with k drafts a request, in plain decode steps."""
 
     def step_cost(num_tokens: int) -> float:
         return max(1.0, num_tokens / saturation_tokens)
 
     plain = step_cost(batch_size)
+    return (step_cost(batch_size * (k + 1)) + k * draft_cost * plain) / plain
+
+
+def choose_num_drafts(
+    batch_size: int,
+    acceptance: float,
+    k_max: int,
+    draft_cost: float,
+    saturation_tokens: int,
+    overhead: float = 1.0,
+) -> int:
+    """The step's draft count by the rule above (0: no speculation this step). `overhead`
+    multiplies the modeled cost of a speculative step (`StepCostMeter.factor`)."""
     best_k, best = 0, _MIN_GAIN
     for k in range(1, k_max + 1):
-        cost = step_cost(batch_size * (k + 1)) + k * draft_cost * plain
-        gain = expected_tokens(acceptance, k) * plain / cost
+        cost = overhead * relative_step_cost(batch_size, k, draft_cost, saturation_tokens)
+        gain = expected_tokens(acceptance, k) / cost
         if gain > best:
             best_k, best = k, gain
     return best_k
+
+
+class StepCostMeter:
+    """What a speculative step really costs against what the rule's model says, measured.
+
+    The model prices a verify pass by its token count. On a GPU a speculative step also leaves
+    the decode CUDA graphs (eager launches: a few times a replayed step at a small batch) and
+    pays the proposer's host work; no token count shows either. So each speculative step's
+    duration is divided by (the plain steps' average duration at the same batch size x the
+    modeled relative cost), and the exponential average of that ratio, `factor`, multiplies
+    the modeled cost of the next choices (1.0 until measured)."""
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.plain_s: dict[int, float] = {}  # batch size -> average plain decode step, seconds
+        self.factor = 1.0
+
+    def observe_plain(self, batch_size: int, seconds: float) -> None:
+        old = self.plain_s.get(batch_size, seconds)
+        self.plain_s[batch_size] = self.decay * old + (1 - self.decay) * seconds
+
+    def observe_speculative(self, batch_size: int, modeled_cost: float, seconds: float) -> None:
+        plain = self.plain_s.get(batch_size)
+        if plain is None or modeled_cost <= 0:
+            return  # nothing to compare with yet
+        ratio = seconds / (plain * modeled_cost)
+        self.factor = self.decay * self.factor + (1 - self.decay) * ratio
 
 
 class AcceptanceMeter:

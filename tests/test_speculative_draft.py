@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.speculative import AcceptanceMeter, choose_num_drafts, expected_tokens
+from engine.speculative import (
+    AcceptanceMeter,
+    StepCostMeter,
+    choose_num_drafts,
+    expected_tokens,
+)
 from engine.testing import write_draft_pair
 from tests.helpers import random_prompts
 from tests.test_correctness import assert_pool_whole
@@ -226,6 +231,31 @@ def test_choose_num_drafts_rule():
     ks = [choose_num_drafts(b, 0.8, 4, 0.05, 256) for b in (1, 32, 64, 128, 256)]
     assert ks == sorted(ks, reverse=True) and ks[0] == 4 and ks[-1] == 0
     assert choose_num_drafts(512, 1.0, 4, 0.0, 256) == 0
+
+
+def test_measured_step_cost_turns_speculation_off():
+    """On a GPU a speculative step leaves the decode CUDA graphs: measured 3x the plain step
+    where the model says 1x, the rule stops drafting what it drafted before."""
+    meter = StepCostMeter()
+    meter.observe_speculative(1, 1.0, 0.030)  # no plain step measured yet: ignored
+    assert meter.factor == 1.0
+    for _ in range(30):
+        meter.observe_plain(1, 0.010)
+        meter.observe_speculative(1, 1.0, 0.030)
+    assert meter.factor == pytest.approx(3.0, rel=0.05)
+    assert choose_num_drafts(1, 0.6, 4, 0.0, 256) > 0
+    assert choose_num_drafts(1, 0.6, 4, 0.0, 256, overhead=meter.factor) == 0
+    assert choose_num_drafts(1, 0.97, 4, 0.0, 256, overhead=meter.factor) > 0  # still pays
+
+
+def test_failed_probes_back_off(pair):
+    """With acceptance at zero, probes come at doubling intervals (16, 32, 64, ... steps apart),
+    not every 16 steps: each costs more than a plain step."""
+    llm = LLM(pair[0], speculative=draft_config(pair), num_blocks=64)
+    engine = llm.engine
+    engine.acceptance.accepted = 0.0
+    probes = [i for i in range(1, 501) if engine._step_num_drafts(1) > 0]
+    assert probes == [16, 32, 64, 128, 256]  # gaps 16, 32, 64, 128
 
 
 def test_acceptance_meter_estimates_per_draft_probability():
