@@ -138,7 +138,9 @@ class NgramProposer:
 #
 # and the step uses the k in 0..k_max with the highest speed-up, or 0 unless it beats plain
 # decoding by _MIN_GAIN. So k falls to 0 as the batch grows (verifying k extra tokens per
-# request is no longer free) or as acceptance falls (E(k) -> 1).
+# request is no longer free) or as acceptance falls (E(k) -> 1). The denominator is
+# multiplied by a measured factor (`StepCostMeter`): what speculative steps took against plain
+# ones, over what this model predicted (on a GPU they run outside the decode CUDA graphs).
 _MIN_GAIN = 1.05
 
 
