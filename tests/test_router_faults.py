@@ -208,3 +208,18 @@ def test_config_checks_reliability_settings():
         config(max_worker_restarts=-1)
     with pytest.raises(ValueError, match=r"tiers\.t\.max_queued_requests must be >= 0"):
         config({"max_queued_requests": -1})
+
+
+def test_config_tier_is_disaggregated_or_colocated():
+    from deploy.config import BatonConfig
+
+    def config(*roles) -> BatonConfig:
+        pools = [{"tier": "t", "role": r} for r in roles]
+        return BatonConfig.from_dict({"tiers": {"t": {}}, "pools": pools})
+
+    assert config("prefill", "decode") and config("colocated", "colocated")
+    for roles in (("prefill",), ("prefill", "colocated"), ("prefill", "decode", "colocated")):
+        with pytest.raises(ValueError, match="or only colocated pools"):
+            config(*roles)
+    with pytest.raises(ValueError, match="pool role must be one of"):
+        config("mixed")
