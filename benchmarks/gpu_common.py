@@ -43,6 +43,19 @@ def write_config_only(path: Path, config: dict = LLAMA3_8B) -> Path:
     return path
 
 
+def serving_model(folder: Path, gpu: bool, **tiny) -> tuple[str, int]:
+    """(model folder, vocabulary size) for a serving benchmark: on GPUs the Llama-3-8B shape
+    (config only: workers draw random weights), else a tiny random checkpoint with no
+    tokenizer, shaped by `tiny` (engine.testing.write_test_checkpoint's arguments)."""
+    if gpu:
+        return str(write_config_only(folder / "llama3-8b-shape")), LLAMA3_8B["vocab_size"]
+    from engine.testing import write_test_checkpoint
+
+    tiny = {"vocab_size": 2048, "max_position_embeddings": 2048, **tiny}
+    model_dir = write_test_checkpoint(folder / "tiny", with_tokenizer=False, **tiny)
+    return str(model_dir), tiny["vocab_size"]
+
+
 def copy_bandwidth(num_bytes: int = 4 << 30, reps: int = 20) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median)."""
     src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")

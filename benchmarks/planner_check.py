@@ -26,11 +26,11 @@ from pathlib import Path
 import ray
 import torch
 
+from benchmarks.gpu_common import serving_model
 from benchmarks.serving import run_load, summarize, synthetic
 from deploy.config import BatonConfig
 from deploy.launcher import deploy
 from deploy.planner import Workload, plan, simulate
-from engine.testing import write_test_checkpoint
 from router.latency_model import new_instance_model
 
 
@@ -128,25 +128,16 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
 
 
 def model_folder(tmp: str, args) -> str:
-    if args.gpu:
-        from benchmarks.gpu_common import LLAMA3_8B, write_config_only
-
-        args.vocab = LLAMA3_8B["vocab_size"]
-        return str(write_config_only(Path(tmp) / "llama3-8b-shape"))
-    args.vocab = 2048
-    return str(
-        write_test_checkpoint(
-            Path(tmp) / "tiny",
-            vocab_size=args.vocab,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            with_tokenizer=False,
-        )
+    model_dir, args.vocab = serving_model(
+        Path(tmp),
+        args.gpu,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
+    return model_dir
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import time
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.engine_thread import EngineThread
+from engine.engine_thread import EngineHost, EngineThread
 from engine.metrics import EngineMetrics
 from kvtransfer import KVTransferAgent, TransferState
 
@@ -44,7 +44,7 @@ class _Handoff:
     expires_at: float = float("inf")
 
 
-class DecodeWorker:
+class DecodeWorker(EngineHost):
     def __init__(
         self,
         worker_id: str,
@@ -87,11 +87,6 @@ class DecodeWorker:
         self.num_orphans_aborted = 0
         self.metrics = EngineMetrics(tier, "colocated" if colocated else "decode", worker_id)
         self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
-
-    def ping(self, max_stall_s: float | None = None) -> str:
-        """The router's health check; raises if the engine loop died or stalled."""
-        self.loop.check_alive(max_stall_s)
-        return self.worker_id
 
     def connect(self, peer_id: str, fresh: bool = False) -> None:
         """Build (once) the communicator to a prefill worker; it calls its side concurrently.
@@ -285,24 +280,6 @@ class DecodeWorker:
             }
 
         return self.loop.call(fn)
-
-    def debug_hang(self, seconds: float) -> None:
-        """Fault injection for tests: the engine loop sleeps `seconds` (a hung step)."""
-        self.loop.submit(lambda engine: time.sleep(seconds))
-
-    def step_samples(self) -> list[tuple[str, int, int, float]]:
-        """Step and transfer timings since the last call, for the router's latency models."""
-        return self.metrics.take_samples()
-
-    def metrics_text(self) -> bytes:
-        """This worker's Prometheus metrics, in the text exposition format."""
-        self.loop.call(self.metrics.update_gauges)
-        return self.metrics.render()
-
-    def shutdown(self) -> None:
-        self.loop.stop()
-        if self.agent is not None:
-            self.agent.close()
 
 
 def coalesce(batches: list[list[TokenUpdate]]) -> list[TokenUpdate]:

@@ -106,3 +106,33 @@ class EngineThread:
             except queue.Empty:
                 return
             future.set_exception(RuntimeError(f"engine loop died: {self.error!r}"))
+
+
+class EngineHost:
+    """What a worker process hosting an engine answers, whatever its role: the health check,
+    timings and metrics for the router, fault injection, shutdown. A subclass sets
+    `worker_id`, `loop` (an EngineThread), `metrics` (an EngineMetrics) and `agent` (its KV
+    transfer agent, or None)."""
+
+    def ping(self, max_stall_s: float | None = None) -> str:
+        """The router's health check; raises if the engine loop died or stalled."""
+        self.loop.check_alive(max_stall_s)
+        return self.worker_id
+
+    def debug_hang(self, seconds: float) -> None:
+        """Fault injection for tests: the engine loop sleeps `seconds` (a hung step)."""
+        self.loop.submit(lambda engine: time.sleep(seconds))
+
+    def step_samples(self) -> list[tuple[str, int, int, float]]:
+        """Step and transfer timings since the last call, for the router's latency models."""
+        return self.metrics.take_samples()
+
+    def metrics_text(self) -> bytes:
+        """This worker's Prometheus metrics, in the text exposition format."""
+        self.loop.call(self.metrics.update_gauges)
+        return self.metrics.render()
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+        if self.agent is not None:
+            self.agent.close()

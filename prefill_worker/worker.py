@@ -14,7 +14,7 @@ from concurrent.futures import Future
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.engine_thread import EngineThread
+from engine.engine_thread import EngineHost, EngineThread
 from engine.kv_cache import KVCacheManager
 from engine.kv_connector import KVConnector
 from engine.metrics import EngineMetrics
@@ -86,7 +86,7 @@ class _SendConnector(KVConnector):
         self._active = []
 
 
-class PrefillWorker:
+class PrefillWorker(EngineHost):
     def __init__(
         self,
         worker_id: str,
@@ -125,11 +125,6 @@ class PrefillWorker:
         self._pending: dict[str, tuple[Future, float]] = {}
         self.num_prefills = 0
         self.loop = EngineThread(self.engine, self._on_outputs)
-
-    def ping(self, max_stall_s: float | None = None) -> str:
-        """The router's health check; raises if the engine loop died or stalled."""
-        self.loop.check_alive(max_stall_s)
-        return self.worker_id
 
     def connect(self, peer_id: str, fresh: bool = False) -> None:
         """Build (once) the communicator to a decode worker; it calls its side concurrently.
@@ -220,20 +215,3 @@ class PrefillWorker:
             self.connector.stall_sends.extend([seconds] * count)
 
         self.loop.call(fn)
-
-    def debug_hang(self, seconds: float) -> None:
-        """Fault injection for tests: the engine loop sleeps `seconds` (a hung step)."""
-        self.loop.submit(lambda engine: time.sleep(seconds))
-
-    def step_samples(self) -> list[tuple[str, int, int, float]]:
-        """Step and transfer timings since the last call, for the router's latency models."""
-        return self.metrics.take_samples()
-
-    def metrics_text(self) -> bytes:
-        """This worker's Prometheus metrics, in the text exposition format."""
-        self.loop.call(self.metrics.update_gauges)
-        return self.metrics.render()
-
-    def shutdown(self) -> None:
-        self.loop.stop()
-        self.agent.close()
