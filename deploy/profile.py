@@ -75,15 +75,18 @@ def profile(engine_args: dict, repeats: int = 3, decode_steps: int = 8, seed: in
     vocab = engine.model_config.vocab_size
     prefill = _prefill_samples(engine, vocab, repeats, rng)
     decode = _decode_samples(engine, vocab, decode_steps, rng)
-    # KV transfer: bytes cost what the runner's KV bytes per token says; without two devices to
-    # measure, a conservative 10 GB/s link plus 1 ms (the router refits from real transfers).
+    # KV transfer: what it adds to TTFT after the forward pass (earlier layers leave while later
+    # ones compute; the last layer travels alone). Without two devices to measure: 1 ms plus the
+    # last layer's share of the bytes over a conservative 10 GB/s link (the router refits from
+    # real transfers).
+    per_byte = 1e-10 / engine.model_config.num_kv_layers
     return {
         "model": engine_args["model"],
         "device": str(engine.runner.device),
         "dtype": str(engine.dtype),
         "prefill": fit(prefill),
         "decode": fit(decode),
-        "transfer": [1e-3, 1e-10, 0.0],
+        "transfer": [1e-3, per_byte, 0.0],
         "num_samples": {"prefill": len(prefill), "decode": len(decode)},
     }
 

@@ -66,7 +66,7 @@ class EngineMetrics:
         # Raw samples for the router's latency models, drained by `take_samples`:
         #   ("prefill", new tokens, attention pairs, seconds)   steps that only prefill
         #   ("decode", batch size, context tokens, seconds)     steps that only decode
-        #   ("transfer", bytes, 0, seconds)
+        #   ("transfer", bytes, 0, seconds)                    after the forward pass (exposed)
         self._samples: deque[tuple[str, int, int, float]] = deque(maxlen=1024)
 
     def observe_step(self, engine) -> None:
@@ -104,9 +104,14 @@ class EngineMetrics:
         self.cache_hits.inc(stats.hit_tokens - self._seen_hits)
         self._seen_queried, self._seen_hits = stats.queried_tokens, stats.hit_tokens
 
-    def observe_transfer(self, num_bytes: int, seconds: float, ok: bool) -> None:
+    def observe_transfer(
+        self, num_bytes: int, seconds: float, ok: bool, exposed_s: float | None = None
+    ) -> None:
+        """`seconds`: start to all sent (the histogram); `exposed_s`: the part after the
+        forward pass, what the transfer adds to TTFT (the router's latency sample)."""
         if ok:
-            self._samples.append(("transfer", num_bytes, 0, seconds))
+            exposed = seconds if exposed_s is None else exposed_s
+            self._samples.append(("transfer", num_bytes, 0, exposed))
             self.transfers.inc()
             self.transfer_bytes.inc(num_bytes)
             self.transfer_time.observe(seconds)

@@ -78,11 +78,17 @@ class _SendConnector(KVConnector):
             self.agent.send_layer(handle, layer_idx)
 
     def on_step_end(self, sched: SchedulerOutput) -> None:
+        # NOTE: the forward pass is over here. What the router's TTFT model needs is what the
+        # transfer adds to it: the wait from now until the last message left (earlier layers
+        # went out while later ones computed). Timed from the transfer's start, a sample would
+        # hold the whole forward pass again, counted twice beside the prefill step's time.
+        forward_done = time.perf_counter()
         for rid, handle, num_bytes, start in self._active:
             state = self.agent.finish_send(handle)
             self.results[rid] = state
             ok = state is TransferState.DONE
-            self.metrics.observe_transfer(num_bytes, time.perf_counter() - start, ok)
+            now = time.perf_counter()
+            self.metrics.observe_transfer(num_bytes, now - start, ok, exposed_s=now - forward_done)
         self._active = []
 
 

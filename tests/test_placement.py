@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
+from engine.metrics import EngineMetrics
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+from kvtransfer import TransferState
+from prefill_worker.worker import _SendConnector
 from router.latency_model import LinearModel
 from router.placement import (
     GoodputPlacement,
@@ -124,3 +131,40 @@ def test_goodput_learns_from_samples():
     assert policy.predict_step(ws[1], info([3] * 100)) == pytest.approx(
         0.001 + 0.004 * 11, rel=0.05
     )
+
+
+class _SlowSendAgent:
+    """Sends take `tail_s` to finish once the forward pass is over."""
+
+    def __init__(self, tail_s: float):
+        self.tail_s = tail_s
+
+    def start_send(self, transfer_id, peer, block_ids):
+        return object()
+
+    def send_layer(self, handle, layer_idx):
+        pass
+
+    def finish_send(self, handle):
+        time.sleep(self.tail_s)
+        return TransferState.DONE
+
+
+def test_transfer_sample_is_what_the_transfer_adds_after_the_forward_pass():
+    """The router's TTFT model adds the transfer to the prefill step; a sample timed from the
+    transfer's start would count the forward pass twice."""
+    metrics = EngineMetrics("t", "prefill", "p0")
+    kv = SimpleNamespace(live_block_ids=lambda request, n: [0, 1])
+    connector = _SendConnector(_SlowSendAgent(tail_s=0.01), metrics, 1000, kv)
+    request = SimpleNamespace(request_id="r", num_computed_tokens=0, num_tokens=32)
+    sched = SchedulerOutput([ScheduledRequest(request, 32, [0, 1])])
+    connector.targets["r"] = (1, "d0")
+    assert connector.on_step_start(sched)
+    connector.on_layer_done(0)
+    time.sleep(0.1)  # the forward pass
+    connector.on_step_end(sched)
+    [(kind, num_bytes, _, seconds)] = metrics.take_samples()
+    assert (kind, num_bytes) == ("transfer", 2000)
+    assert 0.01 <= seconds < 0.08
+    # The histogram keeps the whole span, start to all sent.
+    assert metrics.transfer_time._sum.get() >= 0.11
