@@ -64,6 +64,19 @@ class TierConfig:
                 raise ValueError(f"config: tiers.{self.name}.{e}") from None
 
 
+# What a pool may set for its own workers over its tier's engine_args: sizing only. The rest
+# (block size, context, KV dtype, the model's math) is the tier's, as the router assumes it.
+POOL_ENGINE_ARGS = frozenset(
+    {
+        "num_blocks",
+        "kv_cache_memory_fraction",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enforce_eager",
+    }
+)
+
+
 @dataclass
 class PoolConfig:
     tier: str
@@ -73,6 +86,17 @@ class PoolConfig:
     resources: dict = field(default_factory=lambda: {"CPU": 1})
     gpu_type: str = "cpu"  # informational: what the resources above buy
     cost_per_hour: float = 0.0  # $ per instance-hour, for tier selection and planning
+    # Over the tier's engine_args for this pool's workers (POOL_ENGINE_ARGS only), e.g. a
+    # prefill pool with fewer KV blocks than its decode pool.
+    engine_args: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        other = sorted(set(self.engine_args) - POOL_ENGINE_ARGS)
+        if other:
+            raise ValueError(
+                f"config: a pool's engine_args may set only {sorted(POOL_ENGINE_ARGS)}; "
+                f"{other} belong to the tier"
+            )
 
 
 @dataclass

@@ -170,7 +170,7 @@ def worker_specs(config: BatonConfig, store_host: str, store_port: int):
                 )
                 args = (
                     worker_id,
-                    {**engine_args, "device": "cpu" if on_cpu else "cuda"},
+                    {**engine_args, **pool.engine_args, "device": "cpu" if on_cpu else "cuda"},
                     store_host,
                     store_port,
                     config.transfer_timeout_s,

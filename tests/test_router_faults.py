@@ -223,3 +223,24 @@ def test_config_tier_is_disaggregated_or_colocated():
             config(*roles)
     with pytest.raises(ValueError, match="pool role must be one of"):
         config("mixed")
+
+
+def test_pool_engine_args_size_that_pool_only(model_dir):
+    from deploy.config import BatonConfig
+    from deploy.launcher import worker_specs
+
+    def config(prefill_args) -> BatonConfig:
+        tier = {"model": str(model_dir), "engine_args": {"num_blocks": 512, "max_model_len": 256}}
+        pools = [
+            {"tier": "t", "role": "prefill", "engine_args": prefill_args},
+            {"tier": "t", "role": "decode"},
+        ]
+        return BatonConfig.from_dict({"tiers": {"t": tier}, "pools": pools})
+
+    specs, tiers = worker_specs(config({"num_blocks": 64}), "127.0.0.1", 0)
+    engine_args = {spec.role: spec.args[1] for spec in specs}
+    assert engine_args["prefill"]["num_blocks"] == 64 and engine_args["decode"]["num_blocks"] == 512
+    assert engine_args["prefill"]["max_model_len"] == 256 == tiers["t"].max_model_len
+    # What the router assumes of the whole tier stays the tier's.
+    with pytest.raises(ValueError, match=r"\['block_size'\] belong to the tier"):
+        config({"block_size": 32})
