@@ -501,6 +501,29 @@ def test_sender_fails_within_timeout_when_receiver_is_gone(pair):
 
 
 @pytest.mark.timeout(30)
+def test_failed_header_push_fails_the_transfer_and_the_pair_rebuilds(pair, monkeypatch):
+    prefill, decode = pair
+
+    class Refusing:  # the pair's store connection, failing every push
+        def queue_push(self, key, value):
+            raise ConnectionError("store gone")
+
+    monkeypatch.setattr(prefill._pairs["d"], "client", Refusing())
+    decode.expect(1, "p", [10, 11])
+    handle = prefill.start_send(1, "d", [0, 1])  # returns at once: the header is pushed later
+    for layer in range(NUM_LAYERS):
+        prefill.send_layer(handle, layer)
+    assert prefill.finish_send(handle) is FAILED  # within the timeout, not hanging
+    assert prefill.generation("d") is None
+    monkeypatch.undo()
+    decode.cancel(1)
+    connect_both(prefill, decode)
+    decode.expect(2, "p", [12])
+    assert send_all(prefill, 2, "d", [5]) is DONE
+    assert wait_for(decode, {2}, timeout_s=5) == {2: DONE}
+
+
+@pytest.mark.timeout(30)
 def test_block_count_mismatch_fails_on_receiver_and_pair_survives(pair):
     prefill, decode = pair
     decode.expect(1, "p", [10, 11, 12])
