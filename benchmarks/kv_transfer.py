@@ -159,7 +159,10 @@ def run_worker(role: str, args, port: int) -> dict:
     if args.profile:
         agent, peer = agents[args.min_message_bytes[0]]
         n = args.tokens[0] // args.block_size
-        profile_agent(role, agent, peer, device, clock, block_ids(num_blocks, n, seed=rank), args)
+        ids = block_ids(num_blocks, n, seed=rank)
+        profile_agent(role, agent, peer, device, clock, ids, args)
+        if not args.skip_ttft:
+            profile_ttft(role, agent, peer, device, clock, ids, args)
     for agent, _ in agents.values():
         agent.close()
     abort_group(raw)
@@ -280,6 +283,48 @@ def profile_agent(role, agent, peer, device, clock, ids, args) -> None:
     prof.export_chrome_trace(os.path.join(args.profile, f"{role}.json"))
 
 
+def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
+    """One TTFT repeat (without sends, then with) under torch.profiler: a chrome trace per
+    process, and on the prefill side a summary of where the added time goes: longer matmul
+    kernels (SMs shared with the copies and NCCL) or gaps with the GPU idle (host)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    once = argparse.Namespace(**{**vars(args), "repeats": 1})
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    key = f"{args.tokens[0]}/profile"
+    with profile(activities=activities, experimental_config=config) as prof:
+        bench_ttft(role, agent, peer, device, clock, key, ids, once)
+    os.makedirs(args.profile, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(args.profile, f"{role}-ttft.json"))
+    if role != "prefill" or device.type != "cuda":
+        return
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type == DeviceType.CUDA),
+        key=lambda e: e.time_range.start,
+    )
+    gemms = [e for e in kernels if "gemm" in e.name.lower() or "xmma" in e.name.lower()]
+    if len(gemms) < 4 * args.layers:  # warm-up + timed, without and with sends
+        print(f"profile: found {len(gemms)} matmul kernels, expected {4 * args.layers}")
+        return
+    for name, part in (("without sends", gemms[-2 * args.layers : -args.layers]),
+                       ("with sends", gemms[-args.layers :])):  # fmt: skip
+        busy = sum(e.time_range.elapsed_us() for e in part)
+        span = part[-1].time_range.end - part[0].time_range.start
+        print(
+            f"profile {args.tokens[0]} tokens, {name}: {len(part)} matmuls {busy / 1e3:.3f} ms "
+            f"busy over {span / 1e3:.3f} ms (gaps {(span - busy) / 1e3:.3f} ms)"
+        )
+    others: dict[str, float] = {}
+    start, end = gemms[-args.layers].time_range.start, gemms[-1].time_range.end
+    for e in kernels:
+        if start <= e.time_range.start <= end and e not in gemms:
+            others[e.name[:60]] = others.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
+    for name, us in sorted(others.items(), key=lambda kv: -kv[1])[:6]:
+        print(f"profile   beside the matmuls: {us / 1e3:.3f} ms  {name}")
+
+
 def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
     """Prefill compute without and with per-layer sends; the tail until the receiver's DONE."""
     tokens = int(key.split("/")[0])
@@ -392,8 +437,8 @@ def main() -> None:
     p.add_argument(
         "--profile",
         default=None,
-        help="write chrome traces of one transfer (the first --tokens, "
-        "the first --min-message-bytes) to this folder",
+        help="write chrome traces of one transfer and one TTFT repeat (the first --tokens, "
+        "the first --min-message-bytes) to this folder; print where the TTFT goes",
     )
     for name in GPU_SHAPE:
         p.add_argument(f"--{name.replace('_', '-')}", default=None)
