@@ -6,8 +6,11 @@
     decode step    t = a + b·batch + c·context       context = Σ tokens attended
     KV transfer    t = a + b·bytes
 
-Each is a least-squares fit (ridge, non-negative coefficients) over a window of recent samples,
-seeded by a profile (`baton profile`) or by a prior, refitted as samples arrive. On top, a
+Each is a least-squares fit (non-negative coefficients) over a window of recent samples, seeded
+by a profile (`baton profile`) or by a prior, refitted as samples arrive. The fit is a ridge
+toward the seed, worth a sample: where the window cannot tell the terms apart (under load a
+prefill worker's steps all fill the token budget, so intercept and slope are one direction), the
+seed decides instead of a split toward zero that mispredicts every other size. On top, a
 multiplicative correction learnt from the measured error of whole predictions (predicted TTFT
 vs measured) absorbs what the features miss (queueing jitter, contention).
 """
@@ -24,14 +27,21 @@ import numpy as np
 
 @dataclass
 class LinearModel:
-    """t ≈ coef · [1, x1, x2], refitted on a window of samples."""
+    """t ≈ coef · [1, x1, x2], refitted on a window of samples. `prior_weight` > 0: the fit is
+    pulled toward the initial coef as strongly as that many samples at the window's largest x
+    would pull it; 0: toward zero, negligibly (a plain least-squares fit)."""
 
     coef: np.ndarray
     window: int = 256
     ridge: float = 1e-9
+    prior_weight: float = 0.0
     _xs: deque = field(default_factory=lambda: deque(maxlen=256))
     _ys: deque = field(default_factory=lambda: deque(maxlen=256))
     _since_fit: int = 0
+
+    def __post_init__(self) -> None:
+        self.coef = np.asarray(self.coef, dtype=float)
+        self.prior = self.coef.copy()
 
     def predict(self, x1: float, x2: float) -> float:
         return float(self.coef @ np.array([1.0, x1, x2]))
@@ -51,11 +61,14 @@ class LinearModel:
         # never falls as work grows), refitting without the clipped columns.
         scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
         xs = x / scale
+        weight = self.prior_weight or self.ridge
+        anchor = self.prior * scale if self.prior_weight else np.zeros(3)
         active = np.ones(3, dtype=bool)
         coef = np.zeros(3)
         for _ in range(3):
             a = xs[:, active]
-            sol = np.linalg.solve(a.T @ a + self.ridge * np.eye(a.shape[1]), a.T @ y)
+            lhs = a.T @ a + weight * np.eye(a.shape[1])
+            sol = np.linalg.solve(lhs, a.T @ y + weight * anchor[active])
             coef[:] = 0.0
             coef[active] = sol
             if (coef >= 0).all():
@@ -107,12 +120,18 @@ PRIOR = {
     "decode": [2e-3, 2e-4, 1e-7],
     "transfer": [1e-3, 1e-9, 0.0],
 }
+PROFILE_WEIGHT = 1.0  # a sample's worth: a profile holds where live samples cannot tell
 
 
 def new_instance_model(profile: dict | None = None) -> InstanceModel:
-    coefs = profile or PRIOR
+    """Seeded by a profile (held with PROFILE_WEIGHT), else by PRIOR (dropped by the first fit:
+    its CPU-sized costs say nothing of other hardware)."""
+    coefs, weight = (profile, PROFILE_WEIGHT) if profile else (PRIOR, 0.0)
     return InstanceModel(
-        *(LinearModel(np.array(coefs[k], dtype=float)) for k in ("prefill", "decode", "transfer"))
+        *(
+            LinearModel(np.array(coefs[k], dtype=float), prior_weight=weight)
+            for k in ("prefill", "decode", "transfer")
+        )
     )
 
 

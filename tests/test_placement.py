@@ -12,7 +12,7 @@ from engine.metrics import EngineMetrics
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvtransfer import TransferState
 from prefill_worker.worker import _SendConnector
-from router.latency_model import LinearModel
+from router.latency_model import LinearModel, new_instance_model
 from router.placement import (
     GoodputPlacement,
     LeastLoaded,
@@ -49,6 +49,27 @@ def test_linear_model_never_goes_negative():
     for i in range(1, 50):
         model.add(i, 0, 0.01)  # time independent of x1: no negative slope appears
     assert (model.coef >= 0).all() and model.predict(10, 0) == pytest.approx(0.01, rel=1e-2)
+
+
+def test_a_profile_holds_where_live_samples_cannot_tell_the_terms_apart():
+    """Under load a prefill worker's steps all fill the token budget: intercept and slope are
+    then one direction, and the profile must decide it (an 8B-on-H100-like profile here)."""
+    profile = {"prefill": [6e-3, 2.2e-5, 0.0], "decode": [1e-3, 1e-4, 0.0], "transfer": [0, 0, 0]}
+    model = new_instance_model(profile)
+    for _ in range(16):  # live steps run 10% slower than profiled, all of 2048 tokens
+        model.add_sample("prefill", 2048, 2048 * 2049 // 2, 1.1 * (6e-3 + 2.2e-5 * 2048))
+    assert model.prefill.num_samples == 16
+    assert model.prefill_time(2048, 2048) == pytest.approx(1.1 * (6e-3 + 2.2e-5 * 2048), rel=0.03)
+    # A short suffix after a cached prefix: near the profile's 8.8 ms, not half the big step's.
+    assert model.prefill_time(128, 128) == pytest.approx(6e-3 + 2.2e-5 * 128, rel=0.3)
+    # Samples that do tell the terms apart win over a profile 25% off.
+    model = new_instance_model({**profile, "prefill": [4.5e-3, 1.7e-5, 0.0]})
+    rng = np.random.default_rng(0)
+    for _ in range(256):
+        tokens = int(rng.integers(16, 2048))
+        model.add_sample("prefill", tokens, tokens * tokens // 2, 6e-3 + 2.2e-5 * tokens)
+    for tokens in (128, 2048):
+        assert model.prefill_time(tokens, tokens) == pytest.approx(6e-3 + 2.2e-5 * tokens, rel=0.07)
 
 
 def test_round_robin_and_least_loaded():
