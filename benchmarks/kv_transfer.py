@@ -304,7 +304,7 @@ def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
         (e for e in prof.events() if e.device_type == DeviceType.CUDA),
         key=lambda e: e.time_range.start,
     )
-    gemms = [e for e in kernels if "gemm" in e.name.lower() or "xmma" in e.name.lower()]
+    gemms = [e for e in kernels if any(k in e.name.lower() for k in ("gemm", "xmma", "nvjet"))]
     if len(gemms) < 4 * args.layers:  # warm-up + timed, without and with sends
         print(f"profile: found {len(gemms)} matmul kernels, expected {4 * args.layers}")
         return

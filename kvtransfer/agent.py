@@ -64,6 +64,7 @@ class SendHandle:
     num_blocks: int
     state: TransferState = TransferState.PENDING
     _pair: _Pair | None = None
+    _block_ids: list[int] = field(default_factory=list)
     _index: torch.Tensor | None = None  # the source rows (see _index_tensor), on the device
     _per_message: int = 1  # layers per message
     _plan: list[tuple[int, int]] = field(default_factory=list)
@@ -73,7 +74,7 @@ class SendHandle:
     _works: list = field(default_factory=list)  # one posted send per message
 
     def _release(self) -> None:
-        self._buffers, self._works, self._index = [], [], None
+        self._buffers, self._works, self._index, self._block_ids = [], [], None, []
 
 
 @dataclass(eq=False)
@@ -364,7 +365,7 @@ class KVTransferAgent:
             pair.send_order.append(handle)
             pair.in_flight.add(handle)
             pair.pusher.push(transfer_id, header.encode())  # under the lock: in start order
-        handle._index = self._index_tensor(block_ids)
+        handle._block_ids = list(block_ids)
         return handle
 
     def send_layer(self, handle: SendHandle, layer_idx: int) -> None:
@@ -379,6 +380,11 @@ class KVTransferAgent:
                 f"transfer {handle.transfer_id}: expected layer "
                 f"{handle._next_layer}, got {layer_idx}"
             )
+        if handle._index is None:
+            # Built here, not in start_send: pinning and uploading it costs 100-400 us of host
+            # time, which before the forward pass holds the GPU idle, and here overlaps the
+            # layers the GPU has yet to run.
+            handle._index = self._index_tensor(handle._block_ids)
         message = handle._gathered  # messages fill in order
         first, layers_in_message = handle._plan[message]
         position = layer_idx - first
