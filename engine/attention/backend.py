@@ -34,6 +34,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int64, padded with 0
     block_size: int
     backend_data: Any = None  # filled by AttentionBackend.prepare
+    # True when the decode rows of `block_tables` are `AttentionBackend.decode_block_ids` of each
+    # sequence's blocks (a pure-decode step, ModelRunner._prepare_decodes), not the whole row.
+    decode_rows_packed: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -79,6 +82,12 @@ class AttentionBackend(ABC):
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called by the model runner once per step, before the forward pass. Sets
         `meta.backend_data`; must not touch the KV cache."""
+
+    def decode_block_ids(self, block_ids: list[int], seq_len: int) -> list[int]:
+        """The block-table row a decode of context length `seq_len` reads, as the model runner
+        packs it into a CUDA graph's static tables: the whole row, unless the backend's kernel
+        reads a compact one (attention sinks: triton_sink_backend.py)."""
+        return block_ids
 
     @abstractmethod
     def forward(

@@ -20,7 +20,8 @@ sequence, keeping positions small and non-negative), and at its cache position r
 sinks rotated at j. For a decode (one query, c = its own shift) both are exactly "rotate by the
 position in the cache". Positions stay below S + W + the chunk length, whatever the text length.
 
-Plain PyTorch (the CPU path, usable on CUDA); the Triton kernels do not implement sinks yet.
+Plain PyTorch: the CPU path, and on CUDA the reference and the prefill chunks of
+`TritonSinkAttentionBackend` (triton_sink_backend.py), whose kernel runs the decodes.
 """
 
 from __future__ import annotations
@@ -67,15 +68,22 @@ class SinkAttentionBackend(TorchAttentionBackend):
     def prepare(self, meta: AttentionMetadata) -> None:
         device = meta.slot_mapping.device
         decodes = [i for i in range(meta.num_seqs) if meta.query_len(i) == 1]
-        prefills = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
         groups = []
         if decodes:
             rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=device)
             groups.append(self._group(meta, decodes, rows[:, None]))
-        for i in prefills:
+        meta.backend_data = groups + self.prefill_groups(meta)
+
+    def prefill_groups(self, meta: AttentionMetadata) -> list[_Group]:
+        """One group per prefill chunk (query length > 1) of the step. Also called by the Triton
+        sink backend, which runs decodes in its kernel and chunks here."""
+        device, groups = meta.slot_mapping.device, []
+        for i in range(meta.num_seqs):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            groups.append(self._group(meta, [i], torch.arange(start, end, device=device)[None]))
-        meta.backend_data = groups
+            if end - start > 1:
+                rows = torch.arange(start, end, device=device)[None]
+                groups.append(self._group(meta, [i], rows))
+        return groups
 
     def _group(self, meta: AttentionMetadata, seqs: list[int], token_rows) -> _Group:
         device, bs = token_rows.device, meta.block_size
@@ -126,9 +134,13 @@ class SinkAttentionBackend(TorchAttentionBackend):
         # NOTE: `key` arrives unrotated (applies_rope) and is cached so.
         self._write(kv_cache, key, value, meta.slot_mapping)
         out = torch.empty_like(query)
-        for g in meta.backend_data:
-            out[g.token_rows] = self._attend(query[g.token_rows], kv_cache, g)
+        self.attend(query, kv_cache, meta.backend_data, out)
         return out
+
+    def attend(self, query, kv_cache, groups: list[_Group], out: torch.Tensor) -> None:
+        """Writes the groups' rows of `out`: attention of unrotated queries over the cache."""
+        for g in groups:
+            out[g.token_rows] = self._attend(query[g.token_rows], kv_cache, g)
 
     def _attend(self, q: torch.Tensor, kv_cache: torch.Tensor, g: _Group) -> torch.Tensor:
         """q [B, Q, H, D] unrotated -> attention output [B, Q, H, D]."""

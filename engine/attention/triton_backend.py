@@ -135,13 +135,8 @@ class TritonAttentionBackend(AttentionBackend):
     def forward(self, query, key, value, kv_cache, meta, layer=None):
         spec = self.spec
         window = spec.window_of(layer)
-        if key is None:  # a CLA layer reading the cache its group's first layer wrote
-            pass
-        elif quant.is_quantized(spec.kv_cache_dtype):
-            quant.write(kv_cache[0], meta.slot_mapping, key, spec.kv_cache_dtype)
-            quant.write(kv_cache[1], meta.slot_mapping, value, spec.kv_cache_dtype)
-        else:
-            tk.write_kv(key, value, kv_cache, meta.slot_mapping)
+        if key is not None:  # None: a CLA layer reading the cache its group's first wrote
+            self.write(key, value, kv_cache, meta.slot_mapping)
         decodes, prefills = meta.backend_data
         out = torch.empty_like(query)
         if decodes is not None:
@@ -188,6 +183,15 @@ class TritonAttentionBackend(AttentionBackend):
                 window,
             )
         return out
+
+    def write(self, key, value, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """This step's K and V into the cache at `slot_mapping` (8-bit: quantized first)."""
+        kind = self.spec.kv_cache_dtype
+        if quant.is_quantized(kind):
+            quant.write(kv_cache[0], slot_mapping, key, kind)
+            quant.write(kv_cache[1], slot_mapping, value, kind)
+        else:
+            tk.write_kv(key, value, kv_cache, slot_mapping)
 
     def _read_slots(self, cache: torch.Tensor, slot_mapping: torch.Tensor, dtype) -> torch.Tensor:
         """K or V of these slots: cache [num_blocks, block_size, heads, row] -> [n, heads, D]."""

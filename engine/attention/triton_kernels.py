@@ -49,6 +49,18 @@ def _safe(m):
 
 
 @triton.jit
+def _flash_step(s, v, m, l_sum, acc, PRECISION: tl.constexpr):
+    """One tile of the online softmax: scores s [rows, BLOCK_N] (-inf where masked), values v
+    [BLOCK_N, BLOCK_D]. Returns the new (m, l_sum, acc)."""
+    m_new = _safe(tl.maximum(m, tl.max(s, 1)))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _load_kv(
     cache, page_offs, row_offs, d, valid, mask, HEAD_DIM: tl.constexpr, SCALES_AT, QUANT, dtype
 ):
@@ -212,28 +224,36 @@ def _decode_kernel(
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(valid[None, :], s * scale, float("-inf"))
-        m_new = _safe(tl.maximum(m, tl.max(s, 1)))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = _load_kv(
             v_cache, page_offs, row_offs, d, valid, kv_mask, HEAD_DIM, SCALES_AT, QUANT, q.dtype
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = _flash_step(s, v, m, l_sum, acc, PRECISION)
+    _decode_store(
+        out, part_acc, part_ml, acc, m, l_sum, row, heads, g_mask, d, num_splits, stride_ot,
+        stride_oh, GROUP, HEAD_DIM, BLOCK_D, SPLIT,
+    )  # fmt: skip
 
+
+@triton.jit
+def _decode_store(
+    out, part_acc, part_ml, acc, m, l_sum, row, heads, g_mask, d, num_splits, stride_ot,
+    stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    """A decode program's result: its split's partial (m, l, acc) for the reduction kernel, or
+    with one split the output rows themselves."""
     if SPLIT:
         m = tl.where(l_sum > 0, m, float("-inf"))  # an empty split must weigh nothing
-        base = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        seq = tl.program_id(0).to(tl.int64)
+        base = (seq * tl.num_programs(1) * GROUP + heads) * num_splits + tl.program_id(2)
         tl.store(part_acc + base[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_ml + base * 2, m, mask=g_mask)
         tl.store(part_ml + base * 2 + 1, l_sum, mask=g_mask)
     else:
-        o = acc / l_sum[:, None]
         tl.store(
             out + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
-            o.to(out.dtype.element_ty),
-            mask=g_mask[:, None] & d_mask[None, :],
+            (acc / l_sum[:, None]).to(out.dtype.element_ty),
+            mask=g_mask[:, None] & (d < HEAD_DIM)[None, :],
         )
 
 
@@ -302,15 +322,7 @@ def paged_decode(
     block_d = triton.next_power_of_2(head_dim)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     split = num_splits > 1
-    if split:
-        part_acc = torch.empty(
-            (num_seqs, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device
-        )
-        part_ml = torch.empty(
-            (num_seqs, num_heads, num_splits, 2), dtype=torch.float32, device=query.device
-        )
-    else:
-        part_acc = part_ml = out  # unused
+    part_acc, part_ml = decode_partials(num_seqs, num_heads, num_splits, block_d, out)
     idx = token_idx if token_idx is not None else seq_lens  # unused when None
     quant, stride_kb, stride_ks, stride_kh, scales_at = _cache_strides(kv_cache, head_dim)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -348,20 +360,41 @@ def paged_decode(
         num_warps=4,
     )
     if split:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_acc,
-            part_ml,
-            idx,
-            out,
-            num_splits,
-            out.stride(0),
-            out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            HAS_TOKEN_IDX=token_idx is not None,
-            num_warps=4,
-        )
+        reduce_splits(part_acc, part_ml, token_idx, out, head_dim)
+
+
+def decode_partials(
+    num_seqs: int, num_heads: int, num_splits: int, block_d: int, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (acc, and running max and sum) of a decode launch; with one split there
+    are none (`out` stands in, unused)."""
+    if num_splits == 1:
+        return out, out
+    shape, device = (num_seqs, num_heads, num_splits), out.device
+    return (
+        torch.empty((*shape, block_d), dtype=torch.float32, device=device),
+        torch.empty((*shape, 2), dtype=torch.float32, device=device),
+    )
+
+
+def reduce_splits(part_acc, part_ml, token_idx, out: torch.Tensor, head_dim: int) -> None:
+    """Merge a decode launch's split partials into its output rows."""
+    num_seqs, num_heads, num_splits, block_d = part_acc.shape
+    idx = token_idx if token_idx is not None else part_ml  # unused when None
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        part_acc,
+        part_ml,
+        idx,
+        out,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        HAS_TOKEN_IDX=token_idx is not None,
+        num_warps=4,
+    )
 
 
 # -- prefill over cached pages -----------------------------------------------------------------
