@@ -61,11 +61,11 @@ def make_attention_backend(
         kv_cache_dtype=config.kv_cache_dtype,
         layer_windows=model_config.layer_windows,
     )
-    if config.attention_sinks:  # no Triton kernel for sinks yet: plain PyTorch everywhere
-        return _sink_backend(spec, model_config, config), False
     use_triton = (
         device.type == "cuda" and config.extra.get("attention_backend", "triton") == "triton"
     )
+    if config.attention_sinks:
+        return _sink_backend(spec, model_config, config, use_triton), use_triton
     if use_triton:
         from engine.attention.triton_backend import TritonAttentionBackend
 
@@ -283,15 +283,20 @@ class ModelRunner:
         bs, scratch, b = self.block_size, self.num_blocks, graph_size
         num_seqs = len(sched.scheduled)
         extra = b - num_seqs
-        width = max(len(s.block_ids) for s in sched.scheduled)
+        # The rows the backend reads (attention sinks: the sink and window blocks only).
+        table_rows = [
+            self.backend.decode_block_ids(s.block_ids, s.request.num_computed_tokens + 1)
+            for s in sched.scheduled
+        ]
+        width = max(len(row) for row in table_rows)
         ids, positions, slots, lens, tables = [], [], [], [], []
-        for s in sched.scheduled:
+        for s, row in zip(sched.scheduled, table_rows):
             p = s.request.num_computed_tokens
             ids.append(s.request.all_token_ids[p])
             positions.append(p)
             slots.append(s.block_ids[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            tables += s.block_ids + [scratch] * (width - len(s.block_ids))
+            tables += row + [scratch] * (width - len(row))
         flat = torch.tensor(
             ids + [0] * extra + positions + [0] * extra + slots + [scratch * bs] * extra
             + tables + [scratch] * (extra * width) + lens + [1] * extra
@@ -304,6 +309,7 @@ class ModelRunner:
             block_tables=staged[3 * b : 3 * b + b * width].view(b, width),
             block_size=bs,
             backend_data=staged[3 * b + b * width :],
+            decode_rows_packed=True,
         )
         rows = [i for i, s in enumerate(sched.scheduled) if s.samples]
         requests = [sched.scheduled[i].request for i in rows]
@@ -415,7 +421,7 @@ class DecodeGraphs:
         return hidden[: meta.num_seqs]
 
 
-def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig):
+def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig, use_triton: bool):
     from engine.attention.sink_backend import SinkAttentionBackend
 
     windows = [w for w in (cfg.layer_window(i) for i in range(cfg.num_layers)) if w is not None]
@@ -424,6 +430,12 @@ def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig):
             f"sink_window {config.sink_window} exceeds the model's sliding window {min(windows)}"
         )
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    if use_triton:  # decodes in a Triton kernel, in CUDA graphs; prefill chunks in PyTorch
+        from engine.attention.triton_sink_backend import TritonSinkAttentionBackend
+
+        return TritonSinkAttentionBackend(
+            spec, inv_freq, config.attention_sinks, config.sink_window, config.block_size
+        )
     return SinkAttentionBackend(spec, inv_freq, config.attention_sinks, config.sink_window)
 
 

@@ -161,13 +161,58 @@ def test_memory_bounded_while_generating_ten_windows(model_dir, streaming):
     assert outputs[-1].token_ids == streaming.greedy(prompt, 10 * WINDOW)
 
 
+GPU_BACKENDS = {"triton": "TritonSinkAttentionBackend", "torch": "SinkAttentionBackend"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_sinks_match_reference(model_dir, streaming):
-    """Sinks run the PyTorch backend on CUDA too (no Triton kernel for them yet)."""
+@pytest.mark.parametrize("backend", list(GPU_BACKENDS))
+def test_gpu_sinks_match_reference(model_dir, streaming, backend):
+    """On CUDA sinks decode in the Triton kernel, in CUDA graphs (the torch backend on request):
+    both give the reference's tokens past max_model_len, blocks bounded."""
     prompts = random_prompts([40, 7], seed=6)
-    llm = sink_llm(model_dir, device="cuda", dtype="float32", max_model_len=64)
-    assert type(llm.engine.runner.backend).__name__ == "SinkAttentionBackend"
+    llm = sink_llm(
+        model_dir, device="cuda", dtype="float32", max_model_len=64,
+        extra={"attention_backend": backend},
+    )  # fmt: skip
+    runner = llm.engine.runner
+    assert type(runner.backend).__name__ == GPU_BACKENDS[backend]
+    assert (runner.graphs is not None) == (backend == "triton")
+    replays = count_replays(runner)
     outputs = run_checked(llm, prompts, greedy(60))
     for prompt, out in zip(prompts, outputs):
         assert out.token_ids == streaming.greedy(prompt, 60)
+    assert backend == "torch" or replays[0] > 40
+
+
+def count_replays(runner) -> list[int]:
+    """A counter of the runner's decode-graph replays (none when it has no graphs)."""
+    count = [0]
+    if runner.graphs is not None:
+        replay = runner.graphs.replay
+
+        def counted(*args, **kwargs):
+            count[0] += 1
+            return replay(*args, **kwargs)
+
+        runner.graphs.replay = counted
+    return count
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphs_match_torch_backend(model_dir):
+    """Many requests of mixed lengths, chunked prefill beside graph-replayed decodes, 8-token
+    blocks and windows rolling past many of them: the Triton sink backend with decode graphs
+    gives the torch backend's greedy tokens (float32), and every block comes back."""
+    prompts = random_prompts([3, 9, 17, 30, 41, 50, 62, 5, 24], seed=21)
+    results = {}
+    for backend in GPU_BACKENDS:
+        llm = sink_llm(
+            model_dir, device="cuda", dtype="float32", max_model_len=64, num_blocks=64,
+            max_num_batched_tokens=32, extra={"attention_backend": backend},
+        )  # fmt: skip
+        replays = count_replays(llm.engine.runner)
+        results[backend] = [o.token_ids for o in run_checked(llm, prompts, greedy(90))]
+        assert backend == "torch" or replays[0] > 50
+    assert results["triton"] == results["torch"]

@@ -160,7 +160,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # new contiguous tensors: rope_ below works in place on them
             q, k = self.q_norm(q), self.k_norm(k)
-        self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
+        if not self._backend.applies_rope:  # attention sinks: the backend rotates in-cache
+            self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
         out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
         return self.o_proj(out.reshape(-1, q_size))
 
