@@ -3,12 +3,15 @@
 Model: Llama-3-8B shape, bf16, random weights drawn on the GPU (`gpu_common`). Options
 (`--kinds`): a `kv_cache_dtype` (auto, int8, fp8); `claN`, cross-layer KV sharing with groups
 of N layers (`cla_share_factor`: a different model, N times fewer K/V projections); `windowW`,
-a sliding window of W tokens on every layer (the rolling buffer frees blocks that leave it).
+a sliding window of W tokens on every layer (the rolling buffer frees blocks that leave it);
+`sinksS+W`, attention sinks (StreamingLLM: the first S tokens and the last W, the same rolling
+buffer, keys rotated by their cache position in the Triton decode kernel).
 Each option's cache gets the same number of bytes (`--kv-gib`); the batch is as many requests
 of `--prompt-len` + decoded tokens as its blocks hold while decoding (at most `--max-seqs`),
 and `--steps` pure-decode engine steps are timed after the prefill.
 
-    PYTHONPATH=. python -m benchmarks.kv_cache_dtype --kv-gib 8 --kinds auto,int8,fp8,cla2,window512
+    PYTHONPATH=. python -m benchmarks.kv_cache_dtype --kv-gib 8 \
+        --kinds auto,int8,fp8,cla2,window512,sinks4+508
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from engine import LLM
 from engine.config import ModelConfig
 from engine.kv_cache import quant
 
+BLOCK_SIZE = 16  # the engine's default
+
 
 def kv_bytes_per_token(cfg: ModelConfig, kind: str, cla: int = 1) -> int:
     """As ModelRunner.kv_bytes_per_token (checked there against the engine's), for bf16."""
@@ -34,13 +39,21 @@ def kv_bytes_per_token(cfg: ModelConfig, kind: str, cla: int = 1) -> int:
     return 2 * (cfg.num_layers // cla) * cfg.num_kv_heads * row * elem
 
 
-def option(kind: str) -> tuple[str, dict, int | None]:
-    """(kv_cache_dtype, config.json changes, window) of a --kinds entry."""
+def option(kind: str) -> tuple[str, dict, dict, int | None]:
+    """(kv_cache_dtype, config.json changes, engine options, blocks a decoding request holds) of
+    a --kinds entry; the blocks are None when the whole sequence stays."""
     if kind.startswith("cla"):
-        return "auto", {"cla_share_factor": int(kind[3:])}, None
+        return "auto", {"cla_share_factor": int(kind[3:])}, {}, None
     if kind.startswith("window"):
-        return "auto", {"sliding_window": int(kind[6:])}, int(kind[6:])
-    return kind, {}, None
+        # The window and the block being written (plus, while prefilling, its chunk: prefill
+        # chunks of 512 tokens keep that small).
+        window = int(kind[6:])
+        return "auto", {"sliding_window": window}, {}, -(-window // BLOCK_SIZE) + 2
+    if kind.startswith("sinks"):  # sinksS+W: the sink blocks too
+        sinks, window = (int(n) for n in kind[5:].split("+"))
+        engine = {"attention_sinks": sinks, "sink_window": window}
+        return "auto", {}, engine, -(-sinks // BLOCK_SIZE) + -(-window // BLOCK_SIZE) + 2
+    return kind, {}, {}, None
 
 
 def main() -> None:
@@ -54,25 +67,23 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     results = {"run": describe_run(), "kv_gib": args.kv_gib, "kinds": {}}
-    block_size = 16
-    blocks_per_request = -(-(args.prompt_len + args.warmup + args.steps + 2) // block_size)
+    blocks_per_request = -(-(args.prompt_len + args.warmup + args.steps + 2) // BLOCK_SIZE)
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds.split(","):
-            dtype_kind, changes, window = option(kind)
+            dtype_kind, changes, engine_options, held = option(kind)
             model_dir = write_config_only(Path(tmp) / kind, {**LLAMA3_8B, **changes})
             cla = changes.get("cla_share_factor", 1)
             per_token = kv_bytes_per_token(ModelConfig.from_pretrained(model_dir), dtype_kind, cla)
-            per_block = per_token * block_size
+            per_block = per_token * BLOCK_SIZE
             num_blocks = int(args.kv_gib * (1 << 30)) // per_block
-            # A windowed request holds the window and the block being written (plus, while
-            # prefilling, its chunk: prefill chunks of 512 tokens keep that small).
-            held = blocks_per_request if window is None else -(-window // block_size) + 2
+            rolling = held is not None
+            held = held or blocks_per_request
             batch = min(args.max_seqs, num_blocks // held)
             llm = LLM(
                 model_dir, dtype="bfloat16", kv_cache_dtype=dtype_kind, num_blocks=num_blocks,
                 max_num_seqs=batch, max_model_len=4096,
-                max_num_batched_tokens=512 if window else 8192,
-                extra={"random_weights": True},
+                max_num_batched_tokens=512 if rolling else 8192,
+                extra={"random_weights": True}, **engine_options,
             )  # fmt: skip
             assert llm.engine.runner.kv_bytes_per_token == per_token
             rate = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
