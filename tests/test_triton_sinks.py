@@ -89,6 +89,12 @@ class Pool:
             self.tables.append(ids)
             self.kv.append(kv)
 
+    def round_to(self, dtype: torch.dtype) -> None:
+        """Round every value to `dtype` (kept in float32): the reference then sees what the
+        kernel reads."""
+        self.cache = self.cache.to(dtype).float()
+        self.kv = [kv.to(dtype).float() for kv in self.kv]
+
 
 CASES = [  # (sinks, window, block_size, heads, kv_heads, head_dim, seq_lens)
     (4, 24, 16, 4, 1, 32, [1, 3, 4, 5, 28, 29, 100]),  # sinks < block < window, group 4
@@ -104,7 +110,9 @@ CASES = [  # (sinks, window, block_size, heads, kv_heads, head_dim, seq_lens)
 def test_kernel_matches_explicit_reference(device, case, num_splits):
     sinks, window, block_size, heads, kv_heads, head_dim, lens = case
     gen = torch.Generator().manual_seed(sum(lens) + num_splits)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     pool = Pool(lens, sinks, window, block_size, kv_heads, head_dim, gen)
+    pool.round_to(dtype)
     inv_freq = rope_inv_freq(head_dim, 10000.0, None)
     spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5)
     backend = TritonSinkAttentionBackend(spec, inv_freq, sinks, window, block_size)
@@ -113,10 +121,8 @@ def test_kernel_matches_explicit_reference(device, case, num_splits):
     tables = torch.zeros((len(lens), backend.table_width), dtype=torch.int64)
     for i, row in enumerate(rows):
         tables[i, : len(row)] = torch.tensor(row)
-    q = torch.randn((len(lens), heads, head_dim), generator=gen)
-    out = torch.full_like(q, float("nan"))
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    out = out.to(dtype).to(device)
+    q = torch.randn((len(lens), heads, head_dim), generator=gen).to(dtype).float()
+    out = torch.full_like(q, float("nan")).to(dtype).to(device)
     rope = sink_rope_table(inv_freq, sinks + window, dtype, torch.device(device))
     paged_sink_decode(
         q.to(dtype).to(device), pool.cache.to(dtype).to(device), tables.to(device),
@@ -167,10 +173,13 @@ def test_backend_matches_torch_sink_backend(device, kv_cache_dtype):
     """Decodes (Triton) and prefill chunks (PyTorch) of one step, GQA, llama3 rope scaling,
     decodes not packed first: the same outputs and cache as SinkAttentionBackend."""
     sinks, window, block_size, heads, kv_heads, head_dim = 4, 20, 8, 4, 2, 16
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(7)
     steps = [(30, 6), (44, 1), (2, 1), (0, 13), (90, 1)]
     pool, meta, k, v = mixed_step(gen, sinks, window, block_size, kv_heads, head_dim, steps)
+    pool.round_to(dtype)
     q = torch.randn((meta.query_start_loc[-1], heads, head_dim), generator=gen)
+    q, k, v = (t.to(dtype).float() for t in (q, k, v))
     inv_freq = rope_inv_freq(head_dim, 500000.0, LLAMA3_SCALING)
     spec = AttentionSpec(heads, kv_heads, head_dim, head_dim**-0.5, kv_cache_dtype=kv_cache_dtype)
     # NOTE: finite poison: PyTorch's chunks (both backends) mask scores after reading whole
@@ -183,7 +192,6 @@ def test_backend_matches_torch_sink_backend(device, kv_cache_dtype):
     ref_backend.prepare(meta)
     ref = ref_backend.forward(q, k, v, cache.clone(), meta)
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     dev_meta = AttentionMetadata(
         meta.slot_mapping.to(device), meta.query_start_loc, meta.seq_lens,
         meta.block_tables.to(device), block_size,
