@@ -10,13 +10,16 @@ Arrivals are a Poisson process at `rate` requests/s (gamma-distributed gaps with
     goodput  requests/s that met every given SLO (TTFT, and TPOT); attainment = their share
 
 `find_max_rate` binary-searches the highest rate at which ≥ 90% of requests meet both the TTFT
-and the TPOT SLO; divided by the GPUs serving, that is DistServe's per-GPU goodput.
+and the TPOT SLO; divided by the GPUs serving, that is DistServe's per-GPU goodput. With
+`--min-duration-s`, a run at a higher rate sends more requests: a fixed count at a high rate is
+a short burst that a backlog absorbs, and the search would pass rates nobody sustains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import sys
 import time
@@ -260,13 +263,14 @@ async def find_max_rate(
     burstiness: float,
     seed: int,
 ) -> tuple[float, list[dict]]:
-    """Highest rate with ≥ 90% of requests meeting both SLOs (binary search in [low, high])."""
+    """Highest rate with ≥ 90% of requests meeting both SLOs (binary search in [low, high]).
+    `make_prompts(rate)`: the prompts of one run at that rate."""
     tried = []
     best = 0.0
     for _ in range(iterations):
         rate = (low + high) / 2
         results, elapsed = await run_load(
-            target, make_prompts(), rate, tier=tier, burstiness=burstiness, slo=slo, seed=seed
+            target, make_prompts(rate), rate, tier=tier, burstiness=burstiness, slo=slo, seed=seed
         )
         summary = summarize(results, elapsed, rate, slo)
         tried.append(summary)
@@ -302,6 +306,24 @@ def plot(summaries: list[dict], path: str) -> None:
     print(f"plot written to {path}")
 
 
+async def bench_in_child(target: str, bench_args: list[str], output: str) -> dict:
+    """Run `baton bench --target target *bench_args` in a child process and return its JSON
+    report. For benchmarks that host the router in their own process: a load generator on the
+    router's event loop would take the CPU time it needs to stream tokens, and measure that."""
+    cmd = [sys.executable, "-m", "deploy.cli", "bench", "--target", target, "--output", output]
+    child = await asyncio.create_subprocess_exec(
+        *cmd, *bench_args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await child.communicate()
+    for line in stdout.decode().splitlines():
+        if line.startswith(("rate ", "max rate")):
+            print(f"    {line}", flush=True)
+    if not Path(output).exists():
+        tail = "\n".join(stderr.decode().splitlines()[-20:])
+        raise RuntimeError(f"baton bench exited with {child.returncode}:\n{tail}")
+    return json.loads(Path(output).read_text())
+
+
 def model_info(target: str, tier: str) -> serving_pb2.ModelInfo:
     with grpc.insecure_channel(target) as channel:
         models = serving_pb2_grpc.BatonStub(channel).ListModels(
@@ -320,12 +342,15 @@ def main(args) -> int:
     vocab = info.vocab_size or 32000
     slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
 
-    def make_prompts() -> list[Prompt]:
+    def make_prompts(rate: float) -> list[Prompt]:
+        num = args.num_requests
+        if args.min_duration_s and rate != float("inf"):
+            num = max(num, math.ceil(rate * args.min_duration_s))
         if args.dataset == "jsonl":
-            return from_jsonl(args.jsonl, args.num_requests, args.output_len)
+            return from_jsonl(args.jsonl, num, args.output_len)
         if args.dataset == "shared-prefix":
             return shared_prefix(
-                args.num_requests,
+                num,
                 vocab,
                 args.num_prefixes,
                 args.prefix_len,
@@ -333,9 +358,7 @@ def main(args) -> int:
                 args.output_len,
                 args.seed,
             )
-        return synthetic(
-            args.num_requests, vocab, args.input_len, args.output_len, args.range_ratio, args.seed
-        )
+        return synthetic(num, vocab, args.input_len, args.output_len, args.range_ratio, args.seed)
 
     report: dict = {"target": args.target, "tier": info.name, "dataset": args.dataset}
     if args.find_max_rate:
@@ -371,7 +394,7 @@ def main(args) -> int:
             results, elapsed = asyncio.run(
                 run_load(
                     args.target,
-                    make_prompts(),
+                    make_prompts(rate),
                     rate,
                     tier=args.tier,
                     burstiness=args.burstiness,

@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rate", default="4", help="requests/s, or a comma list to sweep; inf")
     bench.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
     bench.add_argument("--num-requests", type=int, default=100)
+    bench.add_argument(
+        "--min-duration-s",
+        type=float,
+        default=0.0,
+        help="at least this many seconds of arrivals per rate (more requests at higher rates)",
+    )
     bench.add_argument("--max-concurrency", type=int, default=None)
     bench.add_argument(
         "--dataset", choices=["synthetic", "shared-prefix", "jsonl"], default="synthetic"

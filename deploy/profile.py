@@ -91,6 +91,42 @@ def profile(engine_args: dict, repeats: int = 3, decode_steps: int = 8, seed: in
     }
 
 
+def _profile_child(engine_args: dict, repeats: int, torch_threads: int | None, out) -> None:
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    out.put(profile(engine_args, repeats=repeats))
+
+
+def profile_in_child(
+    engine_args: dict, repeats: int = 3, torch_threads: int | None = None, timeout_s: float = 900
+) -> dict:
+    """`profile` in a spawned child process, for callers that deploy workers next: on a GPU the
+    profiled engine's memory must be free again. `torch_threads`: as a CPU worker runs (1)."""
+    import multiprocessing
+    import queue
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_profile_child, args=(engine_args, repeats, torch_threads, out))
+    child.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                return out.get(timeout=1.0)
+            except queue.Empty:
+                if not child.is_alive():
+                    raise RuntimeError(f"profiling failed (exit code {child.exitcode})") from None
+        raise TimeoutError(f"profiling took over {timeout_s:.0f} s")
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+
+
 def main(args) -> int:
     from engine.testing import ensure_default_model
 

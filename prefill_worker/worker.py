@@ -209,6 +209,7 @@ class PrefillWorker(EngineHost):
                 "num_prefills": self.num_prefills,
                 "prefix_cache_hit_rate": kv.stats.hit_rate,
                 "prefix_cache_hit_tokens": kv.stats.hit_tokens,
+                "prefix_cache_queried_tokens": kv.stats.queried_tokens,
             }
 
         return self.loop.call(fn)
