@@ -7,8 +7,16 @@
    fractions of the predicted maximum rate;
 4. print the predicted and the measured SLO attainment side by side.
 
+The load generator is `baton bench` in a child process, off the router's event loop.
+
     python -m benchmarks.planner_check                       # CPU: tiny model, 1 thread/worker
-    PYTHONPATH=/tmp/site:. python -m benchmarks.planner_check --gpu --max-devices 4
+    python -m benchmarks.planner_check --quick               # CPU smoke run of the same path
+    BATON_COMMIT=... PYTHONPATH=/tmp/site:. python -m benchmarks.planner_check --gpu --max-devices 4
+
+GPU defaults: Llama-3-8B shape, prompts of 2048 +-50% tokens and 64 +-50% out, so that the token
+rate at the predicted maximum stays within what the router streams (every token passes through
+its Python event loop, which the planner does not model): a check of the latency models, not of
+the router.
 """
 
 from __future__ import annotations
@@ -16,62 +24,53 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
-import platform
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import ray
 import torch
 
-from benchmarks.gpu_common import serving_model
-from benchmarks.serving import run_load, summarize, synthetic
+from benchmarks.gpu_common import describe_run, serving_model
+from benchmarks.serving import bench_in_child, run_load, synthetic
 from deploy.config import BatonConfig
 from deploy.launcher import deploy
 from deploy.planner import Workload, plan, simulate
+from deploy.profile import profile_in_child
 from router.latency_model import new_instance_model
 
 
-def engine_args(model_dir: str, args) -> dict:
-    base = {"max_num_batched_tokens": args.max_batched_tokens, "max_model_len": 2048}
+def engine_args(args) -> dict:
+    longest = int(1.5 * args.input_len) + int(1.5 * args.output_len) + 1
+    base = {
+        "max_num_batched_tokens": args.max_batched_tokens,
+        "max_model_len": max(2048, -(-longest // 256) * 256),
+    }
     if args.gpu:
         return {**base, "extra": {"random_weights": True}}
     return base
 
 
-def _profile_child(model_dir: str, eargs: dict, dtype: str, device: str, out) -> None:
-    from deploy.profile import profile
-
-    if device == "cpu":
-        torch.set_num_threads(1)  # as a CPU worker runs (launcher: torch_threads=1)
-    out.put(profile({"model": model_dir, "dtype": dtype, "device": device, **eargs}, repeats=3))
-
-
 def measure_profile(model_dir: str, args) -> dict:
-    """In a child process: on a GPU its memory must be free again for the workers."""
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
     dtype, device = ("bfloat16", "cuda") if args.gpu else ("float32", "cpu")
-    child = ctx.Process(
-        target=_profile_child, args=(model_dir, engine_args(model_dir, args), dtype, device, out)
+    return profile_in_child(
+        {"model": model_dir, "dtype": dtype, "device": device, **engine_args(args)},
+        repeats=3,
+        torch_threads=None if args.gpu else 1,  # as a CPU worker runs (launcher: 1 thread)
     )
-    child.start()
-    result = out.get(timeout=900)
-    child.join()
-    return result
 
 
 def config(model_dir: str, profile_path: str, split: tuple[int, int], args) -> BatonConfig:
-    device = {"GPU": 1, "CPU": 4} if args.gpu else {"CPU": 1}
+    device = {"GPU": 1, "CPU": 2} if args.gpu else {"CPU": 1}
+    # Prefill workers never decode: no decode CUDA graphs to capture (faster start).
+    prefill_args = {"enforce_eager": True} if args.gpu else {}
     return BatonConfig.from_dict(
         {
             "tiers": {
                 "bench": {
                     "model": model_dir,
                     "dtype": "bfloat16" if args.gpu else "float32",
-                    "engine_args": engine_args(model_dir, args),
+                    "engine_args": engine_args(args),
                     "profile": profile_path,
                     "max_tokens_limit": 2 * args.output_len,
                     "max_queued_requests": 100000,
@@ -80,7 +79,13 @@ def config(model_dir: str, profile_path: str, split: tuple[int, int], args) -> B
                 }
             },
             "pools": [
-                {"tier": "bench", "role": "prefill", "count": split[0], "resources": device},
+                {
+                    "tier": "bench",
+                    "role": "prefill",
+                    "count": split[0],
+                    "resources": device,
+                    "engine_args": prefill_args,
+                },
                 {"tier": "bench", "role": "decode", "count": split[1], "resources": device},
             ],
             "http_port": None,
@@ -97,29 +102,25 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
         warm = synthetic(8, args.vocab, workload.input_len, workload.output_len, 0.5, seed=99)
         await run_load(target, warm, 2.0, slo=slo, progress=False)
         for i, rate in enumerate(rates):
-            prompts = synthetic(
-                workload.count(rate),
-                args.vocab,
-                workload.input_len,
-                workload.output_len,
-                workload.range_ratio,
-                seed=args.seed + i,
-            )
-            results, elapsed = await run_load(
-                target,
-                prompts,
-                rate,
-                burstiness=workload.burstiness,
-                slo=slo,
-                seed=args.seed + i,
-                progress=False,
-            )
-            summary = summarize(results, elapsed, rate, slo)
+            bench_args = [
+                "--dataset", "synthetic",
+                "--input-len", str(workload.input_len),
+                "--output-len", str(workload.output_len),
+                "--range-ratio", str(workload.range_ratio),
+                "--num-requests", str(workload.count(rate)),
+                "--rate", f"{rate:.4f}",
+                "--burstiness", str(workload.burstiness),
+                "--ttft-slo-ms", str(args.ttft_slo_ms),
+                "--tpot-slo-ms", str(args.tpot_slo_ms),
+                "--seed", str(args.seed + i),
+            ]  # fmt: skip
+            report = await bench_in_child(target, bench_args, str(Path(args.tmp) / f"{i}.json"))
+            summary = report["runs"][0]
             attainments.append(summary["slo_attainment"])
+            ttft, tpot = summary["ttft_ms"]["p50"], summary["tpot_ms"]["p50"]
             print(
                 f"  measured at {rate:.2f} req/s: attainment {summary['slo_attainment']:.0%}, "
-                f"TTFT p50 {summary['ttft_ms']['p50']:.0f} ms, TPOT p50 "
-                f"{summary['tpot_ms']['p50']:.1f} ms",
+                f"TTFT p50 {ttft or float('nan'):.0f} ms, TPOT p50 {tpot or float('nan'):.1f} ms",
                 flush=True,
             )
         return attainments
@@ -144,9 +145,11 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, bf16, one GPU each")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, bf16, one GPU each")
+    mode.add_argument("--quick", action="store_true", help="a short CPU smoke run")
     p.add_argument("--max-devices", type=int, default=2, help="the plan's budget")
-    p.add_argument("--fractions", default="0.5,0.8,1.0", help="of the predicted max rate")
+    p.add_argument("--fractions", default=None, help="of the predicted max rate")
     p.add_argument("--input-len", type=int, default=None)
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--num-requests", type=int, default=None)
@@ -154,27 +157,37 @@ def main() -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=None)
     p.add_argument("--max-batched-tokens", type=int, default=None)
     p.add_argument(
-        "--min-duration-s", type=float, default=30.0, help="of arrivals per rate, at least"
+        "--min-duration-s", type=float, default=None, help="of arrivals per rate, at least"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None)
     args = p.parse_args()
     defaults = dict(
-        input_len=1024 if args.gpu else 192,
-        output_len=128 if args.gpu else 24,
+        input_len=2048 if args.gpu else 192,
+        output_len=64 if args.gpu else 24,
         num_requests=200 if args.gpu else 100,
         ttft_slo_ms=500.0 if args.gpu else 1000.0,
         tpot_slo_ms=50.0 if args.gpu else 100.0,
         max_batched_tokens=2048 if args.gpu else 512,
+        min_duration_s=30.0,
+        fractions="0.5,0.8,1.0",
     )
+    if args.quick:
+        defaults.update(input_len=96, output_len=12, num_requests=10, min_duration_s=3.0)
+        defaults.update(fractions="0.1,0.2")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.gpu and torch.cuda.device_count() < args.max_devices:
+        raise SystemExit(
+            f"--max-devices {args.max_devices}: this machine has {torch.cuda.device_count()} GPUs"
+        )
     workload = Workload(
         args.input_len, args.output_len, 0.5, args.num_requests, 1.0, args.min_duration_s
     )
     slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
     with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
         model_dir = model_folder(tmp, args)
         profile = measure_profile(model_dir, args)
         profile_path = str(Path(tmp) / "profile.json")
@@ -198,14 +211,14 @@ def main() -> None:
             ray.init(num_cpus=16, num_gpus=args.max_devices, include_dashboard=False)
         else:
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        measured = asyncio.run(measure(model_dir, profile_path, split, rates, workload, slo, args))
-        ray.shutdown()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    device = torch.cuda.get_device_name(0) if args.gpu else f"{platform.machine()} CPU"
+        try:
+            measured = asyncio.run(
+                measure(model_dir, profile_path, split, rates, workload, slo, args)
+            )
+        finally:
+            ray.shutdown()
     print(
-        f"\ncommit {commit or 'unknown'}, {device}, torch {torch.__version__}; budget "
+        f"\n{describe_run()}; budget "
         f"{args.max_devices} devices; workload {args.input_len}+-50% in / {args.output_len}+-50% "
         f"out, >= {args.num_requests} requests and {args.min_duration_s:.0f} s of arrivals per "
         f"rate, Poisson; SLO TTFT {args.ttft_slo_ms:.0f} "
