@@ -384,6 +384,83 @@ def test_stall_reconnect_and_dead_receiver_between_processes(port, devices):
     assert prefill["receiver_gone"] in allowed and prefill["receiver_gone_s"] < 3 + 3
 
 
+def cancel_prefill(port: int, device: str, run: str, out) -> None:
+    store = connect_store("127.0.0.1", port, 60)
+    caches = make_caches(PREFILL_SEED, PREFILL_BLOCKS, device=device, stacked=True)
+    agent = KVTransferAgent(
+        "cp", caches, "127.0.0.1", port, timeout_s=10, min_message_bytes=0, role="prefill"
+    )
+    meet(store, run, "prefill", "decode")
+    agent.connect("cd")
+    store.wait([f"{run}/expecting"])
+    handle = agent.start_send(1, "cd", [0, 1, 2])
+    agent.send_layer(handle, 0)  # lands; the receiver has queued the copies of layers 0-2
+    store.wait([f"{run}/cancelled"])
+    for layer in range(1, NUM_LAYERS):  # arrive after the cancel
+        agent.send_layer(handle, layer)
+    states = [agent.finish_send(handle).value, send_all(agent, 2, "cd", [3]).value]
+    store.wait([f"{run}/finished"])
+    agent.close()
+    out.put(("prefill", states))
+
+
+def cancel_decode(port: int, device: str, run: str, out) -> None:
+    store = connect_store("127.0.0.1", port, 60)
+    caches = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, device=device, stacked=True)
+    agent = KVTransferAgent("cd", caches, "127.0.0.1", port, timeout_s=10, role="decode")
+    meet(store, run, "decode", "prefill")
+    agent.connect("cp")
+    agent.expect(1, "cp", [10, 11, 12])
+    store.set(f"{run}/expecting", "1")
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS)
+    deadline = time.monotonic() + 10
+    while not torch.equal(caches[0][:, [10, 11, 12]].cpu(), src[0][:, [0, 1, 2]]):
+        assert time.monotonic() < deadline, "layer 0 never landed"
+        time.sleep(0.01)
+    report = {"free_now": agent.cancel(1)}
+    store.set(f"{run}/cancelled", "1")
+    # On CUDA the copies of the next layers are queued behind their receives: the blocks are
+    # the agent's until CANCELLED, and untouched from then on.
+    if not report["free_now"]:
+        report["reported"] = wait_for(agent, {1}, timeout_s=10).get(1, "none")
+    frozen = [c[:, [10, 11, 12]].cpu().clone() for c in caches]
+    agent.expect(2, "cp", [20])
+    report["next"] = wait_for(agent, {2}, timeout_s=10).get(2, TransferState.PENDING).value
+    report["late"] = agent.poll()
+    report["untouched"] = all(
+        torch.equal(c[:, [10, 11, 12]].cpu(), f) for c, f in zip(caches, frozen)
+    )
+    report["exact"] = torch.equal(caches[3][:, 20].cpu(), src[3][:, 3])
+    store.set(f"{run}/finished", "1")
+    agent.close()
+    out.put(("decode", report))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "devices",
+    [
+        ("cpu", "cpu"),
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
+    ],
+)
+def test_cancel_mid_transfer_between_processes(port, devices):
+    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run = f"cancel/{devices[0]}"
+    reports = run_processes(
+        [(cancel_prefill, port, devices[0], run), (cancel_decode, port, devices[1], run)], 90
+    )
+    decode = reports["decode"]
+    assert reports["prefill"] == ["done", "done"]  # the cancelled transfer was drained
+    if devices[0] == "cpu":
+        assert decode["free_now"]  # gloo: each copy waits for its message on the host
+    else:
+        assert not decode["free_now"] and decode["reported"] is TransferState.CANCELLED
+    assert decode["next"] == "done" and decode["exact"]
+    assert decode["late"] == {} and decode["untouched"]
+
+
 # ---------------------------------------------------------------- threads, one process
 
 
