@@ -1,6 +1,7 @@
 """The Triton weight-only matmul (engine.quantization.kernels) against a float32 reference on
 the dequantized weight: int8, fp8 and int4 (symmetric and asymmetric), odd M, N and K that are
-not multiples of the blocks, groups that straddle tiles and splits, with and without split-K.
+not multiples of the blocks, groups that straddle tiles and splits, with and without split-K;
+the decode GEMV kernel (gemv.py) the same way.
 
 Runs under Triton's interpreter on CPU in the default suite (small shapes, float32); on a GPU
 (`pytest -m gpu`) in bf16 on larger shapes, tuned configs included, plus the quantized model
@@ -73,6 +74,51 @@ def test_kernel_matches_dequantized_reference(method, symmetric, case):
     check(x, qw, bias, config)
 
 
+# The GEMV kernel (gemv.py) for decode rows: M = 1 and 3, N not a multiple of BLOCK_N, K not a
+# multiple of BLOCK_K (and odd: int4's last byte half empty), groups of 16, 24 (not a power of
+# two) and 32, tiles spanning several groups or part of one. (M, N, K, group), (block_n, block_k)
+GEMV_CASES = [
+    ((1, 40, 99, 32), (8, 64)),
+    ((3, 33, 130, 24), (16, 32)),
+    ((1, 17, 256, 16), (4, 128)),
+    ((3, 8, 64, 32), (8, 64)),
+]
+if CUDA:  # the real tiles, Llama-sized shapes and ragged ones
+    GEMV_CASES = [
+        ((m, n, k, 128), (block_n, block_k))
+        for m in (1, 3, 8)
+        for n, k in ((4096 + 48, 4096 + 72), (1000, 3000), (6144, 4096), (33, 130))
+        for block_n, block_k in ((4, 1024), (8, 512), (16, 256))
+    ]
+
+
+@pytest.mark.parametrize("method,symmetric", FORMATS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(
+    "case", GEMV_CASES, ids=lambda c: "m{}n{}k{}g{}".format(*c[0]) + "-bn{}bk{}".format(*c[1])
+)
+def test_gemv_matches_dequantized_reference(method, symmetric, with_bias, case):
+    (m, n, k, group), (block_n, block_k) = case
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    weight = (torch.randn(n, k, generator=g) * 0.02).to(DTYPE).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DTYPE).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DTYPE).to(DEVICE) if with_bias else None
+    qw = quantize(weight, method, group, symmetric)
+    check(x, qw, bias, kernels._gemv_config(block_n, block_k))
+
+
+def test_gemv_candidates_are_tuned_for_decode_rows_only():
+    """The tuner offers the GEMV up to MAX_GEMV_ROWS rows, and not for int4 groups it cannot
+    split into 8-column chunks."""
+    for rows in (1, 4, kernels.MAX_GEMV_ROWS):
+        assert any(c.gemv for c in kernels._candidates(rows, 4096, 4096, "int8", 0))
+        assert any(c.gemv for c in kernels._candidates(rows, 4096, 4096, "int4", 128))
+    assert not any(c.gemv for c in kernels._candidates(16, 4096, 4096, "int8", 0))
+    assert not any(c.gemv for c in kernels._candidates(1, 4096, 4096, "int4", 12))
+    assert kernels._heuristic(1, 4096, 4096, "int4", 128).gemv
+    assert not kernels._heuristic(1, 4096, 4096, "int4", 12).gemv
+
+
 @pytest.mark.parametrize("method,symmetric", FORMATS)
 def test_expert_slice_of_a_stack(method, symmetric):
     """MoE experts are views [e] of a stacked quantized tensor: strides must be honoured."""
@@ -89,6 +135,7 @@ def test_expert_slice_of_a_stack(method, symmetric):
         qs.group_size,
     )
     check(x, expert, None, Config(16, 32, 2))
+    check(x[:2], expert, None, kernels._gemv_config(8, 32))
 
 
 @pytest.mark.skipif(not CUDA, reason="tuning and graphs need a GPU")

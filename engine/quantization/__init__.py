@@ -3,7 +3,8 @@
 config.py      QuantConfig: the user's choice, validated
 formats.py     quantize / dequantize a matrix (the storage formats)
 linear.py      QuantLinear, quantize_model (at load), how each device computes
-kernels.py     the Triton weight-only matmul (CUDA)
+kernels.py     the Triton weight-only matmul (CUDA), its tuning
+gemv.py        the decode GEMV kernel kernels.py tunes in for a few rows
 checkpoint.py  Baton's pre-quantized checkpoints: save_quantized, stored_quantization
 """
 

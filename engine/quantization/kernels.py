@@ -19,10 +19,13 @@ scale multiplies the finished sum; int4 bytes hold k = 2j (low nibble) and 2j + 
 a tile is split into its even and odd columns, each dotted with the matching columns of x, and
 each element is scaled by its group's scale before the dot.
 
-Block sizes and split_k: measured per (format, M bucket, N, K) the first time a shape runs
-outside CUDA graph capture (`_tuned`), among a handful of candidates; `BATON_QUANT_TUNE=0`, the
-interpreter and capture use `_heuristic`. No host sync and no host tensors in `matmul`, so
-decode CUDA graphs capture it.
+Up to MAX_GEMV_ROWS rows (decode) the GEMV kernel in gemv.py competes too: no tl.dot, no
+split-K, one launch, integers turned into floats without I2F (see there why that matters).
+
+Kernel, block sizes and split_k: measured per (format, M bucket, N, K) the first time a shape
+runs outside CUDA graph capture (`_tuned`), among a handful of candidates; `BATON_QUANT_TUNE=0`,
+the interpreter and capture use `_heuristic` (the GEMV for up to 4 rows). No host sync and no
+host tensors in `matmul`, so decode CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ import triton
 import triton.language as tl
 
 from engine.quantization.formats import QuantizedWeight
+from engine.quantization.gemv import gemv, gemv_supports, weight_args
 
 # Above this many rows (prefill) the Triton kernel re-reads each weight tile ceil(M / 64) times
 # and is compute-bound without tensor-core-friendly tiles: dequantize once and use cuBLAS.
 MAX_KERNEL_ROWS = 256
-_METHOD_CODE = {"int8": 0, "fp8": 1, "int4": 2}
+# Up to this many rows the GEMV kernel (gemv.py) is a candidate too: it dequantizes every weight
+# once per row of x, so it wins where the weight bytes, not the math, are the cost.
+MAX_GEMV_ROWS = 8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -181,6 +187,7 @@ class KernelConfig:
     block_m: int = 0  # 0: 16, 32 or 64 by the number of rows; 1..8: the FMA (GEMV) form
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False  # gemv.py's kernel (block_n, block_k, num_warps; one row a program)
 
     def rows_per_program(self, num_rows: int) -> int:
         if self.block_m:
@@ -205,7 +212,27 @@ def _int4_block_k(group_size: int) -> int:
     return group_size if group_size in (32, 64, 128) else 128
 
 
+def _gemv_config(block_n: int, block_k: int, num_warps: int = 4) -> KernelConfig:
+    return KernelConfig(block_n, block_k, 1, 1, num_warps, 1, gemv=True)
+
+
+def _gemv_candidates(method: str) -> list[KernelConfig]:
+    """16..64 weights a thread per tile (int4: 8..64): fewer and a thread's loads are narrower
+    than 16 bytes (int4: the x split no longer matches the byte layout, gemv.py); more and the
+    accumulator crowds out occupancy."""
+    least = 8 if method == "int4" else 16
+    return [
+        _gemv_config(block_n, block_k, num_warps)
+        for num_warps in (4, 8)
+        for block_n in (4, 8, 16)
+        for block_k in (256, 512, 1024)
+        if least <= block_n * block_k // (32 * num_warps) <= 64
+    ]
+
+
 def _heuristic(num_rows: int, n: int, k: int, method: str, group_size: int) -> KernelConfig:
+    if num_rows <= 4 and gemv_supports(method, group_size):
+        return _gemv_config(8, 512)
     block_m = num_rows if num_rows <= 4 else 0
     block_k = _int4_block_k(group_size) if method == "int4" else 128
     return _config(num_rows, n, k, block_m, 32, block_k)
@@ -233,6 +260,8 @@ def _candidates(num_rows: int, n: int, k: int, method: str, group_size: int) -> 
             for split in sorted({1, base.split_k, 2 * base.split_k}):
                 if split == 1 or k // split >= 2 * block_k:
                     found.append(KernelConfig(block_n, block_k, split, block_m))
+    if num_rows <= MAX_GEMV_ROWS and gemv_supports(method, group_size):
+        found += _gemv_candidates(method)
     return found
 
 
@@ -275,6 +304,8 @@ def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> K
 def _launch(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, cfg: KernelConfig
 ) -> torch.Tensor:
+    if cfg.gemv:
+        return gemv(x, qw, bias, cfg.block_n, cfg.block_k, cfg.num_warps)
     num_rows, k = x.shape
     n = qw.qweight.shape[0]
     atomic = cfg.split_k > 1
@@ -288,26 +319,19 @@ def _launch(
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     block_m = cfg.rows_per_program(num_rows)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
-    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    tensors, strides, meta = weight_args(qw, bias)
     _wq_matmul_kernel[grid](
         x,
-        qw.qweight,
-        qw.scales,
-        zeros,
-        bias if bias is not None else qw.scales,
+        *tensors,
         out,
         num_rows,
         n,
         k,
         k_per_split,
         x.stride(0),
-        qw.qweight.stride(0),
-        qw.scales.stride(0) if qw.method == "int4" else 0,
+        *strides,
         out.stride(0),
-        GROUP_SIZE=max(qw.group_size, 2),
-        METHOD=_METHOD_CODE[qw.method],
-        HAS_ZEROS=qw.zeros is not None,
-        HAS_BIAS=bias is not None,
+        **meta,
         ATOMIC=atomic,
         TILE_IN_GROUP=qw.group_size % cfg.block_k == 0,
         BLOCK_M=block_m,
