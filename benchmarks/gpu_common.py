@@ -75,6 +75,18 @@ def copy_bandwidth(num_bytes: int = 4 << 30, reps: int = 20) -> float:
     return 2 * num_bytes / sorted(times)[len(times) // 2]
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """GPU time of one replay of `graph` (after a warm-up replay), averaged over `reps`."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def describe_run() -> str:
     # The device machine gets the working tree without .git: the caller passes BATON_COMMIT.
     commit = (
