@@ -122,9 +122,9 @@ def _sink_decode_kernel(
     q1 = tl.load(q_offs, mask=q_mask, other=0.0)
     q2 = tl.load(q_offs + HALF, mask=q_mask, other=0.0)
     q_rope = rope + (num_keys - 1) * HALF + h  # the query is the last key
-    q_cos = tl.load(q_rope, mask=h_mask, other=0.0).to(tl.float32)[None, :]
+    q_cos = tl.load(q_rope, mask=h_mask, other=0.0).to(tl.float32)
     q_sin = tl.load(q_rope + (SINKS + WINDOW) * HALF, mask=h_mask, other=0.0).to(tl.float32)
-    q1, q2 = _rotate(q1, q2, q_cos, q_sin[None, :], q1.dtype)
+    q1, q2 = _rotate(q1, q2, q_cos[None, :], q_sin[None, :], q1.dtype)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
