@@ -85,6 +85,14 @@ class LinearModel:
         return len(self._ys)
 
 
+def prefill_pairs(new_tokens: int, context_tokens: int) -> int:
+    """The prefill form's quadratic feature as the engine measures it (`StepStats.attention_pairs`,
+    the samples and profiles are fitted on): new tokens × the context length they end at.
+    NOTE: predictions must use the same definition as the samples, or the fitted coefficient
+    means something else (the causal triangle, half as large for a fresh prompt, did)."""
+    return new_tokens * context_tokens
+
+
 @dataclass
 class InstanceModel:
     """Everything the router predicts about one worker."""
@@ -96,7 +104,7 @@ class InstanceModel:
     ttft_correction: float = 1.0
 
     def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
-        pairs = new_tokens * (context_tokens + context_tokens - new_tokens + 1) / 2
+        pairs = prefill_pairs(new_tokens, context_tokens)
         return max(self.prefill.predict(new_tokens, pairs), 0.0)
 
     def decode_step(self, batch: int, context: int) -> float:

@@ -8,11 +8,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.metrics import EngineMetrics
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvtransfer import TransferState
 from prefill_worker.worker import _SendConnector
-from router.latency_model import LinearModel, new_instance_model
+from router.latency_model import LinearModel, new_instance_model, prefill_pairs
 from router.placement import (
     GoodputPlacement,
     LeastLoaded,
@@ -57,7 +58,7 @@ def test_a_profile_holds_where_live_samples_cannot_tell_the_terms_apart():
     profile = {"prefill": [6e-3, 2.2e-5, 0.0], "decode": [1e-3, 1e-4, 0.0], "transfer": [0, 0, 0]}
     model = new_instance_model(profile)
     for _ in range(16):  # live steps run 10% slower than profiled, all of 2048 tokens
-        model.add_sample("prefill", 2048, 2048 * 2049 // 2, 1.1 * (6e-3 + 2.2e-5 * 2048))
+        model.add_sample("prefill", 2048, 2048 * 2048, 1.1 * (6e-3 + 2.2e-5 * 2048))
     assert model.prefill.num_samples == 16
     assert model.prefill_time(2048, 2048) == pytest.approx(1.1 * (6e-3 + 2.2e-5 * 2048), rel=0.03)
     # A short suffix after a cached prefix: near the profile's 8.8 ms, not half the big step's.
@@ -67,9 +68,23 @@ def test_a_profile_holds_where_live_samples_cannot_tell_the_terms_apart():
     rng = np.random.default_rng(0)
     for _ in range(256):
         tokens = int(rng.integers(16, 2048))
-        model.add_sample("prefill", tokens, tokens * tokens // 2, 6e-3 + 2.2e-5 * tokens)
+        model.add_sample("prefill", tokens, tokens * tokens, 6e-3 + 2.2e-5 * tokens)
     for tokens in (128, 2048):
         assert model.prefill_time(tokens, tokens) == pytest.approx(6e-3 + 2.2e-5 * tokens, rel=0.07)
+
+
+def test_prefill_feature_is_the_one_the_engine_measures(model_dir):
+    """Samples come from the engine's steps; predictions must build the same features."""
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=64))
+    prefix = list(range(3, 35))  # two full blocks, cached after the first request
+    params = SamplingParams(max_tokens=1)
+    for rid, prompt in (("a", prefix + [40] * 16), ("b", prefix + [50] * 40)):
+        engine.add_request(rid, prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    step = engine.last_step
+    assert step.num_prefill_tokens == 40  # the 32 cached tokens were not computed again
+    assert step.attention_pairs == prefill_pairs(40, 72)
 
 
 def test_round_robin_and_least_loaded():
