@@ -418,13 +418,13 @@ def cancel_decode(port: int, device: str, run: str, out) -> None:
         assert time.monotonic() < deadline, "layer 0 never landed"
         time.sleep(0.01)
     report = {"free_now": agent.cancel(1)}
-    agent.expect(2, "cp", [20])  # before the sender goes on: its header follows at once
     store.set(f"{run}/cancelled", "1")
     # On CUDA the copies of the next layers are queued behind their receives: the blocks are
     # the agent's until CANCELLED, and untouched from then on.
     if not report["free_now"]:
         report["reported"] = wait_for(agent, {1}, timeout_s=10).get(1, "none")
     frozen = [c[:, [10, 11, 12]].cpu().clone() for c in caches]
+    agent.expect(2, "cp", [20])
     report["next"] = wait_for(agent, {2}, timeout_s=10).get(2, TransferState.PENDING).value
     report["late"] = agent.poll()
     report["untouched"] = all(
