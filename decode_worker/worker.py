@@ -78,8 +78,6 @@ class DecodeWorker(EngineHost):
             )
         self._handoffs: dict[str, _Handoff] = {}  # reserved requests, by request id
         self._by_transfer: dict[int, str] = {}
-        # Cancelled reservations whose blocks still receive queued copies: transfer -> request.
-        self._draining: dict[int, str] = {}
         self._updates: list[list[TokenUpdate]] = []
         self._updates_cv = threading.Condition()
         self._last_poll = time.monotonic()
@@ -152,7 +150,9 @@ class DecodeWorker(EngineHost):
         def fn(engine: LLMEngine) -> None:
             handoff = self._handoffs.pop(request_id, None)
             if handoff is not None:
-                self._cancel_transfer(engine, request_id, handoff.transfer_id)
+                self.agent.cancel(handoff.transfer_id)
+                self._by_transfer.pop(handoff.transfer_id, None)
+                engine.release(request_id)
             else:
                 engine.abort_request(request_id)
 
@@ -200,9 +200,6 @@ class DecodeWorker(EngineHost):
     def _poll_transfers(self, engine: LLMEngine) -> bool:
         failed = []
         for transfer_id, state in self.agent.poll().items() if self.agent else ():
-            if state is TransferState.CANCELLED:  # its blocks' last copies have run
-                engine.release(self._draining.pop(transfer_id))
-                continue
             request_id = self._by_transfer.pop(transfer_id, None)
             if request_id is None:
                 continue  # cancelled meanwhile
@@ -221,7 +218,7 @@ class DecodeWorker(EngineHost):
             failed += self._expire_leases(engine, now)
             self._abort_orphans(engine, now)
         self._publish(failed)
-        return bool(self._handoffs or self._draining)
+        return bool(self._handoffs)
 
     def _expire_leases(self, engine: LLMEngine, now: float) -> list[TokenUpdate]:
         """Release reservations that `start` did not claim in time: their router is gone, or
@@ -231,20 +228,13 @@ class DecodeWorker(EngineHost):
         ]
         for request_id in expired:
             handoff = self._handoffs.pop(request_id)
-            self._cancel_transfer(engine, request_id, handoff.transfer_id)
+            self.agent.cancel(handoff.transfer_id)
+            self._by_transfer.pop(handoff.transfer_id, None)
+            engine.release(request_id)
             self.num_leases_expired += 1
             log.warning("reservation %s expired after %.0f s", request_id, self.reservation_ttl_s)
         error = f"reservation expired: not started within {self.reservation_ttl_s} s"
         return [TokenUpdate(rid, [], error=error) for rid in expired]
-
-    def _cancel_transfer(self, engine: LLMEngine, request_id: str, transfer_id: int) -> None:
-        """Release a reservation whose KV may still be arriving: at once, or (copies into its
-        blocks already queued on the GPU) when the agent reports them drained."""
-        self._by_transfer.pop(transfer_id, None)
-        if self.agent.cancel(transfer_id):
-            engine.release(request_id)
-        else:
-            self._draining[transfer_id] = request_id
 
     def _abort_orphans(self, engine: LLMEngine, now: float) -> None:
         """Nobody has polled for `reservation_ttl_s`: the router is gone and nobody will read

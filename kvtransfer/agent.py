@@ -52,9 +52,6 @@ class TransferState(enum.Enum):
     TRANSFERRING = "transferring"
     DONE = "done"
     FAILED = "failed"
-    # A transfer cancelled while copies into its blocks were still queued on the GPU: reported
-    # once they have drained; only then may the blocks be freed (see `cancel`).
-    CANCELLED = "cancelled"
 
 
 @dataclass(eq=False)
@@ -87,13 +84,10 @@ class _Expectation:
     block_ids: list[int]
     state: TransferState = TransferState.PENDING
     cancelled: bool = False
-    # On CUDA the receiver queues each message's copy into the blocks behind its receive, before
-    # the data arrives: `queued` from the first such copy until all of them have run. A cancel
-    # meanwhile cannot stop them, so it owes the caller a CANCELLED report once they have.
-    queued: bool = False
-    owes_report: bool = False
-    # Held by the receiver while it launches copies into `block_ids` and by `cancel`.
+    # Held by the receiver while it writes into `block_ids`, and by `cancel`: after `cancel`
+    # returns, nothing more is written into the blocks.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stream: torch.cuda.Stream | None = None
 
 
 @dataclass(eq=False)
@@ -488,20 +482,18 @@ class KVTransferAgent:
             results, self._results = self._results, {}
         return results
 
-    def cancel(self, transfer_id: int) -> bool:
-        """Stop expecting the transfer; data still arriving is drained and dropped. True: nothing
-        more is written into its blocks, free them now. False (CUDA, copies already queued
-        behind receives in flight): the blocks are written until `poll` reports the transfer
-        CANCELLED, which it does once those copies have run; free them then."""
+    def cancel(self, transfer_id: int) -> None:
+        """Stop expecting the transfer. Once this returns nothing more is written into its
+        blocks; data still arriving is drained and dropped, and it is never reported."""
         with self._lock:
             self._results.pop(transfer_id, None)
             expectation = self._expected.pop(transfer_id, None)
         if expectation is None:
-            return True
+            return
         with expectation.lock:
             expectation.cancelled = True
-            expectation.owes_report = expectation.queued
-            return not expectation.queued
+        if expectation.stream is not None:
+            expectation.stream.synchronize()  # scatters launched before the flag was set
 
     def _claim(self, transfer_id: int, peer_id: str, num_blocks: int) -> _Expectation | None:
         """The receiver thread takes a transfer whose header arrived; None means drain it."""
@@ -522,23 +514,17 @@ class KVTransferAgent:
                 self._reported.notify_all()
                 return None
             expectation.state = TransferState.TRANSFERRING
+            pair = self._pairs.get(peer_id)
+            expectation.stream = pair.stream if pair is not None else None
             return expectation
 
     def _finish(self, expectation: _Expectation, failed: bool) -> None:
-        """The receiver is done with the transfer's blocks (every copy into them has run)."""
-        with expectation.lock:
-            expectation.queued = False
-            owes_report = expectation.owes_report
         with self._lock:
-            tid = expectation.transfer_id
-            if owes_report:
-                self._results[tid] = TransferState.CANCELLED
-            elif self._expected.get(tid) is expectation:  # not cancelled
-                del self._expected[tid]
-                self._results[tid] = TransferState.FAILED if failed else TransferState.DONE
-            else:
-                return
-            self._reported.notify_all()
+            if self._expected.get(expectation.transfer_id) is expectation:  # not cancelled
+                del self._expected[expectation.transfer_id]
+                state = TransferState.FAILED if failed else TransferState.DONE
+                self._results[expectation.transfer_id] = state
+                self._reported.notify_all()
 
     # ---------------------------------------------------------------- shared
 

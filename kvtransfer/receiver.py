@@ -22,7 +22,7 @@ from kvtransfer.pair import wait_work
 from kvtransfer.protocol import BROKEN, CLOSE, Header, message_plan
 
 if TYPE_CHECKING:
-    from kvtransfer.agent import KVTransferAgent, _Expectation, _Pair
+    from kvtransfer.agent import KVTransferAgent, _Pair
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ class Receiver(threading.Thread):
         self.agent = agent
         self.pair = pair
         self.queue_client = queue_client  # this thread's own store connection: it blocks on it
-        # CUDA: receives are posted from this stream, the copies run on the pair's
-        self.post_stream = None
-        if pair.stream is not None:
-            self.post_stream = torch.cuda.Stream(agent.layout.device)
 
     def run(self) -> None:
         layout = self.agent.layout
@@ -80,35 +76,29 @@ class Receiver(threading.Thread):
         agent, pair = self.agent, self.pair
         expectation = agent._claim(header.transfer_id, pair.peer_id, header.num_blocks)
         try:
-            if pair.stream is not None:
-                self._receive_queued(header, expectation)
-            else:
-                self._receive_in_turn(header, expectation)
+            messages = self._messages(header)
+            next(messages)  # the first receives are posted before anything else
+            index = agent._index_tensor(expectation.block_ids) if expectation else None
+            for first, count, buf in messages:
+                if expectation is None:
+                    continue  # drain: unknown, cancelled or mis-sized transfer
+                with expectation.lock:
+                    if expectation.cancelled:
+                        expectation = None
+                        continue
+                    with record_function("kv.recv.scatter"):
+                        agent._scatter(index, first, count, buf)
+            if expectation is not None and pair.stream is not None:
+                with record_function("kv.recv.sync"):
+                    pair.stream.synchronize()  # DONE: the KV is readable from any stream
         except Exception as e:
-            agent._break(pair, f"receiving transfer {header.transfer_id} failed: {e}")
             if expectation is not None:
-                self._drain()
                 agent._finish(expectation, failed=True)
+            agent._break(pair, f"receiving transfer {header.transfer_id} failed: {e}")
             return False
         if expectation is not None:
             agent._finish(expectation, failed=False)
         return True
-
-    def _receive_in_turn(self, header: Header, expectation: _Expectation | None) -> None:
-        """Gloo: wait for each message, then copy it into the blocks."""
-        agent = self.agent
-        messages = self._messages(header)
-        next(messages)  # the first receives are posted before anything else
-        index = agent._index_tensor(expectation.block_ids) if expectation else None
-        for first, count, buf in messages:
-            if expectation is None:
-                continue  # drain: unknown, cancelled or mis-sized transfer
-            with expectation.lock:
-                if expectation.cancelled:
-                    expectation = None
-                    continue
-                with record_function("kv.recv.scatter"):
-                    agent._scatter(index, first, count, buf)
 
     def _messages(self, header: Header):
         """Yield None once the first receives are posted, then (first layer, layer count,
@@ -131,60 +121,3 @@ class Receiver(threading.Thread):
             with record_function("kv.recv.wait"):
                 wait_work(work, pair.backend, timeout_s)
             yield first, count, buf
-
-    def _receive_queued(self, header: Header, expectation: _Expectation | None) -> None:
-        """CUDA: each message's copy into the blocks is queued on the pair's stream behind its
-        receive when the receive is posted, so it runs the moment the data lands, with no host
-        round trip between; this thread only keeps RECV_AHEAD_MESSAGES in flight, checks each
-        receive within the timeout and, at the end, that every copy has run.
-
-        Receives are posted from their own stream: posted from the pair's, each would also wait
-        for the copies queued before it, and the link would idle during every copy."""
-        agent, pair, layout = self.agent, self.pair, self.agent.layout
-        index = agent._index_tensor(expectation.block_ids) if expectation else None
-        in_flight: deque[object] = deque()
-        for first, count in message_plan(layout.num_layers, header.layers_per_message):
-            if len(in_flight) == RECV_AHEAD_MESSAGES:
-                self._wait_received(in_flight.popleft())
-            with torch.cuda.stream(self.post_stream), record_function("kv.recv.post"):
-                shape = layout.message_shape(count, header.num_blocks)
-                buf = torch.empty(shape, dtype=layout.dtype, device=layout.device)
-                work = pair.group.recv([buf], 0, 0)
-            work.wait()  # orders the pair's stream after the receive; the host does not wait
-            buf.record_stream(pair.stream)
-            if expectation is not None:
-                with expectation.lock:
-                    if expectation.cancelled:
-                        expectation = None  # drain the rest
-                    else:
-                        expectation.queued = True
-                        with record_function("kv.recv.scatter"):
-                            agent._scatter(index, first, count, buf)
-            in_flight.append(work)
-        while in_flight:
-            self._wait_received(in_flight.popleft())
-        with record_function("kv.recv.sync"):
-            pair.stream.synchronize()  # the queued copies: they follow received data at once
-
-    def _wait_received(self, work) -> None:
-        if self.pair.broken:
-            raise RuntimeError("the pair was broken")
-        with record_function("kv.recv.wait"):
-            wait_work(work, self.pair.backend, self.agent.timeout_s)
-
-    def _drain(self) -> None:
-        """After a failure: wait until the copies queued into a transfer's blocks have run (the
-        group is aborted by then, which ends its pending receives), so the blocks can be freed."""
-        if self.pair.stream is None:
-            return
-        done = torch.cuda.Event()
-        done.record(self.pair.stream)
-        deadline = time.monotonic() + self.agent.timeout_s
-        while not done.query():
-            if time.monotonic() > deadline:
-                log.error(
-                    "copies into a failed transfer's blocks did not drain in %.0f s",
-                    self.agent.timeout_s,
-                )
-                return
-            time.sleep(1e-3)
