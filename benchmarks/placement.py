@@ -337,8 +337,8 @@ def main() -> None:
             profile_path = str(Path(tmp) / "profile.json")
             Path(profile_path).write_text(json.dumps(profile))
             print(f"profile: prefill {profile['prefill']}, decode {profile['decode']}", flush=True)
-        if args.gpu:
-            ray.init(num_cpus=16, num_gpus=4, include_dashboard=False, log_to_driver=False)
+        if args.gpu:  # workers' logs shown: a CUDA or NCCL error surfaces in the output
+            ray.init(num_cpus=16, num_gpus=4, include_dashboard=False)
         else:
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
