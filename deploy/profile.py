@@ -62,9 +62,14 @@ def _decode_samples(engine: LLMEngine, vocab: int, steps: int, rng: random.Rando
 
 
 def fit(samples) -> list[float]:
-    model = LinearModel(np.zeros(3))
+    """Least squares over the median time of each distinct (x1, x2): one stalled step (another
+    process on the cores, a collection) must not become the whole intercept."""
+    times: dict[tuple[int, int], list[float]] = {}
     for x1, x2, seconds in samples:
-        model.add(x1, x2, seconds)
+        times.setdefault((x1, x2), []).append(seconds)
+    model = LinearModel(np.zeros(3))
+    for (x1, x2), values in times.items():
+        model.add(x1, x2, float(np.median(values)))
     model.fit()
     return [float(c) for c in model.coef]
 
