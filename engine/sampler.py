@@ -36,6 +36,8 @@ class Sampler:
     ) -> SamplerOutput:
         """`raw_logits`: the model's, when `logits` were masked (structured output); logprobs
         come from them. Without, `logits` are the model's."""
+        if all_plain_greedy(requests):  # one argmax, one copy to the host
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
         raw = (logits if raw_logits is None else raw_logits).float()
         logits = logits.float()
         if any(r.sampling_params.has_penalties for r in requests):
@@ -145,6 +147,17 @@ class Sampler:
                 pairs = list(zip(top.indices[i, :n].tolist(), top.values[i, :n].tolist()))
             result.append((chosen[i], pairs))
         return result
+
+
+def all_plain_greedy(requests: list[Request]) -> bool:
+    """True when every request's next token is its logits row's argmax and nothing else of the
+    row is needed (greedy, no penalties, no logprobs). Structured output's masks are the
+    caller's to check: `Sampler` gets masked logits, the runner's in-graph argmax does not."""
+    for request in requests:
+        p = request.sampling_params
+        if p.temperature != 0.0 or p.logprobs is not None or p.has_penalties:
+            return False
+    return True
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,9 @@ class KVCacheManager:
             start = len(cached_prefix) * self.block_size
         else:
             start = request.num_computed_tokens
+            held = self._blocks.get(request.request_id)
+            if held and len(held) * self.block_size >= start + num_new_tokens:
+                return True  # most decode steps: the last block has room
         return self._allocate(request, start, start + num_new_tokens, cached_prefix or [])
 
     def allocate_computed(self, request: Request, num_tokens: int) -> bool:
