@@ -7,7 +7,9 @@ device-to-device copy (bytes read + written).
 
 Each measurement: `batch` requests with `--prompt-len` random tokens are prefilled, then
 `--steps` engine steps are timed end to end (scheduling, input building, forward, sampling:
-what a user waits for), after `--warmup` untimed steps.
+what a user waits for), after `--warmup` untimed steps. Modes: `graphs` (decode CUDA graphs with
+the output head and argmax inside), `async` (graphs, and each step launched before the previous
+one's tokens are read: `EngineConfig.async_scheduling`), `eager` (no graphs).
 
     PYTHONPATH=. python -m benchmarks.gpu_decode --json out.json
 """
@@ -31,8 +33,9 @@ from benchmarks.gpu_common import (
 from engine import LLM, SamplingParams
 
 
-def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) -> float:
-    """Output tokens per second over `steps` pure-decode steps of `batch` sequences."""
+def start_decoding(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) -> None:
+    """`batch` greedy requests of `prompt_len` random tokens, prefilled and `warmup` steps into
+    decoding, with room for `steps` more decode steps."""
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     g = torch.Generator().manual_seed(batch)
@@ -44,10 +47,16 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) 
         engine.step()  # prefill
     for _ in range(warmup):
         engine.step()
+
+
+def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) -> float:
+    """Output tokens per second over `steps` pure-decode steps of `batch` sequences."""
+    engine = llm.engine
+    start_decoding(llm, batch, prompt_len, steps, warmup)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        engine.step()  # samples -> .tolist() synchronizes every step
+        engine.step()  # reads a step's tokens: one sync a step (async: the previous step's)
     elapsed = time.perf_counter() - start
     for rid in list(engine.scheduler.requests):
         engine.abort_request(rid)
@@ -55,9 +64,9 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) 
 
 
 def graph_replay_ms(llm: LLM, reps: int = 50) -> float:
-    """GPU time of one batch-1 decode graph replay (the forward pass without the output head,
-    sampling or any host work), on whatever its static inputs last held."""
-    graph, _ = llm.engine.runner.graphs.graphs[1]
+    """GPU time of one batch-1 decode graph replay (the forward pass, the output head and the
+    argmax; no host work), on whatever its static inputs last held."""
+    graph = llm.engine.runner.graphs.graphs[1][0]
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -82,19 +91,19 @@ def main() -> None:
     results = {"run": describe_run(), "copy_bandwidth_GBps": bandwidth / 1e9, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
-        for mode in ("graphs", "eager"):
+        for mode in ("graphs", "async", "eager"):
             extra = {"random_weights": True}
             start = time.perf_counter()
             llm = LLM(
                 model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
-                extra=extra, enforce_eager=mode == "eager",
+                extra=extra, enforce_eager=mode == "eager", async_scheduling=mode == "async",
             )  # fmt: skip
             setup_s = time.perf_counter() - start
             model = llm.engine.runner.model
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             embed_bytes = model.model.embed_tokens.weight.numel() * 2
             rates = {}
-            for batch in batches if mode == "graphs" else [1]:
+            for batch in batches if mode != "eager" else [1]:
                 rates[batch] = decode_rate(llm, batch, args.prompt_len, args.steps, args.warmup)
             results["modes"][mode] = {"setup_s": setup_s, "tokens_per_s": rates}
             if mode == "graphs":
@@ -114,7 +123,7 @@ def main() -> None:
         f"({roofline_read:.1f} counting only bytes a step reads)"
     )
     replay_ms = results["graph_replay_ms"]
-    print(f"batch-1 decode graph replay (GPU time, no output head): {replay_ms:.3f} ms")
+    print(f"batch-1 decode graph replay (GPU time, head and argmax included): {replay_ms:.3f} ms")
     for mode, r in results["modes"].items():
         for batch, rate in r["tokens_per_s"].items():
             share = f"  {100 * rate / roofline:5.1f}% of roofline" if batch == 1 else ""

@@ -286,6 +286,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, profiling)
+    # Launch a greedy decode step before the previous one's tokens reach the host, so the host
+    # work of a step overlaps the device's (LLMEngine.step; Scheduler.schedule_ahead).
+    async_scheduling: bool = False
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "fp8" (e4m3) or "int8"
     # Speculative decoding, off by default: e.g. {"method": "ngram", "num_speculative_tokens": 4}
     # (engine/speculative.py: SpeculativeConfig). Parsed into a SpeculativeConfig here.

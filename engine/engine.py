@@ -16,10 +16,10 @@ from engine.config import EngineConfig, ModelConfig, parse_dtype
 from engine.draft_model import DraftProposer
 from engine.grammar import Grammar, GrammarCompiler
 from engine.kv_cache import KVCacheManager, KVWindow
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingStep, RunnerOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.speculative import (
     AcceptanceMeter,
     NgramProposer,
@@ -141,6 +141,8 @@ class LLMEngine:
             )
         elif self.speculative:
             self.proposer = NgramProposer(self.speculative)
+        # Async scheduling: the step launched ahead and not yet processed, with its schedule.
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         self.acceptance = AcceptanceMeter()
         self.step_cost = StepCostMeter()
         self._num_steps = 0
@@ -244,6 +246,9 @@ class LLMEngine:
     ) -> list[int] | None:
         """Validate the request and hold blocks for its prompt KV; None if none are free now."""
         request, state = self.make_request(request_id, prompt_token_ids, params)
+        # NOTE: a KV receive writes the blocks from its own stream; a step in flight may still
+        # write blocks freed meanwhile (a finished request's wasted slot).
+        self.wait_in_flight()
         block_ids = self.scheduler.reserve(request)
         if block_ids is not None:
             self._text[request_id] = state
@@ -276,53 +281,78 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns an output for each request that made progress."""
+        """Run one engine step; returns an output for each request that made progress.
+
+        With `async_scheduling`, a greedy pure-decode step is followed at once by the next
+        (launched before its tokens are read, `Scheduler.schedule_ahead`), which stays in
+        flight when this returns: the next call processes it. Outputs come one step at a time
+        either way, in order."""
         step_start = time.perf_counter()
-        self._last_choice = None
-        self._propose()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            self.last_step = StepStats()
-            # NOTE: on a decode worker, reservations (blocks awaiting KV from a prefill worker)
-            # can hold the blocks a preempted request needs; they turn into running requests
-            # or expire, so waiting is right. Without any, no progress is a bug.
-            if self.scheduler.has_schedulable() and not self.scheduler.reserved:
-                raise RuntimeError("scheduler made no progress with requests pending")
-            return []
-        context = [s.request.num_computed_tokens + s.num_tokens for s in sched.scheduled]
-        start = time.perf_counter()
-        result = self.runner.execute(sched)
+        if self._in_flight is not None:
+            sched, pending = self._in_flight
+            self._in_flight = None
+        else:
+            self._last_choice = None
+            self._propose()
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                self.last_step = StepStats()
+                # NOTE: on a decode worker, reservations (blocks awaiting KV from a prefill
+                # worker) can hold the blocks a preempted request needs; they turn into running
+                # requests or expire, so waiting is right. Without any, no progress is a bug.
+                if self.scheduler.has_schedulable() and not self.scheduler.reserved:
+                    raise RuntimeError("scheduler made no progress with requests pending")
+                return []
+            step_start = time.perf_counter()  # the step's duration: from its launch
+            if not self.config.async_scheduling:  # (tests wrap `execute` to see the logits)
+                return self._complete(sched, self.runner.execute(sched), step_start)
+            pending = self.runner.launch(sched)
+        if self.config.async_scheduling:
+            self._in_flight = self._launch_ahead(sched, pending)
+        return self._complete(sched, pending, step_start)
+
+    def _launch_ahead(self, sched: SchedulerOutput, pending: PendingStep):
+        """Async scheduling: launch the step after `sched` while its tokens are still on the
+        device, when nothing needs them first. Returns (its schedule, its pending step)."""
+        if pending.tokens is None or self.proposer is not None or self.runner.kv_connector:
+            return None  # not the greedy fast path, or speculation / KV sends need the tokens
+        ahead = self.scheduler.schedule_ahead(sched)
+        if ahead is None:
+            return None
+        return ahead, self.runner.launch(ahead, prev=pending)
+
+    def _complete(
+        self, sched: SchedulerOutput, pending: PendingStep | RunnerOutput, step_start: float
+    ) -> list[RequestOutput]:
+        """Read a launched step's tokens (unless given them) and process them: stats, the
+        scheduler's update, stop strings, outputs. Requests that finished while the step ran
+        ahead are skipped."""
+        scheduled = [s for s in sched.scheduled if not s.request.is_finished]
+        context = [s.seq_len for s in scheduled]
+        result = pending if isinstance(pending, RunnerOutput) else self.runner.finish(pending)
         # A decode verifying drafts counts as one decode (its batch slot), not as prefill.
-        decodes = [s for s in sched.scheduled if s.num_tokens == 1 or s.spec_token_ids]
-        spec = [s for s in sched.scheduled if s.spec_token_ids]
+        decodes = [s for s in scheduled if s.num_tokens == 1 or s.spec_token_ids]
+        spec = [s for s in scheduled if s.spec_token_ids]
         self.last_step = StepStats(
-            duration_s=time.perf_counter() - start,
+            duration_s=time.perf_counter() - step_start,
             num_decode_tokens=len(decodes),
-            num_prefill_tokens=sched.num_tokens - sum(s.num_tokens for s in decodes),
-            num_seqs=len(sched.scheduled),
+            num_prefill_tokens=sum(s.num_tokens for s in scheduled)
+            - sum(s.num_tokens for s in decodes),
+            num_seqs=len(scheduled),
             num_preempted=len(sched.preempted),
             num_context_tokens=sum(context),
-            attention_pairs=sum(s.num_tokens * c for s, c in zip(sched.scheduled, context)),
+            attention_pairs=sum(s.num_tokens * c for s, c in zip(scheduled, context)),
             num_draft_tokens=sum(len(s.spec_token_ids) for s in spec),
             num_accepted_tokens=sum(len(result.sampled[s.request.request_id]) - 1 for s in spec),
         )
-        self.num_draft_tokens += self.last_step.num_draft_tokens
-        self.num_accepted_tokens += self.last_step.num_accepted_tokens
-        verified = []
-        for s in spec:
-            request = s.request
-            accepted = len(result.sampled[request.request_id]) - 1
-            verified.append((len(s.spec_token_ids), accepted))
-            request.spec_acceptance = update_acceptance(
-                request.spec_acceptance, len(s.spec_token_ids), accepted
-            )
-        self.acceptance.update(verified)
-        if self.speculative and all(s.num_tokens == 1 or s.spec_token_ids for s in sched.scheduled):
-            self._observe_step_cost(len(sched.scheduled), bool(spec), step_start)
-        num_before = {s.request.request_id: s.request.num_output_tokens for s in sched.scheduled}
+        if spec:
+            self._observe_acceptance(spec, result)
+        if self.speculative and all(s.num_tokens == 1 or s.spec_token_ids for s in scheduled):
+            self._observe_step_cost(len(scheduled), bool(spec), step_start)
+        num_before = {s.request.request_id: s.request.num_output_tokens for s in scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
-        for s in sched.scheduled:
+        for s in scheduled:
             request = s.request
             rid = request.request_id
             if rid not in result.sampled:
@@ -339,6 +369,27 @@ class LLMEngine:
             outputs.append(self._output(request, finished=rid in finished))
         self._retain_drafts()
         return outputs
+
+    def _observe_acceptance(self, spec: list[ScheduledRequest], result: RunnerOutput) -> None:
+        """Speculative decoding: totals, and each request's and the engine's acceptance."""
+        self.num_draft_tokens += self.last_step.num_draft_tokens
+        self.num_accepted_tokens += self.last_step.num_accepted_tokens
+        verified = []
+        for s in spec:
+            request = s.request
+            accepted = len(result.sampled[request.request_id]) - 1
+            verified.append((len(s.spec_token_ids), accepted))
+            request.spec_acceptance = update_acceptance(
+                request.spec_acceptance, len(s.spec_token_ids), accepted
+            )
+        self.acceptance.update(verified)
+
+    def wait_in_flight(self) -> None:
+        """Block until a step launched ahead has finished on the device (its KV writes
+        included). Call before handing blocks freed meanwhile to anything that writes them
+        outside the engine's stream (a KV receive)."""
+        if self._in_flight is not None:
+            self.runner.wait(self._in_flight[1])
 
     def _propose(self) -> None:
         """Speculative decoding: give running requests in decode their draft tokens for this

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +20,12 @@ import torch
 from engine.attention.backend import AttentionMetadata, AttentionSpec
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig, ModelConfig
-from engine.kv_cache import quant
+from engine.kv_cache import NULL_BLOCK_ID, quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM, rope_inv_freq
 from engine.quantization.linear import check_supported, quantize_model
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import Sampler, SamplerOutput, all_plain_greedy
 from engine.scheduler import SchedulerOutput
 from engine.structured_output import GrammarMasker
 
@@ -43,8 +44,24 @@ class RunnerOutput:
     # token, or with drafts (speculative decoding) the accepted drafts and the target's next.
     sampled: dict[str, list[int]]
     logprobs: dict[str, tuple[float, list[tuple[int, float]]]]
-    # The logits rows that were sampled from, in `sampled`'s order (kept for tests and debugging).
+    # The logits rows that were sampled from, in `sampled`'s order (kept for tests and debugging;
+    # after a graph replay, a view that the next replay overwrites: with async scheduling, one
+    # launched before this step is read).
     logits: torch.Tensor | None = None
+
+
+@dataclass
+class PendingStep:
+    """A launched step (`ModelRunner.launch`); `ModelRunner.finish` turns it into a RunnerOutput.
+    On the greedy fast path `tokens` (one per sampled row, in `request_ids` order) are still on
+    the device and `copy` is their copy to the host under way; otherwise `result` is ready."""
+
+    request_ids: list[str]
+    tokens: torch.Tensor | None
+    copy: tuple[torch.Tensor, torch.cuda.Event | None] | None
+    logits: torch.Tensor | None
+    end_step: Callable[[], None] | None = None  # the KV connector's, after the tokens are read
+    result: RunnerOutput | None = None
 
 
 def make_attention_backend(
@@ -136,6 +153,7 @@ class ModelRunner:
         # Set by a prefill worker: moves KV out while the forward pass runs.
         self.kv_connector: KVConnector | None = None
         self.stager = _Stager(self.device)
+        self.token_reader = TokenReader(self.device)
         self.graphs = DecodeGraphs(self, config.max_num_seqs) if use_graphs else None
 
     @property
@@ -163,42 +181,85 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
         return num_blocks
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one scheduled step to its sampled tokens (`launch` then `finish`)."""
+        return self.finish(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+        """Start a step: inputs, forward, head, sampling. On the greedy fast path the result
+        stays on the device (a copy to the host under way) until `finish`; other steps are
+        complete on return. `prev`: the step still running whose tokens are this chained
+        step's inputs (async scheduling: every row has `ScheduledRequest.prev_row`)."""
         connector = self.kv_connector
         layer_done = None
         if connector is not None and connector.on_step_start(sched):
             layer_done = connector.on_layer_done
-        graph_size = None
-        if self.graphs is not None and layer_done is None:
-            graph_size = self.graphs.batch_size_for(sched)
-        input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched, graph_size)
+        # A pure-decode step (one token a sequence, no drafts) packs its inputs the short way,
+        # padded to its graph's bucket when one replays it; the eager path packs it the same.
+        graph_size = pad_to = None
+        if layer_done is None and all(s.num_tokens == 1 for s in sched.scheduled):
+            if self.graphs is not None:
+                graph_size = self.graphs.batch_size_for(sched)
+            pad_to = graph_size or len(sched.scheduled)
+        input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched, pad_to)
+        if prev is not None:
+            # A chained step's "ids" are rows of the previous step's tokens, still on the device.
+            assert pad_to is not None and prev.tokens is not None, "only decodes chain"
+            input_ids = prev.tokens.index_select(0, input_ids)
         drafts = {s.request.request_id: s.spec_token_ids for s in sched.scheduled}
         # Structured output: the constrained rows' masks are filled on the host while the model
         # runs (None when no request sampled in this step is constrained).
         masks = self.grammar_masker.start(
             sample_requests, [drafts[r.request_id] for r in sample_requests]
         )
+        tokens = None  # the argmax of each sampled row, on the device
         if graph_size is not None:
-            hidden = self.graphs.replay(graph_size, input_ids, positions, meta)
+            logits, tokens = self.graphs.replay(graph_size, input_ids, positions, meta)
+            if len(sample_rows) < len(sched.scheduled):  # a 1-token chunk that samples nothing
+                logits, tokens = logits[sample_rows], tokens[sample_rows]
         else:
             self.backend.prepare(meta)
             hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
+            logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
+        end_step = None if connector is None else (lambda: connector.on_step_end(sched))
+        ids = [r.request_id for r in sample_requests]
+        plain = sample_rows and masks is None and not any(drafts.values())
+        if plain and all_plain_greedy(sample_requests):
+            # Greedy fast path: the argmax (inside the graph on a replay) and one copy of the
+            # step's tokens to the host; no sampler, no float copies of the logits.
+            if tokens is None:
+                tokens = logits.argmax(dim=-1)
+            return PendingStep(ids, tokens, self.token_reader.start(tokens), logits, end_step)
         result = RunnerOutput({}, {})
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
+        if not sample_rows:
+            pass
+        elif any(drafts.values()):
             masked = logits if masks is None else masks.apply(logits)
-            if any(drafts.values()):
-                result = self._verify(masked, sample_requests, drafts, logits)
-            else:
-                out: SamplerOutput = self.sampler(masked, sample_requests, raw_logits=logits)
-                ids = [r.request_id for r in sample_requests]
-                logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
-                sampled = {rid: [t] for rid, t in zip(ids, out.token_ids)}
-                result = RunnerOutput(sampled, logprobs, logits)
-        if connector is not None:
-            connector.on_step_end(sched)
+            result = self._verify(masked, sample_requests, drafts, logits)
+        else:
+            masked = logits if masks is None else masks.apply(logits)
+            out: SamplerOutput = self.sampler(masked, sample_requests, raw_logits=logits)
+            logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
+            sampled = {rid: [t] for rid, t in zip(ids, out.token_ids)}
+            result = RunnerOutput(sampled, logprobs, logits)
+        return PendingStep(ids, None, None, logits, end_step, result)
+
+    def finish(self, pending: PendingStep) -> RunnerOutput:
+        """The launched step's sampled tokens on the host (waits for the device)."""
+        result = pending.result
+        if result is None:
+            token_ids = self.token_reader.finish(pending.copy)
+            sampled = {rid: [t] for rid, t in zip(pending.request_ids, token_ids)}
+            result = RunnerOutput(sampled, {}, pending.logits)
+        if pending.end_step is not None:
+            pending.end_step()
         return result
+
+    def wait(self, pending: PendingStep) -> None:
+        """Block until the launched step's device work (its KV writes included) is done."""
+        if pending.copy is not None and pending.copy[1] is not None:
+            pending.copy[1].synchronize()
 
     def _verify(self, logits, requests, drafts: dict[str, list[int]], raw) -> RunnerOutput:
         """A step with drafts: `logits` has len(draft) + 1 rows per request (one for the rest).
@@ -228,11 +289,12 @@ class ModelRunner:
         # One logits row per request, its last, in `sampled`'s order.
         return RunnerOutput(sampled, logprobs, raw[ends[plain + spec] - 1])
 
-    def _prepare(self, sched: SchedulerOutput, graph_size: int | None = None):
-        """Pack the step's tokens. With `graph_size`, pad to that many decode rows (see
-        `DecodeGraphs`); then `meta.seq_lens` is the real rows' only."""
-        if graph_size is not None:
-            return self._prepare_decodes(sched, graph_size)
+    def _prepare(self, sched: SchedulerOutput, pad_to: int | None = None):
+        """Pack the step's tokens. With `pad_to` (pure-decode steps only), the short way, padded
+        to that many decode rows for a graph (see `DecodeGraphs`); then `meta.seq_lens` is the
+        real rows' only."""
+        if pad_to is not None:
+            return self._prepare_decodes(sched, pad_to)
         tokens: list[int] = []
         query_start_loc = [0]
         seq_lens, starts, sample_rows, sample_requests = [], [], [], []
@@ -272,31 +334,36 @@ class ModelRunner:
         )
         return staged[0], staged[1], meta, sample_rows, sample_requests
 
-    def _prepare_decodes(self, sched: SchedulerOutput, graph_size: int):
-        """A pure-decode step for a graph replay. One token per sequence, so plain per-sequence
-        arithmetic builds one flat list (a handful of tensor ops cost more at small batch), moved
-        in one copy. Rows past the step's sequences are padding: token 0 at position 0, written
-        to the scratch block, context length 1. `meta.backend_data` carries the padded seq_lens.
+    def _prepare_decodes(self, sched: SchedulerOutput, pad_to: int):
+        """A pure-decode step (a graph replay, or eager). One token per sequence, so plain
+        per-sequence arithmetic builds one flat list (a handful of tensor ops cost more at small
+        batch), moved in one copy. Rows past the step's sequences are padding (graphs only):
+        token 0 at position 0, written to the scratch block, context length 1. A real row's
+        table is padded with NULL_BLOCK_ID, never read. `meta.backend_data` carries the padded
+        seq_lens.
 
             flat  | ids (b) | positions (b) | slots (b) | block tables (b x width) | seq_lens (b) |
         """
-        bs, scratch, b = self.block_size, self.num_blocks, graph_size
+        bs, scratch, b = self.block_size, self.num_blocks, pad_to
         num_seqs = len(sched.scheduled)
         extra = b - num_seqs
         # The rows the backend reads (attention sinks: the sink and window blocks only).
         table_rows = [
-            self.backend.decode_block_ids(s.block_ids, s.request.num_computed_tokens + 1)
-            for s in sched.scheduled
+            self.backend.decode_block_ids(s.block_ids, s.seq_len) for s in sched.scheduled
         ]
         width = max(len(row) for row in table_rows)
         ids, positions, slots, lens, tables = [], [], [], [], []
         for s, row in zip(sched.scheduled, table_rows):
             p = s.request.num_computed_tokens
-            ids.append(s.request.all_token_ids[p])
+            if s.prev_row is None:
+                ids.append(s.request.all_token_ids[p])
+            else:  # chained: its input is the token in flight, in that row of the last step
+                p += 1
+                ids.append(s.prev_row)
             positions.append(p)
             slots.append(s.block_ids[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            tables += row + [scratch] * (width - len(row))
+            tables += row + [NULL_BLOCK_ID] * (width - len(row))
         flat = torch.tensor(
             ids + [0] * extra + positions + [0] * extra + slots + [scratch * bs] * extra
             + tables + [scratch] * (extra * width) + lens + [1] * extra
@@ -351,8 +418,46 @@ class _Stager:
         return out
 
 
+class TokenReader:
+    """A step's sampled token ids to the host: on CUDA one non-blocking copy into pinned memory
+    and one wait on an event recorded after it (rather than a blocking copy to pageable memory).
+    Two buffers, used in turn, so that a step's copy may be started before the previous step's
+    tokens are read."""
+
+    def __init__(self, device: torch.device, num_buffers: int = 2):
+        self.device = device
+        self.buffers: list[torch.Tensor | None] = [None] * num_buffers
+        self.turn = 0
+
+    def start(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Begin the copy of `tokens` (1-D int64, on the device); `finish` reads it."""
+        if self.device.type != "cuda":
+            return tokens, None
+        n = tokens.numel()
+        buf = self.buffers[self.turn]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True)
+            self.buffers[self.turn] = buf
+        self.turn = (self.turn + 1) % len(self.buffers)
+        buf[:n].copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return buf[:n], done
+
+    @staticmethod
+    def finish(pending: tuple[torch.Tensor, torch.cuda.Event | None]) -> list[int]:
+        host, done = pending
+        if done is not None:
+            done.synchronize()
+        return host.tolist()
+
+    def read(self, tokens: torch.Tensor) -> list[int]:
+        return self.finish(self.start(tokens))
+
+
 class DecodeGraphs:
-    """CUDA graphs of the forward pass for pure-decode steps, one per batch-size bucket.
+    """CUDA graphs of pure-decode steps, one per batch-size bucket: the forward pass, the output
+    head and the argmax, so a greedy step needs nothing else on the GPU.
 
     A step of n decodes replays the smallest bucket b >= n. Its inputs are copied into the static
     buffers the graph reads; rows n..b-1 are padding (token 0 at position 0, context length 1,
@@ -373,7 +478,8 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((largest,), scratch * bs, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.full((largest, width), scratch, dtype=torch.int64, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Per bucket: the graph, and its outputs (logits, argmax token ids), b rows each.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         pool = None
         with torch.inference_mode():
             for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
@@ -388,14 +494,21 @@ class DecodeGraphs:
                     ),
                 )
                 args = (self.input_ids[:b], self.positions[:b], runner.kv_caches, meta)
-                runner.model(*args)  # warm-up: compiles the kernels outside the capture
+                self._decode(runner.model, args)  # warm-up: compiles kernels outside the capture
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = runner.model(*args)
+                    logits, tokens = self._decode(runner.model, args)
                 pool = graph.pool()
-                self.graphs[b] = (graph, hidden)
+                self.graphs[b] = (graph, logits, tokens)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    @staticmethod
+    def _decode(model, args) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a graph runs: the forward pass, the head and the argmax (the eager path in
+        `ModelRunner.execute` computes the same, in the same order)."""
+        logits = model.compute_logits(model(*args))
+        return logits, logits.argmax(dim=-1)
 
     def batch_size_for(self, sched: SchedulerOutput) -> int | None:
         """The bucket that replays this step, or None when it must run eagerly (a prefill chunk
@@ -405,9 +518,10 @@ class DecodeGraphs:
             return None
         return next(b for b in self.sizes if b >= n)
 
-    def replay(self, size, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """Inputs padded to `size` rows (ModelRunner._prepare); returns the real rows' hidden
-        states, a view into the graph's output that the next replay overwrites."""
+    def replay(self, size, input_ids, positions, meta: AttentionMetadata):
+        """Inputs padded to `size` rows (ModelRunner._prepare); returns the real rows' logits
+        and argmax token ids, views into the graph's outputs that the next replay of this bucket
+        overwrites."""
         width = meta.block_tables.shape[1]
         self.input_ids[:size].copy_(input_ids, non_blocking=True)
         self.positions[:size].copy_(positions, non_blocking=True)
@@ -416,9 +530,9 @@ class DecodeGraphs:
         # Columns past `width` keep stale ids; the kernel reads only the first
         # ceil(seq_len / block_size) of each row.
         self.block_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
-        graph, hidden = self.graphs[size]
+        graph, logits, tokens = self.graphs[size]
         graph.replay()
-        return hidden[: meta.num_seqs]
+        return logits[: meta.num_seqs], tokens[: meta.num_seqs]
 
 
 def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig, use_triton: bool):

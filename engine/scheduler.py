@@ -31,10 +31,21 @@ class ScheduledRequest:
     block_ids: list[int]
     # Draft tokens verified this step, counted in `num_tokens` (after the request's last token).
     spec_token_ids: list[int] = field(default_factory=list)
+    # Async scheduling (`Scheduler.schedule_ahead`): the step before this one is still running
+    # and its token for this request, not yet on the host, is this step's input: the row of
+    # that step's sampled tokens holding it. The position is one past `num_computed_tokens`.
+    prev_row: int | None = None
+
+    @property
+    def seq_len(self) -> int:
+        """The context length after this step: cached tokens plus this step's."""
+        return self.request.num_computed_tokens + (self.prev_row is not None) + self.num_tokens
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the request's last known token, so logits get sampled."""
+        if self.prev_row is not None:
+            return True
         num_real = self.num_tokens - len(self.spec_token_ids)
         return self.request.num_computed_tokens + num_real == self.request.num_tokens
 
@@ -103,8 +114,11 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            spec = self._trim_drafts(request, budget) if num_tokens == 1 else []
-            request.spec_token_ids = []
+            spec = []
+            if request.spec_token_ids:
+                if num_tokens == 1:
+                    spec = self._trim_drafts(request, budget)
+                request.spec_token_ids = []
             if spec and not self.kv.allocate(request, 1 + len(spec)):
                 spec = []  # verify nothing rather than preempt anyone for drafts
             num_tokens += len(spec)
@@ -137,6 +151,37 @@ class Scheduler:
                 ScheduledRequest(request, num_tokens, self.kv.block_ids(request.request_id))
             )
             budget -= num_tokens
+        return out
+
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Async scheduling: the step after `prev`, a pure-decode step whose tokens are not
+        known yet (still on the device), so that it can be launched before they are read.
+        Every request of `prev` decodes once more, at the position after its token in flight,
+        in the same order (`prev_row` = its row in `prev`).
+
+        Returns None when the next step needs those tokens first: requests to admit, a running
+        request that `prev` did not decode, one that `prev`'s token may end by length (it
+        would not run again), or blocks that only a preemption would free. A request that
+        `prev`'s token ends otherwise (a stop token or string) wastes its slot in this step:
+        it is freed, blocks and all, when `prev` is processed, and `update` drops its token."""
+        if self.waiting or len(prev.scheduled) != len(self.running):
+            return None
+        out = SchedulerOutput()
+        for row, s in enumerate(prev.scheduled):
+            request = s.request
+            if request.status is not RequestStatus.RUNNING or s.num_tokens != 1 or not s.samples:
+                return None
+            # After prev: one more token and one more output; this step would add another.
+            if request.num_output_tokens + 1 >= request.sampling_params.max_tokens:
+                return None
+            if request.num_tokens + 1 >= self.max_len:
+                return None
+            # NOTE: on a None below, blocks already taken for earlier rows stay with their
+            # requests: the blocks those requests' next tokens need anyway.
+            if not self.kv.allocate(request, 2):  # prev's token in flight, and this step's
+                return None
+            block_ids = self.kv.block_ids(request.request_id)
+            out.scheduled.append(ScheduledRequest(request, 1, block_ids, prev_row=row))
         return out
 
     # -- decode role: prompt KV computed elsewhere ------------------------------------------
@@ -213,6 +258,8 @@ class Scheduler:
         finished = []
         for s in out.scheduled:
             request = s.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished while this step ran ahead (async scheduling): token dropped
             tokens = sampled.get(request.request_id, [])
             reason = None
             num_appended = 0

@@ -72,12 +72,18 @@ def test_graphs_and_eager_give_identical_tokens(model_dir, dtype):
         for i in range(len(prompts))
     ]
     results = []
-    for eager in (False, True):
-        llm = gpu_llm(model_dir, eager, dtype=dtype, num_blocks=1024, max_num_seqs=24)
+    # Graphs, graphs with async scheduling (steps launched before the last one's tokens are
+    # read: tests/test_gpu_async.py), eager.
+    for eager, async_scheduling in ((False, False), (False, True), (True, False)):
+        llm = gpu_llm(
+            model_dir, eager, dtype=dtype, num_blocks=1024, max_num_seqs=24,
+            async_scheduling=async_scheduling,
+        )  # fmt: skip
         results.append([o.token_ids for o in llm.generate(prompts, params)])
         assert_pool_whole(llm)
-    graphs, eager = results
+    graphs, graphs_async, eager = results
     assert graphs == eager
+    assert graphs_async == graphs
 
 
 # -- bf16 against transformers, small realistic model ------------------------------------------

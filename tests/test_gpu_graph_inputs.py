@@ -22,7 +22,7 @@ def test_padded_decode_inputs_match_general_packing(model_dir):
     assert [s.num_tokens for s in sched.scheduled] == [1, 1, 1]
     runner = engine.runner
     ids, pos, meta, rows, _ = runner._prepare(sched)
-    g_ids, g_pos, g_meta, g_rows, _ = runner._prepare(sched, graph_size=4)
+    g_ids, g_pos, g_meta, g_rows, _ = runner._prepare(sched, pad_to=4)
 
     scratch = runner.num_blocks
     assert g_rows == rows == [0, 1, 2]

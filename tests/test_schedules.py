@@ -25,13 +25,16 @@ def check_invariants(engine):
         assert kv.block_ids(request.request_id) == []
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_random_schedules_return_every_block(model_dir, reference, seed):
+@pytest.mark.parametrize(
+    "seed, async_scheduling", [(s, False) for s in range(8)] + [(s, True) for s in range(4)]
+)
+def test_random_schedules_return_every_block(model_dir, reference, seed, async_scheduling):
     rng = random.Random(seed)
     budget = rng.choice([8, 32, 64, 128])
     num_blocks = rng.choice([17, 19, 21, 200])
     llm = LLM(
         model_dir,
+        async_scheduling=async_scheduling,
         max_num_batched_tokens=budget,
         max_num_seqs=rng.choice([2, 4, 64]),
         num_blocks=num_blocks,
