@@ -64,8 +64,9 @@ class TierConfig:
                 raise ValueError(f"config: tiers.{self.name}.{e}") from None
 
 
-# What a pool may set for its own workers over its tier's engine_args: sizing only. The rest
-# (block size, context, KV dtype, the model's math) is the tier's, as the router assumes it.
+# What a pool may set for its own workers over its tier's engine_args: sizing and step
+# scheduling only (a decode pool's async scheduling, say). The rest (block size, context, KV
+# dtype, the model's math) is the tier's, as the router assumes it.
 POOL_ENGINE_ARGS = frozenset(
     {
         "num_blocks",
@@ -73,6 +74,7 @@ POOL_ENGINE_ARGS = frozenset(
         "max_num_seqs",
         "max_num_batched_tokens",
         "enforce_eager",
+        "async_scheduling",
     }
 )
 
