@@ -446,6 +446,9 @@ class LLMEngine:
             # Probe, unless the batch alone rules speculation out (even if every draft held).
             k = min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation, overhead))
             self._probing = k > 0
+        if k > 0 and self.step_cost.needs_plain(batch_size):
+            self._probing = False
+            return 0  # first a plain step at this batch size: what speculation is priced against
         if k > 0:
             self._last_choice = (batch_size, k, relative_step_cost(batch_size, k, cost, saturation))
         return k

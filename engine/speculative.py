@@ -186,19 +186,32 @@ class StepCostMeter:
     pays the proposer's host work; no token count shows either. So each speculative step's
     duration is divided by (the plain steps' average duration at the same batch size x the
     modeled relative cost), and the exponential average of that ratio, `factor`, multiplies
-    the modeled cost of the next choices (1.0 until measured)."""
+    the modeled cost of the next choices (1.0 until measured).
+
+    Plain steps are kept per batch-size bucket (powers of two): the engine runs a plain step
+    in a bucket before speculating there (`needs_plain`). Without that reference a run that
+    speculated from its first step never measured its cost: on an H100 a draft model's eager
+    steps ran at 0.3x plain decoding while the factor stayed at 1.0 (2026-11-26)."""
 
     def __init__(self, decay: float = 0.8):
         self.decay = decay
-        self.plain_s: dict[int, float] = {}  # batch size -> average plain decode step, seconds
+        self.plain_s: dict[int, float] = {}  # bucket -> average plain decode step, seconds
         self.factor = 1.0
 
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        return 1 << max(batch_size - 1, 0).bit_length()
+
+    def needs_plain(self, batch_size: int) -> bool:
+        return self.bucket(batch_size) not in self.plain_s
+
     def observe_plain(self, batch_size: int, seconds: float) -> None:
-        old = self.plain_s.get(batch_size, seconds)
-        self.plain_s[batch_size] = self.decay * old + (1 - self.decay) * seconds
+        key = self.bucket(batch_size)
+        old = self.plain_s.get(key, seconds)
+        self.plain_s[key] = self.decay * old + (1 - self.decay) * seconds
 
     def observe_speculative(self, batch_size: int, modeled_cost: float, seconds: float) -> None:
-        plain = self.plain_s.get(batch_size)
+        plain = self.plain_s.get(self.bucket(batch_size))
         if plain is None or modeled_cost <= 0:
             return  # nothing to compare with yet
         ratio = seconds / (plain * modeled_cost)

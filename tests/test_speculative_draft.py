@@ -248,12 +248,25 @@ def test_measured_step_cost_turns_speculation_off():
     assert choose_num_drafts(1, 0.97, 4, 0.0, 256, overhead=meter.factor) > 0  # still pays
 
 
+def test_no_speculation_before_a_plain_step_at_that_batch_size(pair):
+    """Speculation is priced against plain steps: where none ran yet (this batch size's power-of-
+    two bucket), the engine runs one first, then drafts."""
+    engine = LLM(pair[0], speculative=draft_config(pair), num_blocks=64).engine
+    assert engine._step_num_drafts(3) == 0
+    engine.step_cost.observe_plain(3, 0.01)
+    assert engine._step_num_drafts(3) > 0 and engine._step_num_drafts(4) > 0  # bucket 4
+    assert engine._step_num_drafts(5) == 0  # bucket 8: not measured yet
+    buckets = [StepCostMeter.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 64, 65)]
+    assert buckets == [1, 2, 4, 4, 8, 8, 16, 64, 128]
+
+
 def test_failed_probes_back_off(pair):
     """With acceptance at zero, probes come at doubling intervals (16, 32, 64, ... steps apart),
     not every 16 steps: each costs more than a plain step."""
     llm = LLM(pair[0], speculative=draft_config(pair), num_blocks=64)
     engine = llm.engine
     engine.acceptance.accepted = 0.0
+    engine.step_cost.observe_plain(1, 0.01)  # a plain step at batch 1 has run
     probes = [i for i in range(1, 501) if engine._step_num_drafts(1) > 0]
     assert probes == [16, 32, 64, 128, 256]  # gaps 16, 32, 64, 128
 
