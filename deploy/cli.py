@@ -28,6 +28,7 @@ _QUANT_HELP = "weight quantization (engine/quantization): int8, int4 (group 128)
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
 
     from deploy.launcher import deploy, load_config
 
@@ -53,9 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if deployment.http_server is not None:
             key_note = " (API key required)" if config.api_key else ""
             print(f"OpenAI API on http://localhost:{deployment.http_port}/v1{key_note}", flush=True)
+        # SIGTERM (a process manager stopping the service) ends it as Ctrl-C does: in-flight
+        # streams are cancelled, workers stopped, ports closed.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
-            await deployment.grpc_server.wait_for_termination()
+            ended = asyncio.ensure_future(deployment.grpc_server.wait_for_termination())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()  # NOTE: not `ended`: it shares its future with the server's stop
         finally:
+            print("Baton stopping", flush=True)
             await deployment.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
