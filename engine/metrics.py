@@ -62,6 +62,13 @@ class EngineMetrics:
             "KV transfer time (sender: start to all sent)",
             TRANSFER_BUCKETS,
         )
+        # What the step waited for the transfer after its forward pass: the part that delays
+        # the prefill worker's next step and the request's TTFT.
+        self.transfer_exposed = histogram(
+            "baton_kv_transfer_exposed_seconds",
+            "KV transfer time after the forward pass (sender: forward done to all sent)",
+            TRANSFER_BUCKETS,
+        )
         self._seen_queried = self._seen_hits = 0
         # Raw samples for the router's latency models, drained by `take_samples`:
         #   ("prefill", new tokens, attention pairs, seconds)   steps that only prefill
@@ -115,6 +122,7 @@ class EngineMetrics:
             self.transfers.inc()
             self.transfer_bytes.inc(num_bytes)
             self.transfer_time.observe(seconds)
+            self.transfer_exposed.observe(exposed)
         else:
             self.transfer_failures.inc()
 

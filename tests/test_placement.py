@@ -202,5 +202,6 @@ def test_transfer_sample_is_what_the_transfer_adds_after_the_forward_pass():
     [(kind, num_bytes, _, seconds)] = metrics.take_samples()
     assert (kind, num_bytes) == ("transfer", 2000)
     assert 0.01 <= seconds < 0.08
-    # The histogram keeps the whole span, start to all sent.
+    # The histogram keeps the whole span, start to all sent; the exposed one the tail alone.
     assert metrics.transfer_time._sum.get() >= 0.11
+    assert 0.01 <= metrics.transfer_exposed._sum.get() < 0.08
