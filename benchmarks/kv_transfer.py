@@ -29,6 +29,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -113,8 +114,24 @@ def worker(role: str, args, port: int, out) -> None:
         out.put((role, {"error": f"{e!r}\n{traceback.format_exc()}"}))
 
 
+def busy_python(share: float, period_s: float = 4e-3) -> None:
+    """A decode engine's host work, as far as the GIL sees it: pure Python for `share` of each
+    period, then a wait that releases the GIL (a step waiting on the GPU). Runs until exit."""
+
+    def run() -> None:
+        while True:
+            end = time.perf_counter() + share * period_s
+            while time.perf_counter() < end:
+                pass
+            time.sleep((1 - share) * period_s)
+
+    threading.Thread(target=run, name="busy-decode-loop", daemon=True).start()
+
+
 def run_worker(role: str, args, port: int) -> dict:
     rank = 0 if role == "prefill" else 1
+    if role == "decode" and args.receiver_busy > 0:
+        busy_python(args.receiver_busy)
     if args.device == "cuda":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -433,6 +450,13 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-ttft", action="store_true")
+    p.add_argument(
+        "--receiver-busy",
+        type=float,
+        default=0.0,
+        help="share of time a thread of the decode process spends in pure Python (holding the "
+        "GIL), as a decode engine's step loop does in serving; 0: an idle receiver",
+    )
     p.add_argument("--json", default=None, help="also write the raw timings here")
     p.add_argument(
         "--profile",
