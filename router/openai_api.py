@@ -361,6 +361,11 @@ async def start_openai_server(
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=2,  # streams still open at stop are cut after this
+        # NOTE: uvicorn closes an idle keep-alive connection after 5 s by default; a client or
+        # load balancer reusing it just then gets a dropped connection (seen in the test suite
+        # as APIConnectionError). Longer than the usual proxy idle timeouts (60 s), so the
+        # client side is the one that closes.
+        timeout_keep_alive=75,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
