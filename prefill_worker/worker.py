@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from concurrent.futures import Future
 
@@ -35,9 +37,17 @@ class PrefillResult:
     prefill_ms: float
 
 
+# Transfers whose messages may still be leaving while the prefill worker steps on; beyond this
+# a step waits at its end for the oldest (each holds its KV in send buffers).
+MAX_SENDS_IN_FLIGHT = 16
+
+
 class _SendConnector(KVConnector):
-    """Starts a request's transfer in the step that completes its prompt, sends each layer as
-    soon as the forward pass has written it, and waits for the sends before blocks may be freed."""
+    """Starts a request's transfer in the step that completes its prompt and sends each layer as
+    soon as the forward pass has written it. The step does not wait for the sends: every layer
+    was copied into the transfer's send buffers during the forward pass (on CUDA, earlier in
+    stream order than any later kernel), so the blocks may be freed and reused at once, and a
+    thread waits for the sends and reports each transfer's outcome through `on_sent`."""
 
     def __init__(
         self,
@@ -45,15 +55,22 @@ class _SendConnector(KVConnector):
         metrics: EngineMetrics,
         bytes_per_block: int,
         kv_manager: KVCacheManager,
+        on_sent=None,
     ):
         self.agent = agent
         self.kv_manager = kv_manager
         self.metrics = metrics
         self.bytes_per_block = bytes_per_block
         self.targets: dict[str, tuple[int, str]] = {}  # request id -> (transfer id, decode peer)
-        self.results: dict[str, TransferState] = {}
         self._active: list[tuple[str, SendHandle, int, float]] = []
         self.stall_sends: list[float] = []  # fault injection: seconds to sleep, one per transfer
+        # (request id, TransferState) once its sends are done or failed, from the sends thread
+        self.on_sent = on_sent or (lambda request_id, state: None)
+        self.sending: set[str] = set()  # request ids whose outcome `on_sent` has yet to report
+        self._slots = threading.BoundedSemaphore(MAX_SENDS_IN_FLIGHT)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._finish_sends, name="kv-sends", daemon=True)
+        self._thread.start()
 
     def on_step_start(self, sched: SchedulerOutput) -> bool:
         self._active = []
@@ -78,18 +95,39 @@ class _SendConnector(KVConnector):
             self.agent.send_layer(handle, layer_idx)
 
     def on_step_end(self, sched: SchedulerOutput) -> None:
-        # NOTE: the forward pass is over here. What the router's TTFT model needs is what the
-        # transfer adds to it: the wait from now until the last message left (earlier layers
-        # went out while later ones computed). Timed from the transfer's start, a sample would
-        # hold the whole forward pass again, counted twice beside the prefill step's time.
         forward_done = time.perf_counter()
         for rid, handle, num_bytes, start in self._active:
-            state = self.agent.finish_send(handle)
-            self.results[rid] = state
-            ok = state is TransferState.DONE
-            now = time.perf_counter()
-            self.metrics.observe_transfer(num_bytes, now - start, ok, exposed_s=now - forward_done)
+            self._slots.acquire()  # backpressure: only when MAX_SENDS_IN_FLIGHT are pending
+            self.sending.add(rid)
+            self._queue.put((rid, handle, num_bytes, start, forward_done))
         self._active = []
+
+    def _finish_sends(self) -> None:
+        while True:
+            rid, handle, num_bytes, start, forward_done = self._queue.get()
+            try:
+                state = self.agent.finish_send(handle)
+            except Exception as e:  # noqa: BLE001 - a failed wait fails this transfer only
+                log.warning("KV transfer of %s failed: %s", rid, e)
+                state = TransferState.FAILED
+            finally:
+                self._slots.release()
+            # NOTE: what the router's TTFT model needs is what the transfer adds to the prefill
+            # step: the wait after the forward pass until the last message left (earlier layers
+            # went out while later ones computed). Timed from the transfer's start, a sample
+            # would hold the whole forward pass again, counted twice beside the step's time.
+            now = time.perf_counter()
+            ok = state is TransferState.DONE
+            self.metrics.observe_transfer(num_bytes, now - start, ok, exposed_s=now - forward_done)
+            self.on_sent(rid, state)
+            self.sending.discard(rid)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """True once every queued transfer's outcome was reported (tests, shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while self.sending and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return not self.sending
 
 
 class PrefillWorker(EngineHost):
@@ -121,11 +159,17 @@ class PrefillWorker(EngineHost):
             role="prefill",
         )
         self.metrics = EngineMetrics(tier, "prefill", worker_id)
+        # Prefill results whose first token is known and whose transfer is not done yet, and
+        # transfer outcomes that came before their request's output; both under `_lock`.
+        self._lock = threading.Lock()
+        self._awaiting: dict[str, tuple[Future, PrefillResult]] = {}
+        self._sent: dict[str, TransferState] = {}
         self.connector = _SendConnector(
             self.agent,
             self.metrics,
             self.engine.runner.kv_bytes_per_block,
             self.engine.kv_manager,
+            on_sent=self._on_sent,
         )
         self.engine.runner.kv_connector = self.connector
         self._pending: dict[str, tuple[Future, float]] = {}
@@ -165,36 +209,63 @@ class PrefillWorker(EngineHost):
         def fn(engine: LLMEngine) -> None:
             engine.abort_request(request_id)
             self.connector.targets.pop(request_id, None)
-            pending = self._pending.pop(request_id, None)
-            if pending is not None:
-                pending[0].set_exception(RuntimeError(f"request {request_id} aborted"))
+            with self._lock:
+                pending = self._pending.pop(request_id, None)
+                awaiting = self._awaiting.pop(request_id, None)
+                self._sent.pop(request_id, None)
+            for future in (pending and pending[0], awaiting and awaiting[0]):
+                if future is not None:
+                    future.set_exception(RuntimeError(f"request {request_id} aborted"))
 
         self.loop.call(fn)
 
     def _on_outputs(self, outputs) -> None:
         self.metrics.observe_step(self.engine)
         for out in outputs:
-            if not out.finished:
-                continue
-            pending = self._pending.pop(out.request_id, None)
+            if out.finished:
+                self._answer(out)
+
+    def _answer(self, out) -> None:
+        """A prefill's first token is known: answer its `prefill` call now if its transfer is
+        done (or never started), else when `_on_sent` reports it."""
+        rid = out.request_id
+        with self._lock:  # NOTE: every removal from _pending is under it (see _on_sent)
+            pending = self._pending.pop(rid, None)
             if pending is None:
-                continue
+                return
             future, start = pending
-            transfer = self.connector.results.pop(out.request_id, TransferState.FAILED)
-            self.num_prefills += 1
             # The one-token request always ends with "length"; report only a real stop.
             reason = out.finish_reason if out.finish_reason == "stop" else None
-            future.set_result(
-                PrefillResult(
-                    first_token=out.token_ids[0],
-                    first_logprobs=out.logprobs[0] if out.logprobs else None,
-                    finish_reason=reason,
-                    num_prompt_tokens=len(out.prompt_token_ids),
-                    num_cached_tokens=out.num_cached_tokens,
-                    transfer=transfer.value,
-                    prefill_ms=(time.perf_counter() - start) * 1e3,
-                )
+            result = PrefillResult(
+                first_token=out.token_ids[0],
+                first_logprobs=out.logprobs[0] if out.logprobs else None,
+                finish_reason=reason,
+                num_prompt_tokens=len(out.prompt_token_ids),
+                num_cached_tokens=out.num_cached_tokens,
+                transfer=TransferState.FAILED.value,  # no transfer started: FAILED
+                prefill_ms=(time.perf_counter() - start) * 1e3,
             )
+            self.num_prefills += 1
+            state = self._sent.pop(rid, None)
+            if state is None and rid in self.connector.sending:
+                self._awaiting[rid] = (future, result)
+                return
+        if state is not None:
+            result = dataclasses.replace(result, transfer=state.value)
+        future.set_result(result)
+
+    def _on_sent(self, request_id: str, state: TransferState) -> None:
+        """The sends thread: a transfer's outcome, for the request's `prefill` call if its first
+        token is known, else for `_answer`; dropped if the request was aborted meanwhile."""
+        with self._lock:
+            self.connector.sending.discard(request_id)
+            awaiting = self._awaiting.pop(request_id, None)
+            if awaiting is None:
+                if request_id in self._pending:
+                    self._sent[request_id] = state
+                return
+        future, result = awaiting
+        future.set_result(dataclasses.replace(result, transfer=state.value))
 
     def stats(self) -> dict:
         def fn(engine: LLMEngine) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -169,6 +170,37 @@ def test_goodput_learns_from_samples():
     )
 
 
+def test_prefill_step_does_not_wait_for_its_sends():
+    """The layers are in the send buffers when the forward pass ends: the step returns at once,
+    the outcome comes from the sends thread; past MAX_SENDS_IN_FLIGHT the step waits."""
+    from prefill_worker import worker as prefill_worker
+
+    sent = []
+    kv = SimpleNamespace(live_block_ids=lambda request, n: [0])
+    connector = _SendConnector(
+        _SlowSendAgent(tail_s=0.3), EngineMetrics("t", "prefill", "p0"), 1000, kv,
+        on_sent=lambda rid, state: sent.append((rid, state)),
+    )  # fmt: skip
+    request = SimpleNamespace(request_id="r", num_computed_tokens=0, num_tokens=8)
+    sched = SchedulerOutput([ScheduledRequest(request, 8, [0])])
+    connector.targets["r"] = (1, "d0")
+    assert connector.on_step_start(sched)
+    start = time.monotonic()
+    connector.on_step_end(sched)
+    assert time.monotonic() - start < 0.1 and connector.sending == {"r"} and not sent
+    assert connector.wait_idle()
+    assert sent == [("r", TransferState.DONE)] and not connector.sending
+    # Backpressure: with every slot taken, the next step's end waits for one to free.
+    for _ in range(prefill_worker.MAX_SENDS_IN_FLIGHT):
+        connector._slots.acquire()
+    connector.targets["r"] = (2, "d0")
+    assert connector.on_step_start(sched)
+    threading.Timer(0.2, connector._slots.release).start()
+    start = time.monotonic()
+    connector.on_step_end(sched)
+    assert time.monotonic() - start >= 0.15
+
+
 class _SlowSendAgent:
     """Sends take `tail_s` to finish once the forward pass is over."""
 
@@ -198,7 +230,8 @@ def test_transfer_sample_is_what_the_transfer_adds_after_the_forward_pass():
     assert connector.on_step_start(sched)
     connector.on_layer_done(0)
     time.sleep(0.1)  # the forward pass
-    connector.on_step_end(sched)
+    connector.on_step_end(sched)  # returns at once: a thread waits for the sends
+    assert connector.wait_idle()
     [(kind, num_bytes, _, seconds)] = metrics.take_samples()
     assert (kind, num_bytes) == ("transfer", 2000)
     assert 0.01 <= seconds < 0.08
