@@ -56,6 +56,63 @@ def serving_model(folder: Path, gpu: bool, **tiny) -> tuple[str, int]:
     return str(model_dir), tiny["vocab_size"]
 
 
+# The tiny model the router benchmarks serve on CPU (placement, planner_check).
+SMALL_SERVING_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def bench_config(
+    model_dir: str,
+    profile_path: str | None,
+    gpu: bool,
+    engine_args: dict,
+    split: tuple[int, int],
+    prefill_args: dict,
+    max_tokens_limit: int,
+    slo_ms: tuple[float, float],
+    **settings,
+):
+    """The deployment a router benchmark measures: one tier "bench", `split` = (prefill, decode)
+    workers, one GPU each on GPUs; `prefill_args` over the tier's engine args for the prefill
+    pool; gRPC only. `settings`: other BatonConfig keys (placement, timeouts)."""
+    from deploy.config import BatonConfig
+
+    device = {"GPU": 1, "CPU": 2} if gpu else {"CPU": 1}
+    return BatonConfig.from_dict(
+        {
+            "tiers": {
+                "bench": {
+                    "model": model_dir,
+                    "dtype": "bfloat16" if gpu else "float32",
+                    "engine_args": engine_args,
+                    "profile": profile_path,
+                    "max_tokens_limit": max_tokens_limit,
+                    "max_queued_requests": 100000,
+                    "ttft_slo_ms": slo_ms[0],
+                    "tpot_slo_ms": slo_ms[1],
+                }
+            },
+            "pools": [
+                {
+                    "tier": "bench",
+                    "role": "prefill",
+                    "count": split[0],
+                    "resources": device,
+                    "engine_args": prefill_args,
+                },
+                {"tier": "bench", "role": "decode", "count": split[1], "resources": device},
+            ],
+            "http_port": None,  # gRPC only: `baton bench` drives it
+            **settings,
+        }
+    )
+
+
 def copy_bandwidth(num_bytes: int = 4 << 30, reps: int = 20) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (median)."""
     src = torch.randn(num_bytes // 2, dtype=torch.bfloat16, device="cuda")

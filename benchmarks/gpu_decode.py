@@ -28,6 +28,7 @@ from benchmarks.gpu_common import (
     copy_bandwidth,
     describe_run,
     release_gpu_memory,
+    replay_ms,
     write_config_only,
 )
 from engine import LLM, SamplingParams
@@ -66,15 +67,7 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, steps: int, warmup: int) 
 def graph_replay_ms(llm: LLM, reps: int = 50) -> float:
     """GPU time of one batch-1 decode graph replay (the forward pass, the output head and the
     argmax; no host work), on whatever its static inputs last held."""
-    graph = llm.engine.runner.graphs.graphs[1][0]
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    return replay_ms(llm.engine.runner.graphs.graphs[1][0], reps)
 
 
 def main() -> None:

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_common import LLAMA3_8B
 from engine import LLM
 from engine.config import ModelConfig
 from engine.model_runner import kv_bytes_per_token
 from engine.testing import write_test_checkpoint
 
 PROMPT, OUTPUT, FACTORS = 1024, 256, (1, 2, 4)
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-}
 
 
 def main() -> None:

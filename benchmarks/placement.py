@@ -37,9 +37,8 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.gpu_common import describe_run, serving_model
+from benchmarks.gpu_common import SMALL_SERVING_SHAPE, bench_config, describe_run, serving_model
 from benchmarks.serving import Prompt, bench_in_child, run_load
-from deploy.config import BatonConfig
 from deploy.launcher import deploy, make_placement
 from deploy.profile import profile_in_child
 
@@ -135,38 +134,19 @@ def engine_args(args) -> dict:
     return {**base, "extra": {"random_weights": True}} if args.gpu else base
 
 
-def config(model_dir: str, profile_path: str | None, args) -> BatonConfig:
-    device = {"GPU": 1, "CPU": 2} if args.gpu else {"CPU": 1}
+def config(model_dir: str, profile_path: str | None, args):
     # Prefill workers never decode: no decode CUDA graphs to capture (faster start).
-    prefill_args = {"num_blocks": args.prefill_blocks, "enforce_eager": True}
-    return BatonConfig.from_dict(
-        {
-            "tiers": {
-                "bench": {
-                    "model": model_dir,
-                    "dtype": "bfloat16" if args.gpu else "float32",
-                    "engine_args": engine_args(args),
-                    "profile": profile_path,
-                    "max_tokens_limit": span(args.output_len)[1],
-                    "max_queued_requests": 100000,
-                    "ttft_slo_ms": args.ttft_slo_ms,
-                    "tpot_slo_ms": args.tpot_slo_ms,
-                }
-            },
-            "pools": [
-                {
-                    "tier": "bench",
-                    "role": "prefill",
-                    "count": 2,
-                    "resources": device,
-                    "engine_args": prefill_args,
-                },
-                {"tier": "bench", "role": "decode", "count": 2, "resources": device},
-            ],
-            "placement": "goodput",
-            "http_port": None,  # gRPC only: `baton bench` drives it
-            "worker_call_timeout_s": 60.0,
-        }
+    return bench_config(
+        model_dir,
+        profile_path,
+        args.gpu,
+        engine_args(args),
+        (2, 2),
+        prefill_args={"num_blocks": args.prefill_blocks, "enforce_eager": True},
+        max_tokens_limit=span(args.output_len)[1],
+        slo_ms=(args.ttft_slo_ms, args.tpot_slo_ms),
+        placement="goodput",
+        worker_call_timeout_s=60.0,
     )
 
 
@@ -309,11 +289,7 @@ def main() -> None:
         model_dir, args.vocab = serving_model(
             Path(tmp),
             args.gpu,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **SMALL_SERVING_SHAPE,
             max_position_embeddings=max(2048, max_model_len(args)),
         )
         # Enough distinct prompts that no probe repeats one (the last probe is at most max_rate).

@@ -31,9 +31,8 @@ from pathlib import Path
 import ray
 import torch
 
-from benchmarks.gpu_common import describe_run, serving_model
+from benchmarks.gpu_common import SMALL_SERVING_SHAPE, bench_config, describe_run, serving_model
 from benchmarks.serving import bench_in_child, run_load, synthetic
-from deploy.config import BatonConfig
 from deploy.launcher import deploy
 from deploy.planner import Workload, plan, simulate
 from deploy.profile import profile_in_child
@@ -60,37 +59,18 @@ def measure_profile(model_dir: str, args) -> dict:
     )
 
 
-def config(model_dir: str, profile_path: str, split: tuple[int, int], args) -> BatonConfig:
-    device = {"GPU": 1, "CPU": 2} if args.gpu else {"CPU": 1}
+def config(model_dir: str, profile_path: str, split: tuple[int, int], args):
     # Prefill workers never decode: no decode CUDA graphs to capture (faster start).
-    prefill_args = {"enforce_eager": True} if args.gpu else {}
-    return BatonConfig.from_dict(
-        {
-            "tiers": {
-                "bench": {
-                    "model": model_dir,
-                    "dtype": "bfloat16" if args.gpu else "float32",
-                    "engine_args": engine_args(args),
-                    "profile": profile_path,
-                    "max_tokens_limit": 2 * args.output_len,
-                    "max_queued_requests": 100000,
-                    "ttft_slo_ms": args.ttft_slo_ms,
-                    "tpot_slo_ms": args.tpot_slo_ms,
-                }
-            },
-            "pools": [
-                {
-                    "tier": "bench",
-                    "role": "prefill",
-                    "count": split[0],
-                    "resources": device,
-                    "engine_args": prefill_args,
-                },
-                {"tier": "bench", "role": "decode", "count": split[1], "resources": device},
-            ],
-            "http_port": None,
-            "worker_call_timeout_s": 120.0,
-        }
+    return bench_config(
+        model_dir,
+        profile_path,
+        args.gpu,
+        engine_args(args),
+        split,
+        prefill_args={"enforce_eager": True} if args.gpu else {},
+        max_tokens_limit=2 * args.output_len,
+        slo_ms=(args.ttft_slo_ms, args.tpot_slo_ms),
+        worker_call_timeout_s=120.0,
     )
 
 
@@ -129,15 +109,7 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
 
 
 def model_folder(tmp: str, args) -> str:
-    model_dir, args.vocab = serving_model(
-        Path(tmp),
-        args.gpu,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    model_dir, args.vocab = serving_model(Path(tmp), args.gpu, **SMALL_SERVING_SHAPE)
     return model_dir
 
 

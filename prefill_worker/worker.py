@@ -257,8 +257,7 @@ class PrefillWorker(EngineHost):
     def _on_sent(self, request_id: str, state: TransferState) -> None:
         """The sends thread: a transfer's outcome, for the request's `prefill` call if its first
         token is known, else for `_answer`; dropped if the request was aborted meanwhile."""
-        with self._lock:
-            self.connector.sending.discard(request_id)
+        with self._lock:  # (the connector drops it from `sending` after this returns)
             awaiting = self._awaiting.pop(request_id, None)
             if awaiting is None:
                 if request_id in self._pending:
