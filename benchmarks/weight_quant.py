@@ -54,9 +54,13 @@ def greedy_with_logits(llm: LLM, prompts: list[list[int]], gen_len: int):
         return out
 
     runner.execute = capture
+    # NOTE: async steps go through `launch`, not `execute`: the accuracy pass runs synchronous.
+    config = llm.engine.config
+    async_scheduling, config.async_scheduling = config.async_scheduling, False
     params = SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)
     outputs = llm.generate(prompts, params)
     runner.execute = execute
+    config.async_scheduling = async_scheduling
     return [o.token_ids for o in outputs], [first_logits[o.request_id] for o in outputs]
 
 
@@ -79,6 +83,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16, help="accuracy prompts")
     p.add_argument("--gen-len", type=int, default=32, help="greedy tokens per accuracy prompt")
     p.add_argument("--num-blocks", type=int, default=2048)
+    p.add_argument(
+        "--async-scheduling", action="store_true",
+        help="every variant launches greedy decode steps before reading the last one's tokens",
+    )  # fmt: skip
     p.add_argument("--json", default=None)
     args = p.parse_args()
     variants = args.variants.split(",")
@@ -86,7 +94,12 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     g = torch.Generator().manual_seed(0)
-    results = {"run": describe_run(), "copy_bandwidth_GBps": bandwidth / 1e9, "variants": {}}
+    results = {
+        "run": describe_run(),
+        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "async_scheduling": args.async_scheduling,
+        "variants": {},
+    }
     ref = None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config_only(Path(tmp) / "llama3-8b-shape")
@@ -100,7 +113,7 @@ def main() -> None:
             llm = LLM(
                 model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=max(batches),
                 num_blocks=args.num_blocks, quantization=VARIANTS[name],
-                extra={"random_weights": True},
+                async_scheduling=args.async_scheduling, extra={"random_weights": True},
             )  # fmt: skip
             setup_s = time.perf_counter() - start
             model = llm.engine.runner.model
@@ -140,7 +153,10 @@ def main() -> None:
 
 def report(results: dict, batches: list[int]) -> None:
     print(results["run"])
-    print(f"HBM copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s")
+    print(
+        f"HBM copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s; async scheduling "
+        f"{'on' if results.get('async_scheduling') else 'off'} in every variant"
+    )
     base = results["variants"].get("bf16")
     for name, r in results["variants"].items():
         line = (
