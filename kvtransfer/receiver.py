@@ -26,11 +26,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Receives posted ahead of the one being waited on: enough that the link never waits for this
-# thread's Python between two messages. NOTE: not more: posting one costs ~60 us of host time,
-# and posting a whole transfer's receives before waiting on the first one delayed the first
-# scatter by ~1 ms on a 16-message transfer (2x H100, profiled 2026-11-26).
-RECV_AHEAD_MESSAGES = 3
+# Receives posted ahead of the one being waited on, in bytes (at least one message). A posted
+# receive costs ~60-150 us of host time, so the thread never waits for the next post between two
+# messages if the window holds a few of them: with 64 MiB messages on an H100 (~200 us each on
+# the wire) a window of 3 messages left the last receive posted ~270 us late (traced 2026-11-26).
+RECV_AHEAD_BYTES = 512 << 20
+# Consecutive messages land in one buffer of up to this size (a message larger than it gets its
+# own), so that messages that arrived while the thread was busy are scattered by one kernel.
+SEGMENT_BYTES = 256 << 20
 
 
 class Receiver(threading.Thread):
@@ -102,22 +105,71 @@ class Receiver(threading.Thread):
 
     def _messages(self, header: Header):
         """Yield None once the first receives are posted, then (first layer, layer count,
-        buffer) per message as it arrives; receives are posted ahead of the one waited on."""
+        buffer) per run of arrived messages: each wait is for the oldest posted receive, and the
+        messages after it that have already arrived into the same segment join it, so a thread
+        that fell behind the link catches up with one scatter instead of one per message.
+        Receives stay posted RECV_AHEAD_BYTES ahead, and the next ones are posted before the
+        scatter is launched.
+
+            segment 0 (one buffer)        | segment 1
+            | msg 0 | msg 1 | msg 2 | ... | msg k | ...      yielded: msg 0, then msgs 1..2, ...
+        """
         layout, pair, timeout_s = self.agent.layout, self.pair, self.agent.timeout_s
         plan = message_plan(layout.num_layers, header.layers_per_message)
-        posted: deque[tuple[torch.Tensor, object]] = deque()
-        next_post = 0
-        for first, count in plan:
-            while next_post < len(plan) and len(posted) < RECV_AHEAD_MESSAGES:
-                shape = layout.message_shape(plan[next_post][1], header.num_blocks)
-                buf = torch.empty(shape, dtype=layout.dtype, device=layout.device)
-                posted.append((buf, pair.group.recv([buf], 0, 0)))
+        layer_bytes = layout.layer_bytes(header.num_blocks)
+        segments = _segments(plan, layer_bytes)
+        buffers: dict[int, torch.Tensor] = {}  # segment -> its buffer, while messages use it
+        posted: deque[tuple[int, int, int, object]] = deque()  # first, count, segment, work
+        next_post, posted_bytes = 0, 0
+
+        def post_ahead() -> None:
+            nonlocal next_post, posted_bytes
+            while next_post < len(plan) and (not posted or posted_bytes < RECV_AHEAD_BYTES):
+                first, count = plan[next_post]
+                seg_index, seg_first, seg_layers = segments[next_post]
+                if seg_index not in buffers:
+                    shape = layout.message_shape(seg_layers, header.num_blocks)
+                    buffers[seg_index] = torch.empty(
+                        shape, dtype=layout.dtype, device=layout.device
+                    )
+                buf = buffers[seg_index][first - seg_first : first - seg_first + count]
+                posted.append((first, count, seg_index, pair.group.recv([buf], 0, 0)))
+                posted_bytes += count * layer_bytes
                 next_post += 1
-            if first == 0:
-                yield None
-            buf, work = posted.popleft()
+
+        post_ahead()
+        yield None
+        while posted:
+            first, count, seg_index, work = posted.popleft()
             if pair.broken:
                 raise RuntimeError("the pair was broken")
             with record_function("kv.recv.wait"):
                 wait_work(work, pair.backend, timeout_s)
+            while posted and posted[0][2] == seg_index and posted[0][3].is_completed():
+                _, more, _, work = posted.popleft()
+                wait_work(work, pair.backend, timeout_s)  # done: orders this stream after it
+                count += more
+            posted_bytes -= count * layer_bytes
+            post_ahead()
+            _, seg_first, seg_layers = next(s for s in segments if s[0] == seg_index)
+            buf = buffers[seg_index][first - seg_first : first - seg_first + count]
+            if first + count == seg_first + seg_layers:
+                del buffers[seg_index]  # the segment's last layers: the scatter is its last use
             yield first, count, buf
+
+
+def _segments(plan: list[tuple[int, int]], layer_bytes: int) -> list[tuple[int, int, int]]:
+    """(segment index, its first layer, its layer count) for each message of `plan`: runs of
+    consecutive messages of up to SEGMENT_BYTES together."""
+    runs: list[list[int]] = []  # [first layer, layer count] per segment
+    for first, count in plan:
+        if runs and (runs[-1][1] + count) * layer_bytes <= SEGMENT_BYTES:
+            runs[-1][1] += count
+        else:
+            runs.append([first, count])
+    out, seg = [], 0
+    for first, _count in plan:
+        while first >= runs[seg][0] + runs[seg][1]:
+            seg += 1
+        out.append((seg, runs[seg][0], runs[seg][1]))
+    return out

@@ -14,9 +14,11 @@ from datetime import timedelta
 import pytest
 import torch
 
+import kvtransfer.receiver
 from kvtransfer import KVTransferAgent, TransferState, start_store
 from kvtransfer.pair import wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
+from kvtransfer.receiver import _segments
 from kvtransfer.store import connect_store
 
 NUM_LAYERS = 5
@@ -422,7 +424,14 @@ def pair(port):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("min_message_bytes", [0, 1000, 2500, 1 << 30])
-def test_coalescing_settings_give_identical_blocks(port, min_message_bytes):
+@pytest.mark.parametrize(
+    "segment_bytes, ahead_bytes", [(256 << 20, 512 << 20), (1, 1), (2500, 5000)]
+)  # receiver: one segment, all posted; a buffer and a receive at a time; a few of each
+def test_coalescing_settings_give_identical_blocks(
+    port, min_message_bytes, segment_bytes, ahead_bytes, monkeypatch
+):
+    monkeypatch.setattr(kvtransfer.receiver, "SEGMENT_BYTES", segment_bytes)
+    monkeypatch.setattr(kvtransfer.receiver, "RECV_AHEAD_BYTES", ahead_bytes)
     src = make_caches(PREFILL_SEED, PREFILL_BLOCKS, num_layers=7)
     dst = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, num_layers=7)
     want = [t.clone() for t in dst]
@@ -656,10 +665,19 @@ def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatc
     assert 0 < max(sleeps) <= 200e-6  # past the spin phase: short sleeps, capped
 
 
+def test_receive_segments_group_consecutive_messages_up_to_the_segment_size(monkeypatch):
+    monkeypatch.setattr(kvtransfer.receiver, "SEGMENT_BYTES", 4 << 20)
+    plan = message_plan(8, 2)  # [(0, 1), (1, 2), (3, 2), (5, 2), (7, 1)]
+    # 1 MiB a layer: layers 0-2 (3 MiB), 3-6 (4 MiB), then 7 alone
+    assert _segments(plan, 1 << 20) == [(0, 0, 3), (0, 0, 3), (1, 3, 4), (1, 3, 4), (2, 7, 1)]
+    # a message larger than a segment is a segment of its own
+    assert _segments(plan, 3 << 20) == [(0, 0, 1), (1, 1, 2), (2, 3, 2), (3, 5, 2), (4, 7, 1)]
+
+
 def test_message_plan_covers_every_layer_once():
-    assert message_plan(5, 2) == [(0, 2), (2, 2), (4, 1)]
-    assert message_plan(6, 2) == [(0, 2), (2, 2), (4, 1), (5, 1)]
-    assert message_plan(32, 32) == [(0, 31), (31, 1)]
+    assert message_plan(5, 2) == [(0, 1), (1, 2), (3, 1), (4, 1)]
+    assert message_plan(6, 2) == [(0, 1), (1, 2), (3, 2), (5, 1)]
+    assert message_plan(32, 32) == [(0, 1), (1, 30), (31, 1)]
     assert message_plan(3, 1) == [(0, 1), (1, 1), (2, 1)]
     assert message_plan(1, 4) == [(0, 1)]
     for layers in range(1, 12):
