@@ -121,19 +121,15 @@ def layers_per_message(layer_bytes: int, min_message_bytes: int, num_layers: int
 
 
 def message_plan(num_layers: int, per_message: int) -> list[tuple[int, int]]:
-    """(first layer, layer count) of each message, in sending order: the first layer alone,
-    `per_message` layers a message, and the last layer alone.
+    """(first layer, layer count) of each message, in sending order: `per_message` layers a
+    message, and the last layer alone. The last message can only leave once the forward pass
+    has computed the last layer; what it carries is the transfer's tail on the critical path
+    (its time on the wire plus its scatter), so it carries one layer, not `per_message`.
 
-        layers  | 0 | 1 .. k | k+1 .. 2k | ... | L-1 |
-
-    The first message leaves as soon as layer 0 is computed and gathered (a gather of 8 MiB
-    instead of `per_message` layers' worth: the wire starts ~40 us sooner on an H100). The last
-    can only leave once the forward pass has computed the last layer; what it carries is the
-    transfer's tail on the critical path (its time on the wire plus its scatter), so it carries
-    one layer too. The receiver coalesces scatters of messages that arrived together, so the
-    extra messages cost it no extra kernels."""
-    if per_message <= 1 or num_layers <= 2:
-        return [(layer, 1) for layer in range(num_layers)]
-    body_end = num_layers - 1
-    body = [(f, min(per_message, body_end - f)) for f in range(1, body_end, per_message)]
-    return [(0, 1)] + body + [(body_end, 1)]
+    NOTE: sending the first layer alone too (to start the wire ~40 us sooner) made the NCCL
+    stall-and-reconnect test fail on 2x H100 (2026-11-26): a sender that stalls after layer 0
+    then leaves a message on the wire before the stall, and the pair's reconnect after the
+    receiver's timeout did not complete. Not understood yet; see that test before retrying."""
+    body = num_layers - 1 if per_message > 1 and num_layers > 1 else num_layers
+    plan = [(first, min(per_message, body - first)) for first in range(0, body, per_message)]
+    return plan + [(body, 1)] if body < num_layers else plan

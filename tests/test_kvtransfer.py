@@ -667,7 +667,7 @@ def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatc
 
 def test_receive_segments_group_consecutive_messages_up_to_the_segment_size(monkeypatch):
     monkeypatch.setattr(kvtransfer.receiver, "SEGMENT_BYTES", 4 << 20)
-    plan = message_plan(8, 2)  # [(0, 1), (1, 2), (3, 2), (5, 2), (7, 1)]
+    plan = [(0, 1), (1, 2), (3, 2), (5, 2), (7, 1)]
     # 1 MiB a layer: layers 0-2 (3 MiB), 3-6 (4 MiB), then 7 alone
     assert _segments(plan, 1 << 20) == [(0, 0, 3), (0, 0, 3), (1, 3, 4), (1, 3, 4), (2, 7, 1)]
     # a message larger than a segment is a segment of its own
@@ -675,9 +675,9 @@ def test_receive_segments_group_consecutive_messages_up_to_the_segment_size(monk
 
 
 def test_message_plan_covers_every_layer_once():
-    assert message_plan(5, 2) == [(0, 1), (1, 2), (3, 1), (4, 1)]
-    assert message_plan(6, 2) == [(0, 1), (1, 2), (3, 2), (5, 1)]
-    assert message_plan(32, 32) == [(0, 1), (1, 30), (31, 1)]
+    assert message_plan(5, 2) == [(0, 2), (2, 2), (4, 1)]
+    assert message_plan(6, 2) == [(0, 2), (2, 2), (4, 1), (5, 1)]
+    assert message_plan(32, 32) == [(0, 31), (31, 1)]
     assert message_plan(3, 1) == [(0, 1), (1, 1), (2, 1)]
     assert message_plan(1, 4) == [(0, 1)]
     for layers in range(1, 12):
