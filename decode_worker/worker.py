@@ -95,6 +95,11 @@ class DecodeWorker(EngineHost):
             self.agent.disconnect(peer_id)
         self.agent.connect(peer_id)
 
+    def disconnect(self, peer_id: str) -> None:
+        """Drop the pair with `peer_id` (a prefill worker removed from the deployment): its
+        threads end and its group is aborted. The router calls it after stopping the peer."""
+        self.agent.disconnect(peer_id)
+
     def reserve(
         self,
         request_id: str,

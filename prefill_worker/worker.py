@@ -183,6 +183,11 @@ class PrefillWorker(EngineHost):
             self.agent.disconnect(peer_id)
         self.agent.connect(peer_id)
 
+    def disconnect(self, peer_id: str) -> None:
+        """Drop the pair with `peer_id` (a decode worker removed from the deployment): its
+        threads end and its group is aborted. The router calls it after stopping the peer."""
+        self.agent.disconnect(peer_id)
+
     def prefill(
         self,
         request_id: str,

@@ -9,8 +9,10 @@ instance when it met the TPOT SLO, and for the tier when it met both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,35 @@ class RouterMetrics:
             good_total[0] += met
             good_total[1] += 1
             self.attainment.labels(tier, role).set(good_total[0] / good_total[1])
+
+    def forget_instance(self, tier: str, instance: str) -> None:
+        """A worker left the deployment: its per-instance series end (ids are never reused)."""
+        for metric in (self.slo_requests, self.slo_met):
+            for role in ("prefill", "decode"):
+                metric.remove(tier, role, instance)
+
+
+class PoolCollector:
+    """`baton_pool_workers{tier, role, state}`: the router's view of its pools at scrape time
+    (state: serving, draining, restarting, down), which scaling and failures change."""
+
+    STATES = ("serving", "draining", "restarting", "down")
+
+    def __init__(self, workers: Callable[[], list]):
+        self.workers = workers
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "baton_pool_workers", "Workers per pool and state", labels=["tier", "role", "state"]
+        )
+        counts = {}
+        for w in self.workers():
+            for state in self.STATES:
+                counts.setdefault((w.tier, w.role, state), 0)
+            counts[(w.tier, w.role, w.state)] += 1
+        for labels, count in sorted(counts.items()):
+            family.add_metric(labels, count)
+        yield family
 
 
 class WorkerMetricsCollector:

@@ -52,7 +52,7 @@ class PlacementInfo:
 
 
 def _live(workers: list[Worker], tier: str, role: str, avoid: set[str]) -> list[Worker]:
-    live = [w for w in workers if w.tier == tier and w.role == role and w.alive]
+    live = [w for w in workers if w.tier == tier and w.role == role and w.alive and not w.draining]
     if not live:
         raise NoWorkerAvailable(f"no live {role} worker for tier {tier!r}")
     return [w for w in live if w.worker_id not in avoid] or live
@@ -96,6 +96,9 @@ class Placement:
 
     def on_restarted(self, worker: Worker) -> None:
         """The worker runs in a new process: what was learnt of its caches no longer holds."""
+
+    def forget(self, worker: Worker) -> None:
+        """The worker left the deployment (scaled down or switched role): drop its state."""
 
 
 class RoundRobin(Placement):
@@ -295,6 +298,10 @@ class GoodputPlacement(Placement):
             self._p(worker).cached.clear()
         else:
             self._d(worker).free_blocks = None
+
+    def forget(self, worker):
+        self._prefill.pop(worker.worker_id, None)
+        self._decode.pop(worker.worker_id, None)
 
     def observe_stats(self, worker, stats):
         if worker.role == "decode" and "num_free_blocks" in stats:

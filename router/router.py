@@ -27,7 +27,7 @@ from engine.chat_template import ChatTemplate
 from engine.sampling_params import SamplingParams
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from router.metrics import RouterMetrics, WorkerMetricsCollector
+from router.metrics import PoolCollector, RouterMetrics, WorkerMetricsCollector
 from router.placement import (
     GoodputPlacement,
     NoWorkerAvailable,
@@ -128,6 +128,9 @@ class _Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     attempts: int = 0
+    # Attempts moved off a worker being removed (router/scaling.py): not failures, so they do
+    # not count against max_attempts.
+    migrations: int = 0
     queue_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float | None = None
@@ -172,6 +175,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.worker_metrics = WorkerMetricsCollector()
         self.metrics.registry.register(self.worker_metrics)
+        self.metrics.registry.register(PoolCollector(lambda: self.workers))
         self.metrics_refresh_s = 1.0
 
     async def start(self) -> None:
@@ -202,6 +206,8 @@ class Router:
             except Exception as e:
                 log.debug("metrics of %s: %s", worker.worker_id, e)
                 return
+        if worker.draining and not worker.alive:
+            return  # removed meanwhile: its metrics stay dropped
         self.worker_metrics.update(worker.worker_id, text)
 
     async def stop(self) -> None:
@@ -232,11 +238,16 @@ class Router:
             return
         worker.alive = False
         log.warning("worker %s is down: %s", worker.worker_id, reason)
+        self.fail_streams(worker, f"{worker.role} worker {worker.worker_id} died")
+        self.supervisor.on_death(worker)
+
+    def fail_streams(self, worker: Worker, reason: str) -> None:
+        """End the attempts streaming from `worker`: each goes back to placement (re-prefill
+        with the tokens it streamed). Attempts still in a call to it fail with that call."""
         for wid in list(worker.requests):
             queue = self._streams.get(wid)
             if queue is not None:
-                queue.put_nowait(_Failure(f"{worker.role} worker {worker.worker_id} died"))
-        self.supervisor.on_death(worker)
+                queue.put_nowait(_Failure(reason))
 
     def worker_back(self, worker: Worker, client: WorkerClient) -> None:
         """A new process of the worker answers its ping: it rejoins placement. Its pairs are
@@ -249,6 +260,32 @@ class Router:
         log.warning("worker %s is back (restart %d)", worker.worker_id, worker.restarts)
         if worker.role in STREAMING_ROLES:
             self._tasks.append(asyncio.create_task(self._poll_decode(worker)))
+
+    # -- pools changing at runtime (router/scaling.py drives these) ----------------------------
+
+    def add_worker(self, worker: Worker) -> None:
+        """A new worker whose process answers its ping joins placement; its pairs are built on
+        first use, as every pair is."""
+        self.workers.append(worker)
+        if worker.role in STREAMING_ROLES:
+            self._tasks.append(asyncio.create_task(self._poll_decode(worker)))
+        log.warning("worker %s (%s, %s) added", worker.worker_id, worker.tier, worker.role)
+
+    def remove_worker(self, worker: Worker) -> list[str]:
+        """Forget a drained worker (placement, pairs, re-exported metrics); its poller ends.
+        Returns the peers it had pairs with, for them to drop theirs."""
+        worker.draining, worker.alive = True, False
+        self.workers[:] = [w for w in self.workers if w is not worker]
+        self.placement.forget(worker)
+        self.worker_metrics.update(worker.worker_id, None)
+        self.metrics.forget_instance(worker.tier, worker.worker_id)
+        peers = []
+        for pair in [p for p in self._connected if worker.worker_id in p]:
+            del self._connected[pair]
+            self._suspect.discard(pair)
+            peers += [wid for wid in pair if wid != worker.worker_id]
+        log.warning("worker %s removed", worker.worker_id)
+        return peers
 
     # -- validation -------------------------------------------------------------------------
 
@@ -453,7 +490,7 @@ class Router:
     async def _generate(self, req: _Request) -> AsyncIterator[Chunk]:
         failed_workers: set[str] = set()
         last_error = ""
-        while req.attempts < self.max_attempts:
+        while req.attempts - req.migrations < self.max_attempts:
             req.attempts += 1
             self._enqueue(req)  # a retry waits for a reservation and a prefill again
             info = PlacementInfo(
@@ -485,6 +522,8 @@ class Router:
                 failed_workers.update(w.worker_id for w in workers if not w.alive)
                 if isinstance(e, _AttemptFailed) and e.worker is not None:
                     failed_workers.add(e.worker)
+                if any(w.draining for w in workers):
+                    req.migrations += 1  # moved off a worker being removed: not a failure
         raise RequestError(
             "UNAVAILABLE", f"request failed after {req.attempts} attempts: {last_error}"
         )

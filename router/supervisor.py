@@ -96,8 +96,11 @@ class Supervisor:
         return any(w.restarting for w in self.router.workers if w.tier == tier and w.role == role)
 
     def on_death(self, worker: Worker) -> None:
-        """Called by the router once per death: bring the worker back if allowed."""
+        """Called by the router once per death: bring the worker back if allowed (not one
+        being removed: router/scaling.py stops it anyway)."""
         if not self.options.restart or self.respawn is None or worker.restarting:
+            return
+        if worker.draining:  # on its way out: nothing to bring back
             return
         if worker.restarts >= self.options.max_restarts:
             log.error("worker %s stays down: restarted %d times", worker.worker_id, worker.restarts)

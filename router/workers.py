@@ -95,7 +95,18 @@ class Worker:
     incarnation: int = 0
     restarts: int = 0
     restarting: bool = False
+    # Being removed (router/scaling.py): placement skips it while its requests finish.
+    draining: bool = False
 
     @property
     def load(self) -> int:
         return len(self.requests)
+
+    @property
+    def state(self) -> str:
+        """serving | draining (being removed) | restarting | down (restarts spent or off)."""
+        if self.draining:
+            return "draining"
+        if self.alive:
+            return "serving"
+        return "restarting" if self.restarting else "down"
