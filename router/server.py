@@ -12,9 +12,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.sampling_params import SamplingParams
-from proto import serving_pb2, serving_pb2_grpc
-from router.auth import ApiKeyInterceptor
+from proto import admin_pb2_grpc, serving_pb2, serving_pb2_grpc
+from router.auth import ADMIN_SERVICE, BATON_SERVICE, ApiKeyInterceptor, service_keys
 from router.router import MAX_REQUEST_ID_CHARS, RequestError, Router
+from router.scaling import PoolScaler
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ class BatonServicer(serving_pb2_grpc.BatonServicer):
     async def ListModels(self, request, context):
         models = []
         for tier in self.router.tiers.values():
-            workers = [w for w in self.router.workers if w.tier == tier.name and w.alive]
+            workers = [
+                w for w in self.router.workers if w.tier == tier.name and w.alive and not w.draining
+            ]
             models.append(
                 serving_pb2.ModelInfo(
                     name=tier.name,
@@ -195,22 +198,30 @@ async def start_grpc_server(
     port: int,
     api_key: str | None = None,
     max_request_bytes: int = 4 << 20,
+    scaler: PoolScaler | None = None,
+    admin_api_key: str | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Serve Baton, health and reflection on one port; returns the server and the bound port.
-    With `api_key`, Baton's methods need `authorization: Bearer <key>` metadata. A request
-    message over `max_request_bytes` gets RESOURCE_EXHAUSTED from gRPC itself."""
+    """Serve Baton, health and reflection on one port, and with a `scaler` the admin service
+    (router/admin.py); returns the server and the bound port. With `api_key`, Baton's methods
+    need `authorization: Bearer <key>` metadata, and so do the admin's, with `admin_api_key`
+    if given. A request message over `max_request_bytes` gets RESOURCE_EXHAUSTED from gRPC."""
+    keys = service_keys(api_key, admin_api_key)
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+        interceptors=[ApiKeyInterceptor(keys)] if keys else None,
         options=[("grpc.max_receive_message_length", max_request_bytes)],
     )
     _add_baton_servicer(BatonServicer(router), server)
+    service_names = [BATON_SERVICE]
+    if scaler is not None:
+        from router.admin import AdminServicer
+
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(scaler), server)
+        service_names.append(ADMIN_SERVICE)
+        if ADMIN_SERVICE not in keys and host not in ("localhost", "127.0.0.1", "::1"):
+            log.warning("the admin service (scaling) is open: no api_key or admin_api_key set")
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (
-        serving_pb2.DESCRIPTOR.services_by_name["Baton"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
+    service_names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(service_names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
