@@ -10,6 +10,9 @@ import os
 import sys
 import time
 
+from deploy.admin_cli import add_apply_args
+from deploy.admin_cli import add_commands as add_admin_commands
+
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
@@ -39,7 +42,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         QuantConfig.parse(args.quantization)  # a bad name fails here, not in every worker
         for tier in config.tiers.values():
             tier.engine_args["quantization"] = args.quantization
-    overrides = {"http_port": args.http_port, "api_key": args.api_key}
+    overrides = {
+        "http_port": args.http_port,
+        "api_key": args.api_key,
+        "admin_api_key": args.admin_api_key,
+    }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     async def serve() -> None:
@@ -130,6 +137,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from deploy.planner import main as plan_main
 
+    if args.apply:
+        from deploy.admin_cli import plan_and_apply
+
+        return plan_and_apply(args, plan_main)
     return plan_main(args)
 
 
@@ -215,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--metrics-port", type=int, default=None, help="default 9400")
     serve.add_argument("--http-port", type=int, default=None, help="OpenAI API; default 8000")
     serve.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"), help=_API_KEY_HELP)
+    serve.add_argument(
+        "--admin-api-key",
+        default=os.environ.get("BATON_ADMIN_API_KEY"),
+        help="key of the admin service (baton scale, ...); default: $BATON_ADMIN_API_KEY, "
+        "else the API key",
+    )
     serve.add_argument("--quantization", default=None, help="every tier's " + _QUANT_HELP)
     serve.set_defaults(func=cmd_serve)
 
@@ -290,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--rate", type=float, default=None, help="target rate: cheapest split")
     pl.add_argument("--kv-bytes-per-token", type=int, default=0)
     pl.add_argument("--output", default=None)
+    add_apply_args(pl)
     pl.set_defaults(func=cmd_plan)
+
+    add_admin_commands(sub)  # workers, scale, switch-role
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)

@@ -25,6 +25,7 @@ _POSITIVE_SECONDS = (
     "prefill_timeout_s",
     "worker_start_timeout_s",
     "reservation_ttl_s",
+    "drain_timeout_s",
 )
 
 
@@ -113,6 +114,8 @@ class BatonConfig:
     http_host: str = "0.0.0.0"
     http_port: int | None = 8000  # the OpenAI-compatible API; None: off
     api_key: str | None = None  # None: no key needed; else HTTP Bearer / gRPC metadata
+    # The admin gRPC service's key (scaling, docs/SCALING.md); None: `api_key` guards it too.
+    admin_api_key: str | None = None
     transfer_backend: str = "auto"  # gloo | nccl | auto
     transfer_timeout_s: float = 30.0
     max_attempts: int = 3  # placements per request before it fails
@@ -130,6 +133,9 @@ class BatonConfig:
     prefill_timeout_s: float = 300.0  # a prefill call's deadline, queueing included
     worker_start_timeout_s: float = 300.0  # a restarted worker must load its model by then
     reservation_ttl_s: float = 60.0  # a decode reservation not started by then is released
+    # A worker being removed (scaled down, switching role) lets its requests finish this long;
+    # the rest are re-placed elsewhere (docs/SCALING.md).
+    drain_timeout_s: float = 60.0
     max_request_bytes: int = 4 << 20  # gRPC message and HTTP body limit
 
     def __post_init__(self) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from deploy.config import COLOCATED, BatonConfig, TierConfig
+from deploy.config import COLOCATED, BatonConfig, PoolConfig, TierConfig
 from engine.chat_template import ChatTemplate
 from engine.config import ModelConfig, parse_dtype
 from engine.tokenizer import Tokenizer
 from router.latency_model import load_profile
 from router.placement import POLICIES, GoodputPlacement, Placement
 from router.router import Router, RouterOptions, TierInfo
+from router.scaling import PoolScaler
 from router.server import start_grpc_server
 from router.supervisor import SupervisorOptions
 from router.tiers import TierCost, TierSelector
@@ -86,10 +87,13 @@ class Deployment:
     http_server: object = None  # router.openai_api.HttpServer; None when http_port is None
     http_port: int = 0
     specs: dict[str, WorkerSpec] = field(default_factory=dict)  # how to re-create each worker
+    scaler: PoolScaler | None = None  # runtime pool changes (the admin gRPC service)
 
     async def stop(self) -> None:
         import ray
 
+        if self.scaler is not None:
+            await self.scaler.stop()
         if self.http_server is not None:
             await self.http_server.stop()
         if self.grpc_server is not None:
@@ -109,9 +113,10 @@ def _ray_init(config: BatonConfig) -> None:
     if config.ray_address:
         ray.init(address=config.ray_address)
         return
-    # A local Ray with enough CPU slots for every worker, even on a 2-core machine.
+    # A local Ray with enough CPU slots for every worker, even on a 2-core machine, and as many
+    # again for workers added at runtime (docs/SCALING.md).
     needed = sum(p.count * p.resources.get("CPU", 0) for p in config.pools)
-    ray.init(num_cpus=max(int(needed) + 1, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(num_cpus=max(2 * int(needed) + 1, os.cpu_count() or 1), include_dashboard=False)
 
 
 @dataclass
@@ -136,58 +141,80 @@ class WorkerSpec:
         return cls.options(**{**self.options, "name": name}).remote(*self.args, **self.kwargs)
 
 
-def worker_specs(config: BatonConfig, store_host: str, store_port: int):
+def worker_specs(
+    config: BatonConfig, store_host: str, store_port: int, deployment_id: str | None = None
+):
     """Every pool's worker specs and each tier's TierInfo."""
-    from decode_worker import DecodeWorker
-    from prefill_worker import PrefillWorker
-
-    deployment_id = uuid.uuid4().hex[:8]  # actor names stay unique across deployments
+    # Actor names stay unique across deployments.
+    deployment_id = deployment_id or uuid.uuid4().hex[:8]
     specs, tiers = [], {}
     for name, tier in config.tiers.items():
         path = resolve_model(tier)
         colocated = {p.role for p in config.pools if p.tier == name} == COLOCATED
         tiers[name] = tier_info(tier, path, colocated)
-        engine_args = {"model": path, "dtype": tier.dtype, **tier.engine_args}
         for pool in (p for p in config.pools if p.tier == name):
-            resources = dict(pool.resources)
-            num_cpus = resources.pop("CPU", 1)
-            num_gpus = resources.pop("GPU", 0)
-            on_cpu = num_gpus == 0
-            kwargs = {}
-            if pool.role != "prefill":
-                kwargs = {"reservation_ttl_s": config.reservation_ttl_s}
-            if pool.role == "colocated":
-                kwargs["colocated"] = True
             for i in range(pool.count):
                 worker_id = f"{name}-{pool.role}-{i}"
-                options = dict(
-                    name=f"baton-{deployment_id}:{worker_id}",
-                    num_cpus=num_cpus,
-                    num_gpus=num_gpus,
-                    resources=resources,
-                    max_concurrency=64,
-                    max_restarts=0,  # the router restarts workers itself (router/supervisor.py)
-                )
-                args = (
-                    worker_id,
-                    {**engine_args, **pool.engine_args, "device": "cpu" if on_cpu else "cuda"},
-                    store_host,
-                    store_port,
-                    config.transfer_timeout_s,
-                    1 if on_cpu else None,
-                    config.transfer_backend,
-                    name,
-                )
-                cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
-                specs.append(WorkerSpec(worker_id, pool.role, name, cls, options, args, kwargs))
+                where = (deployment_id, store_host, store_port)
+                specs.append(worker_spec(config, pool, path, worker_id, *where))
     return specs, tiers
 
 
-def start_workers(config: BatonConfig, store_host: str, store_port: int):
+def worker_spec(
+    config: BatonConfig,
+    pool: PoolConfig,
+    path: str,
+    worker_id: str,
+    deployment_id: str,
+    store_host: str,
+    store_port: int,
+    resources: dict | None = None,
+) -> WorkerSpec:
+    """One worker of `pool` (its tier's model at `path`), holding the pool's Ray resources or
+    `resources` (a switched worker keeps those of the one it replaces); no GPU: on the CPU."""
+    from decode_worker import DecodeWorker
+    from prefill_worker import PrefillWorker
+
+    tier = config.tiers[pool.tier]
+    resources = dict(pool.resources if resources is None else resources)
+    num_cpus = resources.pop("CPU", 1)
+    num_gpus = resources.pop("GPU", 0)
+    on_cpu = num_gpus == 0
+    kwargs = {}
+    if pool.role != "prefill":
+        kwargs = {"reservation_ttl_s": config.reservation_ttl_s}
+    if pool.role == "colocated":
+        kwargs["colocated"] = True
+    options = dict(
+        name=f"baton-{deployment_id}:{worker_id}",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=resources,
+        max_concurrency=64,
+        max_restarts=0,  # the router restarts workers itself (router/supervisor.py)
+    )
+    engine_args = {"model": path, "dtype": tier.dtype, **tier.engine_args, **pool.engine_args}
+    args = (
+        worker_id,
+        {**engine_args, "device": "cpu" if on_cpu else "cuda"},
+        store_host,
+        store_port,
+        config.transfer_timeout_s,
+        1 if on_cpu else None,
+        config.transfer_backend,
+        pool.tier,
+    )
+    cls = PrefillWorker if pool.role == "prefill" else DecodeWorker
+    return WorkerSpec(worker_id, pool.role, pool.tier, cls, options, args, kwargs)
+
+
+def start_workers(
+    config: BatonConfig, store_host: str, store_port: int, deployment_id: str | None = None
+):
     """Create every pool's actors; returns (workers, actors, tier infos, specs by worker id)."""
     import ray
 
-    specs, tiers = worker_specs(config, store_host, store_port)
+    specs, tiers = worker_specs(config, store_host, store_port, deployment_id)
     actors = {spec.worker_id: spec.spawn() for spec in specs}
     workers = [
         Worker(spec.worker_id, spec.role, spec.tier, RayWorkerClient(actors[spec.worker_id]))
@@ -231,12 +258,16 @@ async def deploy(
     A port of 0 picks a free one (see the returned Deployment)."""
     import ray
 
+    from deploy.scaling import RayWorkerFactory  # NOTE: it imports this module
     from kvtransfer.store import start_store
 
     _ray_init(config)
     host = ray.util.get_node_ip_address()
     store, store_port = start_store(host)
-    workers, actors, tiers, specs = await asyncio.to_thread(start_workers, config, host, store_port)
+    deployment_id = uuid.uuid4().hex[:8]  # actor names stay unique across deployments
+    workers, actors, tiers, specs = await asyncio.to_thread(
+        start_workers, config, host, store_port, deployment_id
+    )
     router = Router(
         tiers,
         config.default_tier,
@@ -258,16 +289,35 @@ async def deploy(
     )
     router.tier_selector = make_tier_selector(config, router.placement)
     await router.start()
+    paths = {name: tier.path for name, tier in tiers.items()}
+    factory = RayWorkerFactory(config, paths, deployment_id, host, store_port, actors, specs)
+    await factory.learn_nodes()
+    scaler = PoolScaler(router, factory, config.drain_timeout_s)
     port = config.grpc_port if grpc_port is None else grpc_port
     server, bound = await start_grpc_server(
-        router, config.grpc_host, port, config.api_key, config.max_request_bytes
+        router,
+        config.grpc_host,
+        port,
+        config.api_key,
+        config.max_request_bytes,
+        scaler,
+        config.admin_api_key,
     )
     metrics_port = config.metrics_port if metrics_port is None else metrics_port
     metrics_server, _ = start_http_server(metrics_port, config.grpc_host, router.metrics.registry)
     metrics_bound = metrics_server.server_address[1]
     log.info("Baton up: %d workers, gRPC on %d, metrics on %d", len(workers), bound, metrics_bound)
     deployment = Deployment(
-        config, router, actors, store, server, bound, metrics_server, metrics_bound, specs=specs
+        config,
+        router,
+        actors,
+        store,
+        server,
+        bound,
+        metrics_server,
+        metrics_bound,
+        specs=specs,
+        scaler=scaler,
     )
     if config.http_port is not None:
         from router.openai_api import start_openai_server  # FastAPI is only needed for HTTP

@@ -13,6 +13,14 @@ def random_prompts(lengths, vocab_size=512, seed=0, low=3):
     return [torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
+def greedy(llm, prompts, max_tokens: int) -> list[list[int]]:
+    """`engine.LLM`'s greedy tokens for the prompts (EOS ignored, as the serving tests ask)."""
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
 class Reference:
     """Greedy generation and logits from `transformers` on the same checkpoint (float32)."""
 
