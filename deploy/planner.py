@@ -1,12 +1,18 @@
 """`baton plan`: how many prefill and decode instances to run, by simulating the workload against
 the latency models of a profile (DistServe's approach: simulate, then search).
 
-The simulation: Poisson (or gamma) arrivals; each prefill instance serves its queue first come
-first served, a request costing the profile's prefill time for its length; the KV transfer
-follows; each decode instance runs continuous batching, every step costing the profile's decode
-step time for its batch and context; requests go to the prefill instance that would start them
-soonest and to the decode instance with the smallest batch. A request meets the SLOs when its
-TTFT and its TPOT are within them.
+The simulation: Poisson (or gamma) arrivals; a request reaches its prefill instance after the
+profile's request overhead (the router's part of TTFT: placement, the decode reservation, the
+calls' round trips; measured by a live deployment, 0 in an offline profile). Each prefill
+instance steps as the engine schedules a prefill worker: every step takes requests first come
+first served, each chunk cut to the token budget left (chunked prefill; several prompts per
+step), and costs the profile's prefill form on the step's tokens and attention pairs; a request
+arriving during a step joins the next; its first token is out when the step computing its last
+prompt token ends and its KV has left (the transfer's exposed time). Each decode instance runs
+continuous batching, every step costing the profile's decode step time for its batch and
+context; requests go to the prefill instance with the least prompt work queued and to the decode
+instance with the smallest batch. A request meets the SLOs when its TTFT and its TPOT are
+within them. A profile without a token budget runs one whole prompt per step.
 
 For each split (prefill, decode) within the GPU budget it finds the highest rate with ≥ 90%
 attainment (binary search), and recommends the split with the best rate per GPU — or, given a
@@ -19,6 +25,7 @@ import heapq
 import json
 import math
 import random
+from collections import deque
 from dataclasses import dataclass
 
 from router.latency_model import InstanceModel, load_profile, new_instance_model
@@ -52,6 +59,44 @@ class Workload:
         return out
 
 
+class PrefillInstance:
+    """One prefill worker's engine, step by step (engine/scheduler.py in the prefill role: the
+    request in progress first, then waiting ones first come first served, each chunk cut to the
+    budget left; a request whose last prompt token is computed leaves at the step's end)."""
+
+    def __init__(self, model: InstanceModel):
+        self.model = model
+        self.budget = model.max_num_batched_tokens or math.inf
+        self.whole_prompts = not model.max_num_batched_tokens  # one prompt per step
+        self.clock = 0.0  # when the running step ends (or the last one ended)
+        self.queue: deque[list[int]] = deque()  # [request, prompt length, computed], FCFS
+        self.backlog_tokens = 0
+
+    def add(self, request: int, length: int, now: float) -> None:
+        """`now` >= the running step's start: call `run_until(now)` first."""
+        if not self.queue:
+            self.clock = max(self.clock, now)
+        self.queue.append([request, length, 0])
+        self.backlog_tokens += length
+
+    def run_until(self, t: float, done: dict[int, float]) -> None:
+        """Run the steps that start before `t`; `done[request]` = the end of its last step."""
+        while self.queue and self.clock < t:
+            budget, chunks = self.budget, []
+            for entry in self.queue:
+                if budget <= 0 or (self.whole_prompts and chunks):
+                    break
+                n = min(entry[1] - entry[2], budget)
+                chunks.append((entry, n))
+                budget -= n
+            self.clock += self.model.prefill_step_time([(n, e[2] + n) for e, n in chunks])
+            for entry, n in chunks:
+                entry[2] += n
+                self.backlog_tokens -= n
+            while self.queue and self.queue[0][2] == self.queue[0][1]:
+                done[self.queue.popleft()[0]] = self.clock
+
+
 def simulate(
     model: InstanceModel,
     num_prefill: int,
@@ -65,16 +110,22 @@ def simulate(
     """SLO attainment (share of requests meeting TTFT and TPOT) of one simulated run."""
     rng = random.Random(seed)
     requests = workload.sample(rate, rng)
-    prefill_free = [0.0] * num_prefill  # when each prefill instance is next idle
-    ready = []  # (time KV is on the decode side, request index)
+    instances = [PrefillInstance(model) for _ in range(num_prefill)]
+    done: dict[int, float] = {}
+    for i, (arrival, length, _) in enumerate(requests):
+        at_worker = arrival + model.request_overhead
+        for instance in instances:
+            instance.run_until(at_worker, done)
+        p = min(range(num_prefill), key=lambda k: instances[k].backlog_tokens)
+        instances[p].add(i, length, at_worker)
+    for instance in instances:
+        instance.run_until(math.inf, done)
+    ready = []  # (time the first token is out and the KV on the decode side, request index)
     ttft = {}
     for i, (arrival, length, _) in enumerate(requests):
-        p = min(range(num_prefill), key=lambda k: prefill_free[k])
-        start = max(arrival, prefill_free[p])
-        done = start + model.prefill_time(length, length)
-        prefill_free[p] = done
-        ttft[i] = done - arrival
-        heapq.heappush(ready, (done + model.transfer_time(length * kv_bytes_per_token), i))
+        # The prefill call answers once the KV has left (prefill_worker/worker.py).
+        ttft[i] = done[i] + model.transfer_time(length * kv_bytes_per_token) - arrival
+        heapq.heappush(ready, (arrival + ttft[i], i))
     # Decode: each instance steps its batch; arrivals join at the next step boundary.
     clocks = [0.0] * num_decode
     batches: list[dict[int, list]] = [{} for _ in range(num_decode)]  # i -> [ctx, left, t_first]
@@ -116,9 +167,11 @@ def max_rate(
     iterations: int = 14,
 ) -> float:
     """Highest rate with ≥ 90% attainment in the simulation (binary search)."""
-    # No split sustains more than its prefill instances serve (a prompt's prefill time grows
-    # faster than its length, so the mean length gives an upper bound): search below that.
-    prefill_s = model.prefill_time(workload.input_len, workload.input_len)
+    # No split sustains more than its prefill instances serve: search below that. A prompt
+    # costs at least its tokens, its share of full steps' fixed cost, and its attention pairs
+    # (at least length² / 2 however it is chunked); a cost convex in the length, so the mean
+    # length gives an upper bound.
+    prefill_s = _least_prefill_cost(model, workload.input_len)
     if prefill_s > 0:
         high = min(high, 1.5 * num_prefill / prefill_s)
     low = 0.0
@@ -129,6 +182,13 @@ def max_rate(
         else:
             high = mid
     return low
+
+
+def _least_prefill_cost(model: InstanceModel, length: int) -> float:
+    if not model.max_num_batched_tokens:
+        return model.prefill_time(length, length)
+    a, b, c = model.prefill.coef
+    return a * length / model.max_num_batched_tokens + b * length + c * length * length / 2
 
 
 def plan(

@@ -13,6 +13,11 @@ prefill worker's steps all fill the token budget, so intercept and slope are one
 seed decides instead of a split toward zero that mispredicts every other size. On top, a
 multiplicative correction learnt from the measured error of whole predictions (predicted TTFT
 vs measured) absorbs what the features miss (queueing jitter, contention).
+
+Beside the forms, each prefill instance's model keeps the request overhead: what a request's
+first-token path spends outside the prefill worker (placement, the decode reservation, the
+calls' round trips), measured by the router per request (median of the last 256). The planner
+adds it to every simulated TTFT; the router's own TTFT predictions leave it to the correction.
 """
 
 from __future__ import annotations
@@ -102,10 +107,23 @@ class InstanceModel:
     transfer: LinearModel
     # predicted × correction ≈ measured, learnt from whole-request errors (EWMA of the ratio).
     ttft_correction: float = 1.0
+    # Seconds of a request's TTFT spent outside the prefill worker (see the module docstring).
+    request_overhead: float = 0.0
+    # The prefill engine's token budget per step (max_num_batched_tokens) the forms were
+    # measured at; 0: unknown (the planner then runs one whole prompt per step).
+    max_num_batched_tokens: int = 0
+    _overheads: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
         pairs = prefill_pairs(new_tokens, context_tokens)
         return max(self.prefill.predict(new_tokens, pairs), 0.0)
+
+    def prefill_step_time(self, chunks: list[tuple[int, int]]) -> float:
+        """One prefill step computing several chunks, each (new tokens, context length it ends
+        at): the form on the step's totals, as the engine measures a step."""
+        tokens = sum(n for n, _ in chunks)
+        pairs = sum(prefill_pairs(n, context) for n, context in chunks)
+        return max(self.prefill.predict(tokens, pairs), 0.0)
 
     def decode_step(self, batch: int, context: int) -> float:
         return max(self.decode.predict(batch, context), 0.0)
@@ -115,6 +133,11 @@ class InstanceModel:
 
     def add_sample(self, kind: str, x1: int, x2: int, seconds: float) -> None:
         getattr(self, kind).add(x1, x2, seconds)
+
+    def observe_overhead(self, seconds: float) -> None:
+        """One request's measured TTFT outside the prefill worker (the router, per request)."""
+        self._overheads.append(max(seconds, 0.0))
+        self.request_overhead = float(np.median(self._overheads))
 
     def correct(self, predicted: float, measured: float, weight: float = 0.1) -> None:
         if predicted > 1e-6 and measured > 0:
@@ -139,12 +162,16 @@ def new_instance_model(profile: dict | None = None) -> InstanceModel:
         *(
             LinearModel(np.array(coefs[k], dtype=float), prior_weight=weight)
             for k in ("prefill", "decode", "transfer")
-        )
+        ),
+        request_overhead=float(coefs.get("request_overhead_s", 0.0)),
+        max_num_batched_tokens=int(coefs.get("max_num_batched_tokens", 0)),
     )
 
 
 def load_profile(path: str | Path) -> dict:
-    """A profile written by `baton profile`: {"prefill": [a, b, c], "decode": ..., ...}."""
+    """A profile written by `baton profile` (or a deployment's live one, `live_profile` in
+    router/placement.py): {"prefill": [a, b, c], "decode": ..., "transfer": ...}, optionally
+    "max_num_batched_tokens" and "request_overhead_s"."""
     data = json.loads(Path(path).read_text())
     for key in ("prefill", "decode", "transfer"):
         if len(data.get(key, [])) != 3:

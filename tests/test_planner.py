@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from deploy.planner import Workload, max_rate, plan, simulate
+import math
+
+import pytest
+
+from deploy.planner import PrefillInstance, Workload, max_rate, plan, simulate
 from router.latency_model import new_instance_model
 
 # Prefill 1 ms per token; decode steps 10 ms + 1 ms per request in the batch.
@@ -42,3 +46,66 @@ def test_a_short_burst_does_not_pass_for_a_sustainable_rate():
     assert burst.count(100.0) == 6000  # a minute of arrivals, not 20 requests
     assert simulate(MODEL, 1, 1, 100.0, burst, loose) < 0.2
     assert max_rate(MODEL, 1, 1, burst, loose) < 11.0
+
+
+def step_model(budget: int, fixed: float = 0.1, per_token: float = 0.0, per_pair: float = 0.0):
+    return new_instance_model(
+        {
+            "prefill": [fixed, per_token, per_pair],
+            "decode": [0.01, 0.0, 0.0],
+            "transfer": [0.0, 0.0, 0.0],
+            "max_num_batched_tokens": budget,
+        }
+    )
+
+
+def finish_times(model, lengths: list[int]) -> list[float]:
+    """When each prompt's last step ends, all queued at time 0."""
+    instance, done = PrefillInstance(model), {}
+    for i, length in enumerate(lengths):
+        instance.add(i, length, now=0.0)
+    instance.run_until(math.inf, done)
+    return [done[i] for i in range(len(lengths))]
+
+
+def test_prompts_that_fit_the_budget_share_a_step():
+    assert finish_times(step_model(budget=1000), [300, 300]) == pytest.approx([0.1, 0.1])
+    # Without a budget in the profile: one whole prompt per step, as the old planner ran them.
+    assert finish_times(step_model(budget=0), [300, 300]) == pytest.approx([0.1, 0.2])
+
+
+def test_a_long_prompt_is_chunked_and_its_continuation_attends_to_the_cached_part():
+    # 1 s per million attention pairs: the steps' times show which chunks ran together.
+    model = step_model(budget=1000, fixed=0.0, per_pair=1e-6)
+    first = 1000 * 1000 * 1e-6  # 1000 fresh tokens
+    second = (500 * 1500 + 200 * 200) * 1e-6  # the rest over its cached 1000, then the next
+    assert finish_times(model, [1500, 200]) == pytest.approx([first + second] * 2)
+
+
+def test_a_request_arriving_during_a_step_joins_the_next():
+    instance = PrefillInstance(step_model(budget=1000))
+    done = {}
+    instance.add(0, 100, now=0.0)
+    instance.run_until(0.05, done)  # the first step (0 to 0.1) has started
+    instance.add(1, 100, now=0.05)
+    instance.run_until(math.inf, done)
+    assert done == {0: pytest.approx(0.1), 1: pytest.approx(0.2)}
+    instance.add(2, 100, now=1.0)  # idle meanwhile: starts at once
+    instance.run_until(math.inf, done)
+    assert done[2] == pytest.approx(1.1)
+
+
+def test_the_request_overhead_counts_in_ttft():
+    model = step_model(budget=1000, fixed=0.01)
+    light = Workload(input_len=100, output_len=4, range_ratio=0.0, num_requests=50)
+    assert simulate(model, 1, 1, 1.0, light, (0.2, 0.1)) == 1.0
+    model.request_overhead = 0.25
+    assert simulate(model, 1, 1, 1.0, light, (0.2, 0.1)) == 0.0
+
+
+def test_batching_under_a_budget_sustains_more_than_whole_prompts_per_step():
+    """A fixed cost per step is shared by the prompts a step batches."""
+    batched = max_rate(step_model(budget=1000, fixed=0.05), 1, 1, WORK, SLO)
+    whole = max_rate(step_model(budget=0, fixed=0.05), 1, 1, WORK, SLO)
+    assert whole < 20.5  # one 100-token prompt per 50 ms step
+    assert batched > 2 * whole
