@@ -2,14 +2,18 @@
 router's models (router/latency_model.py) before live samples arrive.
 
 It runs the engine in this process on the given device with synthetic requests: prefill steps
-of several prompt lengths, then decode steps at several batch sizes and context lengths, and
-fits the same linear forms the router refits online.
+of several prompt lengths, alone and as a loaded prefill worker runs them (a queue of prompts,
+so steps fill the token budget with several prompts and chunks of longer ones), then decode
+steps at several batch sizes and context lengths, and fits the same linear forms the router
+refits online. The profile records the token budget it measured at: the planner simulates the
+prefill engine's steps under it.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 
 import numpy as np
 
@@ -32,6 +36,36 @@ def _prefill_samples(engine: LLMEngine, vocab: int, repeats: int, rng: random.Ra
                 step = engine.last_step
                 if r and step.num_prefill_tokens and not step.num_decode_tokens:  # r=0 warms up
                     samples.append((step.num_prefill_tokens, step.attention_pairs, step.duration_s))
+    return samples
+
+
+# Prompt lengths for the loaded runs, as shares of the token budget: a queue of equal prompts
+# fills each step with whole prompts and a chunk of the next, and those longer than the budget
+# continue over their cached part, so the attention pairs per token vary at a full budget
+# (single prompts cannot tell the linear term from the quadratic one: their pairs are
+# tokens²).
+PACKED_SHARES = (1 / 8, 1 / 4, 3 / 8, 5 / 8, 3 / 4, 1, 3 / 2)
+
+
+def _packed_prefill_samples(engine: LLMEngine, vocab: int, repeats: int, rng: random.Random):
+    samples = []
+    budget = engine.config.max_num_batched_tokens
+    lengths = {int(budget * share) for share in PACKED_SHARES}
+    for length in sorted(n for n in lengths if 16 <= n < engine.max_model_len):
+        count = -(-3 * budget // length) + 1  # about four steps' worth
+        for r in range(repeats):
+            for i in range(count):
+                prompt = [rng.randrange(3, vocab) for _ in range(length)]
+                engine.add_request(f"q{length}-{r}-{i}", prompt, SamplingParams(max_tokens=1))
+            while engine.has_unfinished_requests():
+                # Back to back, as a loaded prefill worker steps: the sample is the whole step,
+                # scheduling and outputs included (what the worker reports in serving).
+                start = time.perf_counter()
+                engine.step()
+                seconds = time.perf_counter() - start
+                step = engine.last_step
+                if step.num_prefill_tokens and not step.num_decode_tokens:
+                    samples.append((step.num_prefill_tokens, step.attention_pairs, seconds))
     return samples
 
 
@@ -79,6 +113,7 @@ def profile(engine_args: dict, repeats: int = 3, decode_steps: int = 8, seed: in
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     prefill = _prefill_samples(engine, vocab, repeats, rng)
+    prefill += _packed_prefill_samples(engine, vocab, repeats, rng)
     decode = _decode_samples(engine, vocab, decode_steps, rng)
     # KV transfer: what it adds to TTFT after the forward pass (earlier layers leave while later
     # ones compute; the last layer travels alone). Without two devices to measure: 1 ms plus the
@@ -92,6 +127,7 @@ def profile(engine_args: dict, repeats: int = 3, decode_steps: int = 8, seed: in
         "prefill": fit(prefill),
         "decode": fit(decode),
         "transfer": [1e-3, per_byte, 0.0],
+        "max_num_batched_tokens": engine.config.max_num_batched_tokens,
         "num_samples": {"prefill": len(prefill), "decode": len(decode)},
     }
 

@@ -15,13 +15,16 @@ def test_profile_fits_and_loads(model_dir, tmp_path):
         {
             "model": str(model_dir),
             "num_blocks": 256,
-            "max_num_batched_tokens": 512,
+            "max_num_batched_tokens": 256,
             "max_num_seqs": 8,
         },
         repeats=3,
         decode_steps=3,
     )
     assert result["num_samples"]["prefill"] >= 12 and result["num_samples"]["decode"] >= 4
+    # Measured at this budget, and with steps that batch prompts or continue a chunk: the
+    # planner simulates the prefill engine's steps under it.
+    assert result["max_num_batched_tokens"] == 256
     for key in ("prefill", "decode"):
         assert all(c >= 0 for c in result[key]) and sum(result[key]) > 0
     path = tmp_path / "profile.json"
