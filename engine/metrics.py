@@ -76,14 +76,15 @@ class EngineMetrics:
         #   ("transfer", bytes, 0, seconds)                    after the forward pass (exposed)
         self._samples: deque[tuple[str, int, int, float]] = deque(maxlen=1024)
 
-    def observe_step(self, engine) -> None:
-        """Called by the worker after each `engine.step()` (on the engine thread)."""
+    def observe_step(self, engine, seconds: float | None = None) -> None:
+        """Called by the worker after each `engine.step()` (on the engine thread). `seconds`:
+        what a prefill step's latency sample takes instead of the step's duration (a worker
+        stepping back to back passes the loop's whole period)."""
         step = engine.last_step
         self.step_time.observe(step.duration_s)
         if step.num_prefill_tokens and not step.num_decode_tokens:
-            self._samples.append(
-                ("prefill", step.num_prefill_tokens, step.attention_pairs, step.duration_s)
-            )
+            taken = step.duration_s if seconds is None else seconds
+            self._samples.append(("prefill", step.num_prefill_tokens, step.attention_pairs, taken))
         elif step.num_decode_tokens and not step.num_prefill_tokens:
             self._samples.append(
                 ("decode", step.num_decode_tokens, step.num_context_tokens, step.duration_s)

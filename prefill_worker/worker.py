@@ -6,6 +6,7 @@ host it in-process."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import queue
@@ -34,7 +35,21 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int
     transfer: str  # TransferState value
-    prefill_ms: float
+    prefill_ms: float  # from the call's arrival here to its answer (the transfer included)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """One engine step as the prefill worker ran it (`take_step_log`): for comparing serving's
+    steps with a profile's predictions and finding the time between steps."""
+
+    end: float  # time.perf_counter() when the step's outputs were handled
+    seconds: float  # the engine's step duration (StepStats.duration_s)
+    num_seqs: int
+    num_prefill_tokens: int
+    attention_pairs: int
+    num_context_tokens: int  # > num_prefill_tokens: a chunk continued a cached part
+    backlog: int  # requests waiting or running after it: > 0, the next step could start at once
 
 
 # Transfers whose messages may still be leaving while the prefill worker steps on; beyond this
@@ -174,6 +189,8 @@ class PrefillWorker(EngineHost):
         self.engine.runner.kv_connector = self.connector
         self._pending: dict[str, tuple[Future, float]] = {}
         self.num_prefills = 0
+        self._step_log: collections.deque[StepRecord] = collections.deque(maxlen=8192)
+        self._last_step: StepRecord | None = None
         self.loop = EngineThread(self.engine, self._on_outputs)
 
     def connect(self, peer_id: str, fresh: bool = False) -> None:
@@ -201,11 +218,14 @@ class PrefillWorker(EngineHost):
         `transfer_id`), sample the first token. Blocks until done; one call per request."""
         future: Future = Future()
         one_token = dataclasses.replace(params, max_tokens=1, stop=[])
+        # NOTE: from the call's arrival, so the wait for the running step to end (the request
+        # joins the next) counts as the worker's time, as the planner simulates it.
+        start = time.perf_counter()
 
         def add(engine: LLMEngine) -> None:
             engine.add_request(request_id, prompt_token_ids, one_token)
             self.connector.targets[request_id] = (transfer_id, peer_id)
-            self._pending[request_id] = (future, time.perf_counter())
+            self._pending[request_id] = (future, start)
 
         self.loop.call(add)
         return future.result(timeout_s)
@@ -224,8 +244,34 @@ class PrefillWorker(EngineHost):
 
         self.loop.call(fn)
 
+    def take_step_log(self) -> list[StepRecord]:
+        """The steps run since the last call (at most the last 8192), oldest first."""
+        taken = []
+        while self._step_log:
+            taken.append(self._step_log.popleft())
+        return taken
+
     def _on_outputs(self, outputs) -> None:
-        self.metrics.observe_step(self.engine)
+        now = time.perf_counter()
+        step, scheduler = self.engine.last_step, self.engine.scheduler
+        # NOTE: stepping back to back, a step holds the queue for its whole period: its forward
+        # pass and the loop's work around it (scheduling, outputs, calls). The latency models
+        # take the period, as `baton profile` does.
+        seconds = step.duration_s
+        if self._last_step is not None and self._last_step.backlog:
+            seconds = max(seconds, now - self._last_step.end)
+        self.metrics.observe_step(self.engine, seconds)
+        if step.num_seqs:
+            self._last_step = StepRecord(
+                now,
+                step.duration_s,
+                step.num_seqs,
+                step.num_prefill_tokens,
+                step.attention_pairs,
+                step.num_context_tokens,
+                len(scheduler.waiting) + len(scheduler.running),
+            )
+            self._step_log.append(self._last_step)
         for out in outputs:
             if out.finished:
                 self._answer(out)

@@ -78,9 +78,15 @@ class Placement:
         pass
 
     def on_prefill_done(
-        self, prefill: Worker, info: PlacementInfo, wid: str, ttft_s: float
+        self,
+        prefill: Worker,
+        info: PlacementInfo,
+        wid: str,
+        ttft_s: float,
+        overhead_s: float | None = None,
     ) -> None:
-        pass
+        """The prefill call answered after `ttft_s`; `overhead_s`: what the request's path to
+        its first token spent outside the prefill worker (the router measures both)."""
 
     def on_tokens(self, decode: Worker, wid: str, num_tokens: int) -> None:
         pass
@@ -257,9 +263,11 @@ class GoodputPlacement(Placement):
         if d.free_blocks is not None:
             d.free_blocks -= -(-(length + info.max_tokens) // info.block_size)
 
-    def on_prefill_done(self, prefill, info, wid, ttft_s):
+    def on_prefill_done(self, prefill, info, wid, ttft_s, overhead_s=None):
         p = self._p(prefill)
         p.pending.pop(wid, None)
+        if overhead_s is not None:
+            p.model.observe_overhead(overhead_s)
         predicted = p.predicted_ttft.pop(wid, None)
         if predicted:
             # The correction multiplies predictions; compare the raw prediction.
@@ -291,6 +299,30 @@ class GoodputPlacement(Placement):
         state = self._p(worker) if worker.role == "prefill" else self._d(worker)
         for kind, x1, x2, seconds in samples:
             state.model.add_sample(kind, x1, x2, seconds)
+
+    def live_profile(self, workers: list[Worker], tier: str) -> dict:
+        """The latency models fitted online for `tier`, as a profile for `baton plan`
+        (deploy/planner.py): prefill, transfer and request overhead averaged over its prefill
+        instances, decode over its decode instances. Raises ValueError before either role has
+        an instance here."""
+        prefills = [self._p(w).model for w in workers if w.tier == tier and w.role == "prefill"]
+        decodes = [self._d(w).model for w in workers if w.tier == tier and w.role == "decode"]
+        if not prefills or not decodes:
+            raise ValueError(f"tier {tier!r} needs prefill and decode instances for a profile")
+
+        def mean_coef(models, kind):
+            return [float(c) for c in sum(getattr(m, kind).coef for m in models) / len(models)]
+
+        return {
+            "prefill": mean_coef(prefills, "prefill"),
+            "decode": mean_coef(decodes, "decode"),
+            "transfer": mean_coef(prefills, "transfer"),
+            "request_overhead_s": sum(m.request_overhead for m in prefills) / len(prefills),
+            "num_samples": {
+                kind: sum(getattr(m, kind).num_samples for m in models)
+                for kind, models in (("prefill", prefills), ("decode", decodes))
+            },
+        }
 
     def on_restarted(self, worker):
         # Keep the latency model (same hardware), forget its prefix cache and free blocks.

@@ -577,8 +577,15 @@ class Router:
             )
             self._dequeue(req)  # out of the queue: streaming from here on
             prefill.requests.discard(wid)  # done there: nothing to abort on the prefill side
-            req.prefill_ms += (time.perf_counter() - start) * 1e3
-            self.placement.on_prefill_done(prefill, info, wid, time.perf_counter() - start)
+            now = time.perf_counter()
+            req.prefill_ms += (now - start) * 1e3
+            # The first token's path outside the prefill worker (placement, the reservation,
+            # the calls' round trips): the planner adds it to the TTFTs it simulates.
+            overhead_s = now - req.received - result.prefill_ms / 1e3
+            first_try = req.attempts == 1
+            self.placement.on_prefill_done(
+                prefill, info, wid, now - start, overhead_s if first_try else None
+            )
             if result.transfer != "done":
                 # The pair may be broken: the next request on it reconnects (a no-op if not).
                 self._suspect.add((prefill.worker_id, decode.worker_id))

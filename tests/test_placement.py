@@ -238,3 +238,45 @@ def test_transfer_sample_is_what_the_transfer_adds_after_the_forward_pass():
     # The histogram keeps the whole span, start to all sent; the exposed one the tail alone.
     assert metrics.transfer_time._sum.get() >= 0.11
     assert 0.01 <= metrics.transfer_exposed._sum.get() < 0.08
+
+
+def test_live_profile_averages_the_fitted_models_and_carries_the_request_overhead():
+    ws = workers()
+    profile = {
+        "prefill": [0.01, 1e-4, 0.0],
+        "decode": [0.002, 1e-4, 0.0],
+        "transfer": [1e-3, 1e-9, 0.0],
+        "request_overhead_s": 0.5,  # a profile's overhead seeds the model until measured
+    }
+    policy = GoodputPlacement(profiles={"t": profile})
+    assert policy._p(ws[0]).model.request_overhead == 0.5
+    # p0 measures 40 ms of step fixed cost; p1 keeps the profile's 10 ms.
+    policy.observe_samples(ws[0], [("prefill", n, n * n, 0.04 + 1e-4 * n) for n in range(1, 17)])
+    for k, overhead in enumerate((0.030, 0.010, 0.900, 0.020)):  # p0: one request retried late
+        policy.on_placed(ws[0], ws[2], info([1] * 32), f"w{k}")
+        policy.on_prefill_done(ws[0], info([1] * 32), f"w{k}", ttft_s=0.1, overhead_s=overhead)
+    policy.on_prefill_done(ws[1], info([1] * 32), "x", ttft_s=0.1, overhead_s=0.010)
+    policy.on_prefill_done(ws[1], info([1] * 32), "y", ttft_s=0.1)  # a retry: not measured
+    live = policy.live_profile(ws, "t")
+    p0, p1 = (policy._p(w).model for w in ws[:2])
+    assert p0.request_overhead == pytest.approx(0.025)  # the median: the outlier does not count
+    assert p1.request_overhead == pytest.approx(0.010)
+    assert live["request_overhead_s"] == pytest.approx(0.0175)
+    assert live["prefill"] == pytest.approx(list((p0.prefill.coef + p1.prefill.coef) / 2))
+    assert live["prefill"][0] == pytest.approx(0.025, rel=0.1)
+    assert live["decode"] == pytest.approx(profile["decode"])
+    assert live["num_samples"] == {"prefill": 16, "decode": 0}
+    loaded = new_instance_model(live)  # what `baton plan` and the planner take
+    assert loaded.request_overhead == pytest.approx(0.0175)
+    with pytest.raises(ValueError):
+        policy.live_profile(ws[:2], "t")  # no decode instance
+
+
+def test_a_prefill_step_of_several_chunks_is_predicted_on_its_totals():
+    model = new_instance_model(
+        {"prefill": [0.01, 1e-4, 1e-8], "decode": [0, 0, 0], "transfer": [0, 0, 0]}
+    )
+    chunks = [(300, 300), (200, 700)]  # a fresh prompt, and a chunk over 500 cached tokens
+    pairs = prefill_pairs(300, 300) + prefill_pairs(200, 700)
+    assert model.prefill_step_time(chunks) == pytest.approx(0.01 + 1e-4 * 500 + 1e-8 * pairs)
+    assert model.prefill_step_time([(300, 300)]) == pytest.approx(model.prefill_time(300, 300))
