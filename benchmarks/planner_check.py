@@ -5,7 +5,15 @@
 3. deploy that split (goodput placement, the profile seeding the router's latency models) and
    run the planner's workload (same length distribution, gamma arrivals, same SLOs) at a few
    fractions of the predicted maximum rate;
-4. print the predicted and the measured SLO attainment side by side.
+4. print the predicted and the measured SLO attainment side by side, and per rate how the
+   prefill worker's steps compare with the profile (`benchmarks/step_report.py`: requests per
+   step, budget filled, time stepping, step time / profile for fresh and continued chunks, time
+   between steps) and the request overhead the router measured (its part of TTFT).
+
+`--calibrate F`: before measuring, run the workload at F x the predicted max rate, take the
+latency models and request overhead the router fitted online from it (`live_profile`), plan
+the deployed split again with them, and measure at fractions of that plan's max rate; both
+predictions are printed (the profile's and the live models').
 
 The load generator is `baton bench` in a child process, off the router's event loop.
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,8 +42,9 @@ import torch
 
 from benchmarks.gpu_common import SMALL_SERVING_SHAPE, bench_config, describe_run, serving_model
 from benchmarks.serving import bench_in_child, run_load, synthetic
+from benchmarks.step_report import format_summary, summarize_steps
 from deploy.launcher import deploy
-from deploy.planner import Workload, plan, simulate
+from deploy.planner import Workload, max_rate, plan, simulate
 from deploy.profile import profile_in_child
 from router.latency_model import new_instance_model
 
@@ -74,38 +84,112 @@ def config(model_dir: str, profile_path: str, split: tuple[int, int], args):
     )
 
 
-async def measure(model_dir, profile_path, split, rates, workload, slo, args) -> list[float]:
+async def run_rate(deployment, i: int, rate: float, workload, args) -> dict:
+    """One `baton bench` run at `rate`; its summary, with the prefill workers' steps over it
+    against the profile and the router's request overhead."""
+    bench_args = [
+        "--dataset", "synthetic",
+        "--input-len", str(workload.input_len),
+        "--output-len", str(workload.output_len),
+        "--range-ratio", str(workload.range_ratio),
+        "--num-requests", str(workload.count(rate)),
+        "--rate", f"{rate:.4f}",
+        "--burstiness", str(workload.burstiness),
+        "--ttft-slo-ms", str(args.ttft_slo_ms),
+        "--tpot-slo-ms", str(args.tpot_slo_ms),
+        "--seed", str(args.seed + i),
+    ]  # fmt: skip
+    target = f"localhost:{deployment.grpc_port}"
+    router = deployment.router
+    queue_before = _reserve_waits(router)
+    await _take_step_logs(deployment)  # what ran before this rate
+    report = await bench_in_child(target, bench_args, str(Path(args.tmp) / f"{i}.json"))
+    summary = report["runs"][0]
+    waited_s, queued = (now - before for now, before in zip(_reserve_waits(router), queue_before))
+    summary["reserve_wait_ms"] = 1e3 * waited_s / max(queued, 1)
+    summary["prefill_steps"] = {}
+    for wid, records in (await _take_step_logs(deployment)).items():
+        summary["prefill_steps"][wid] = summarize_steps(records, args.model)
+    overheads = [
+        router.placement._p(w).model.request_overhead for w in router.workers if w.role == "prefill"
+    ]
+    summary["request_overhead_ms"] = 1e3 * statistics.mean(overheads)
+    # Other processes on the machine slow every worker (on CPU they share its cores).
+    summary["load_average"] = os.getloadavg()[0]
+    ttft, tpot = summary["ttft_ms"]["p50"], summary["tpot_ms"]["p50"]
+    print(
+        f"  measured at {rate:.2f} req/s: attainment {summary['slo_attainment']:.0%}, "
+        f"TTFT p50 {ttft or float('nan'):.0f} ms, TPOT p50 {tpot or float('nan'):.1f} ms; "
+        f"request overhead (p50 of the last 256) {summary['request_overhead_ms']:.1f} ms, "
+        f"decode reservation wait mean {summary['reserve_wait_ms']:.1f} ms; "
+        f"1-min load average {summary['load_average']:.1f}",
+        flush=True,
+    )
+    for wid, steps in summary["prefill_steps"].items():
+        print(f"    {wid}: {format_summary(steps)}", flush=True)
+    return summary
+
+
+def _reserve_waits(router) -> tuple[float, float]:
+    """(seconds, requests) the router's decode reservations waited so far."""
+    name, labels = "baton_request_queue_time_seconds", {"tier": "bench"}
+    get = router.metrics.registry.get_sample_value
+    return get(f"{name}_sum", labels) or 0.0, get(f"{name}_count", labels) or 0.0
+
+
+async def _take_step_logs(deployment) -> dict[str, list]:
+    prefills = [w.worker_id for w in deployment.router.workers if w.role == "prefill"]
+    logs = await asyncio.gather(
+        *(deployment.actors[wid].take_step_log.remote() for wid in prefills)
+    )
+    return dict(zip(prefills, logs))
+
+
+async def measure(model_dir, profile_path, split, rates, workload, slo, args) -> dict:
+    """Deploy `split`, optionally calibrate (then `rates` are fractions of the live plan's max
+    rate), and measure at each rate."""
     deployment = await deploy(config(model_dir, profile_path, split, args), 0, 0)
     target = f"localhost:{deployment.grpc_port}"
-    attainments = []
+    out = {"rates": rates, "summaries": []}
     try:
         warm = synthetic(8, args.vocab, workload.input_len, workload.output_len, 0.5, seed=99)
         await run_load(target, warm, 2.0, slo=slo, progress=False)
-        for i, rate in enumerate(rates):
-            bench_args = [
-                "--dataset", "synthetic",
-                "--input-len", str(workload.input_len),
-                "--output-len", str(workload.output_len),
-                "--range-ratio", str(workload.range_ratio),
-                "--num-requests", str(workload.count(rate)),
-                "--rate", f"{rate:.4f}",
-                "--burstiness", str(workload.burstiness),
-                "--ttft-slo-ms", str(args.ttft_slo_ms),
-                "--tpot-slo-ms", str(args.tpot_slo_ms),
-                "--seed", str(args.seed + i),
-            ]  # fmt: skip
-            report = await bench_in_child(target, bench_args, str(Path(args.tmp) / f"{i}.json"))
-            summary = report["runs"][0]
-            attainments.append(summary["slo_attainment"])
-            ttft, tpot = summary["ttft_ms"]["p50"], summary["tpot_ms"]["p50"]
+        if args.calibrate:
+            rate = args.calibrate * args.offline_max_rate
+            print(f"calibrating at {rate:.2f} req/s", flush=True)
+            out["calibration"] = await run_rate(deployment, 1000, rate, workload, args)
+            router = deployment.router
+            live = router.placement.live_profile(router.workers, "bench")
+            live["max_num_batched_tokens"] = args.max_batched_tokens
+            out["live_profile"] = live
+            live_model = new_instance_model(live)
+            live_max = max_rate(live_model, *split, workload, slo)
             print(
-                f"  measured at {rate:.2f} req/s: attainment {summary['slo_attainment']:.0%}, "
-                f"TTFT p50 {ttft or float('nan'):.0f} ms, TPOT p50 {tpot or float('nan'):.1f} ms",
+                f"live profile: prefill {_short(live['prefill'])}, decode "
+                f"{_short(live['decode'])}, request overhead "
+                f"{1e3 * live['request_overhead_s']:.1f} ms; max rate {live_max:.2f} req/s",
                 flush=True,
             )
-        return attainments
+            out["live_max_rate"] = live_max
+            out["rates"] = rates = [f * live_max for f in args.fraction_list]
+            out["live_predicted"] = predict(live_model, split, rates, workload, slo)
+        for i, rate in enumerate(rates):
+            out["summaries"].append(await run_rate(deployment, i, rate, workload, args))
+        return out
     finally:
         await deployment.stop()
+
+
+def predict(model, split, rates, workload, slo) -> list[float]:
+    """The simulation's attainment, averaged over seeds (one run is as noisy as the real one)."""
+    return [
+        statistics.mean(simulate(model, *split, rate, workload, slo, seed=s) for s in range(5))
+        for rate in rates
+    ]
+
+
+def _short(coef) -> str:
+    return "[" + ", ".join(f"{c:.3g}" for c in coef) + "]"
 
 
 def model_folder(tmp: str, args) -> str:
@@ -122,6 +206,13 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="a short CPU smoke run")
     p.add_argument("--max-devices", type=int, default=2, help="the plan's budget")
     p.add_argument("--fractions", default=None, help="of the predicted max rate")
+    p.add_argument(
+        "--calibrate",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="plan again from the router's live models after a run at F x the predicted max",
+    )
     p.add_argument("--input-len", type=int, default=None)
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--num-requests", type=int, default=None)
@@ -150,6 +241,7 @@ def main() -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.fraction_list = [float(f) for f in args.fractions.split(",")]
     if args.gpu and torch.cuda.device_count() < args.max_devices:
         raise SystemExit(
             f"--max-devices {args.max_devices}: this machine has {torch.cuda.device_count()} GPUs"
@@ -164,18 +256,15 @@ def main() -> None:
         profile = measure_profile(model_dir, args)
         profile_path = str(Path(tmp) / "profile.json")
         Path(profile_path).write_text(json.dumps(profile))
-        model = new_instance_model(profile)
+        args.model = model = new_instance_model(profile)
         rows = plan(model, workload, slo, args.max_devices)
         best = rows[0]
         split = (best["prefill"], best["decode"])
-        rates = [float(f) * best["max_rate"] for f in args.fractions.split(",")]
-        # The simulation's attainment, averaged over seeds (one run is as noisy as the real one).
-        predicted = [
-            statistics.mean(simulate(model, *split, rate, workload, slo, seed=s) for s in range(5))
-            for rate in rates
-        ]
+        args.offline_max_rate = best["max_rate"]
+        rates = [f * best["max_rate"] for f in args.fraction_list]
         print(
-            f"plan: {split[0]} prefill + {split[1]} decode, predicted max rate "
+            f"profile: prefill {_short(profile['prefill'])}, decode {_short(profile['decode'])}"
+            f"\nplan: {split[0]} prefill + {split[1]} decode, predicted max rate "
             f"{best['max_rate']:.2f} req/s",
             flush=True,
         )
@@ -184,28 +273,44 @@ def main() -> None:
         else:
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            measured = asyncio.run(
+            result = asyncio.run(
                 measure(model_dir, profile_path, split, rates, workload, slo, args)
             )
         finally:
             ray.shutdown()
+    rates = result["rates"]
+    predicted = predict(model, split, rates, workload, slo)
+    measured = [s["slo_attainment"] for s in result["summaries"]]
     print(
         f"\n{describe_run()}; budget "
         f"{args.max_devices} devices; workload {args.input_len}+-50% in / {args.output_len}+-50% "
         f"out, >= {args.num_requests} requests and {args.min_duration_s:.0f} s of arrivals per "
         f"rate, Poisson; SLO TTFT {args.ttft_slo_ms:.0f} "
-        f"ms, TPOT {args.tpot_slo_ms:.0f} ms"
+        f"ms, TPOT {args.tpot_slo_ms:.0f} ms; token budget {args.max_batched_tokens}"
     )
     print(f"profile: prefill {profile['prefill']}, decode {profile['decode']}")
     print(f"plan: {split[0]} prefill + {split[1]} decode")
-    print(f"{'rate':>7} {'predicted':>9} {'measured':>9} {'diff pts':>9}")
-    for rate, pred, meas in zip(rates, predicted, measured):
-        print(f"{rate:7.2f} {pred:9.0%} {meas:9.0%} {100 * (meas - pred):+9.0f}")
+    live = result.get("live_predicted")
+    header = f"{'rate':>7} {'predicted':>9} {'measured':>9} {'diff pts':>9}"
+    print(header + (f" {'live pred':>9} {'diff pts':>9}" if live else ""))
+    for k, (rate, pred, meas) in enumerate(zip(rates, predicted, measured)):
+        line = f"{rate:7.2f} {pred:9.0%} {meas:9.0%} {100 * (meas - pred):+9.0f}"
+        if live:
+            line += f" {live[k]:9.0%} {100 * (meas - live[k]):+9.0f}"
+        print(line)
     if args.output:
         Path(args.output).write_text(
             json.dumps(
-                {"plan": best, "rates": rates, "predicted": predicted, "measured": measured},
+                {
+                    "plan": best,
+                    "profile": profile,
+                    "rates": rates,
+                    "predicted": predicted,
+                    "measured": measured,
+                    **{k: v for k, v in result.items() if k != "rates"},
+                },
                 indent=1,
+                default=str,
             )
         )
 
