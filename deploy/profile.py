@@ -52,7 +52,7 @@ def _packed_prefill_samples(engine: LLMEngine, vocab: int, repeats: int, rng: ra
     budget = engine.config.max_num_batched_tokens
     lengths = {int(budget * share) for share in PACKED_SHARES}
     for length in sorted(n for n in lengths if 16 <= n < engine.max_model_len):
-        count = -(-3 * budget // length) + 1  # about four steps' worth
+        count = -(-2 * budget // length) + 1  # about three steps' worth
         for r in range(repeats):
             for i in range(count):
                 prompt = [rng.randrange(3, vocab) for _ in range(length)]
