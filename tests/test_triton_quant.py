@@ -1,7 +1,8 @@
 """The Triton weight-only matmul (engine.quantization.kernels) against a float32 reference on
 the dequantized weight: int8, fp8 and int4 (symmetric and asymmetric), odd M, N and K that are
 not multiples of the blocks, groups that straddle tiles and splits, with and without split-K;
-the decode GEMV kernel (gemv.py) the same way.
+the decode GEMV kernels (gemv.py, gemv_int4.py) the same way, int4's also against float64 at
+float32 rounding, across activation magnitudes (its denormal weights) and in every tuner config.
 
 Runs under Triton's interpreter on CPU in the default suite (small shapes, float32); on a GPU
 (`pytest -m gpu`) in bf16 on larger shapes, tuned configs included, plus the quantized model
@@ -105,6 +106,80 @@ def test_gemv_matches_dequantized_reference(method, symmetric, with_bias, case):
     bias = torch.randn(n, generator=g).to(DTYPE).to(DEVICE) if with_bias else None
     qw = quantize(weight, method, group, symmetric)
     check(x, qw, bias, kernels._gemv_config(block_n, block_k))
+
+
+# The int4 GEMV (gemv_int4.py) beyond the shared cases: an unrolled K loop with a remainder and
+# masks, 8 warps, groups longer than the tile (scale offsets per iteration) or not a power of two,
+# N below BLOCK_N (shrunk; the last tile overlaps), 8 rows of x, rows not 4-byte aligned (K odd).
+# (M, N, K, group), (block_n, block_k, num_warps, unroll)
+INT4_GEMV_CASES = [
+    ((8, 24, 72, 8), (8, 32, 4, 2)),
+    ((2, 5, 512, 128), (16, 64, 4, 4)),
+    ((1, 64, 1024, 64), (32, 256, 8, 2)),
+    ((3, 20, 185, 40), (8, 64, 4, 2)),
+]
+if CUDA:  # Llama-sized, ragged, and the unroll factors the tuner offers
+    INT4_GEMV_CASES += [
+        ((m, n, k, 128), cfg)
+        for m in (1, 8)
+        for n, k in ((4096 + 48, 4096 + 72), (6144, 4096), (1000, 3000))
+        for cfg in ((16, 512, 4, 4), (32, 1024, 8, 2))
+    ]
+
+
+def float64_error(x, qw, bias, config) -> float:
+    """Relative error of the kernel against float64 math on the dequantized weight."""
+    expected = x.double() @ dequantize(qw, torch.float64).T
+    expected += 0 if bias is None else bias.double()
+    out = kernels.weight_only_matmul(x, qw, bias, config)
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    return float((out.double() - expected).norm() / expected.norm())
+
+
+# float32: a few roundings of ~sum |x| each (gemv_int4.py's bound); bf16: the output's rounding
+TIGHT = 1e-2 if CUDA else 4e-6
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize(
+    "case",
+    INT4_GEMV_CASES,
+    ids=lambda c: "m{}n{}k{}g{}".format(*c[0]) + "-bn{}bk{}w{}u{}".format(*c[1]),
+)
+def test_int4_gemv_matches_float64_reference(symmetric, case):
+    (m, n, k, group), (block_n, block_k, num_warps, unroll) = case
+    g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    weight = (torch.randn(n, k, generator=g) * 0.02).to(DTYPE).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DTYPE).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DTYPE).to(DEVICE)
+    qw = quantize(weight, "int4", group, symmetric)
+    config = kernels._gemv_config(block_n, block_k, num_warps, unroll)
+    assert float64_error(x, qw, bias, config) < TIGHT
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("exponent", [40, -60])
+def test_int4_gemv_keeps_precision_across_activation_magnitudes(symmetric, exponent):
+    """The int4 GEMV multiplies x by up to 2^85 and forms weights as denormal floats
+    (gemv_int4.py): activations from 2^-60 to 2^40 keep full precision (a kernel whose denormals
+    were flushed to zero would lose every weight)."""
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(24, 256, generator=g) * 0.02).to(DTYPE).to(DEVICE)
+    x = (torch.randn(2, 256, generator=g) * 2.0**exponent).to(DTYPE).to(DEVICE)
+    qw = quantize(weight, "int4", 64, symmetric)
+    assert float64_error(x, qw, None, kernels._gemv_config(8, 128, 4, 2)) < TIGHT
+
+
+@pytest.mark.skipif(not CUDA, reason="compiles every candidate: GPU only")
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_every_int4_gemv_candidate_on_gpu(symmetric):
+    """Each config the tuner may pick computes the right result (K with a masked tail)."""
+    g = torch.Generator().manual_seed(13)
+    weight = (torch.randn(2048 + 40, 4096 + 72, generator=g) * 0.02).to(DTYPE).to(DEVICE)
+    x = torch.randn(3, 4096 + 72, generator=g).to(DTYPE).to(DEVICE)
+    qw = quantize(weight, "int4", 128, symmetric)
+    for config in kernels._gemv_candidates("int4"):
+        assert float64_error(x, qw, None, config) < TIGHT, config
 
 
 def test_gemv_candidates_are_tuned_for_decode_rows_only():

@@ -23,9 +23,10 @@ Up to MAX_GEMV_ROWS rows (decode) the GEMV kernel in gemv.py competes too: no tl
 split-K, one launch, integers turned into floats without I2F (see there why that matters).
 
 Kernel, block sizes and split_k: measured per (format, M bucket, N, K) the first time a shape
-runs outside CUDA graph capture (`_tuned`), among a handful of candidates; `BATON_QUANT_TUNE=0`,
-the interpreter and capture use `_heuristic` (the GEMV for up to 4 rows). No host sync and no
-host tensors in `matmul`, so decode CUDA graphs capture it.
+runs outside CUDA graph capture (`_tuned`), among a few dozen candidates, each timed after an L2
+flush as a decode step meets its weights; `BATON_QUANT_TUNE=0`, the interpreter and capture use
+`_heuristic` (the GEMV for up to 4 rows). No host sync and no host tensors in `matmul`, so
+decode CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False  # gemv.py's kernel (block_n, block_k, num_warps; one row a program)
+    unroll: int = 1  # the int4 GEMV's K loop unroll factor (more loads in flight a thread)
 
     def rows_per_program(self, num_rows: int) -> int:
         if self.block_m:
@@ -212,27 +214,44 @@ def _int4_block_k(group_size: int) -> int:
     return group_size if group_size in (32, 64, 128) else 128
 
 
-def _gemv_config(block_n: int, block_k: int, num_warps: int = 4) -> KernelConfig:
-    return KernelConfig(block_n, block_k, 1, 1, num_warps, 1, gemv=True)
+def _gemv_config(block_n: int, block_k: int, num_warps: int = 4, unroll: int = 1) -> KernelConfig:
+    return KernelConfig(block_n, block_k, 1, 1, num_warps, 1, gemv=True, unroll=unroll)
 
 
 def _gemv_candidates(method: str) -> list[KernelConfig]:
-    """16..64 weights a thread per tile (int4: 8..64): fewer and a thread's loads are narrower
-    than 16 bytes (int4: the x split no longer matches the byte layout, gemv.py); more and the
-    accumulator crowds out occupancy."""
-    least = 8 if method == "int4" else 16
-    return [
-        _gemv_config(block_n, block_k, num_warps)
-        for num_warps in (4, 8)
-        for block_n in (4, 8, 16)
-        for block_k in (256, 512, 1024)
-        if least <= block_n * block_k // (32 * num_warps) <= 64
-    ]
+    """int8 / fp8: 16..64 weights a thread per tile: fewer and a thread's loads are narrower than
+    16 bytes, more and the accumulator crowds out occupancy.
+
+    int4 (gemv_int4.py): a thread holds one 8-column chunk of 4..16 rows, which share the per-x
+    work (conversion, scaling, the x sum): 2.9-3.4 instructions a weight at 8-16 rows, 3.7-4.4 at
+    4 (sm_90 SASS, `benchmarks.gemv_kernels --sass`), 5-6 at 2. Fewer rows, more programs for
+    small N. Loads in flight per SM scale with block_k * unroll, not block_n: what hides HBM
+    latency on the small-N projections (o, down: 256-512 programs)."""
+    if method != "int4":
+        return [
+            _gemv_config(block_n, block_k, num_warps)
+            for num_warps in (4, 8)
+            for block_n in (4, 8, 16)
+            for block_k in (256, 512, 1024)
+            if 16 <= block_n * block_k // (32 * num_warps) <= 64
+        ]
+    found = []
+    for num_warps in (4, 8):
+        for block_n in (8, 16, 32):
+            for block_k in (256, 512, 1024):
+                rows = block_n * block_k // (8 * 32 * num_warps)
+                if not 4 <= rows <= 16:
+                    continue
+                unrolls = (1, 2, 4) if num_warps == 4 and block_k == 512 else (1, 2)
+                found += [_gemv_config(block_n, block_k, num_warps, u) for u in unrolls]
+    return found
 
 
 def _heuristic(num_rows: int, n: int, k: int, method: str, group_size: int) -> KernelConfig:
     if num_rows <= 4 and gemv_supports(method, group_size):
-        return _gemv_config(8, 512)
+        # int4: 8 rows a thread (fewest instructions a weight in the sm_90 SASS), 2 K steps
+        # of loads in flight
+        return _gemv_config(16, 512, 4, 2) if method == "int4" else _gemv_config(8, 512)
     block_m = num_rows if num_rows <= 4 else 0
     block_k = _int4_block_k(group_size) if method == "int4" else 128
     return _config(num_rows, n, k, block_m, 32, block_k)
@@ -287,12 +306,10 @@ def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> K
     ):
         return fallback
     best, best_ms = fallback, float("inf")
+    flush = _l2_flush_buffer(x.device)
     for cfg in _candidates(bucket, n, k, qw.method, qw.group_size):
         try:
-            # Timed as a CUDA graph replays it: GPU time alone. Timed from the host, a
-            # decode-sized call (~10 us of GPU work, three launches with split-K) measures
-            # launch latency, and every candidate looks alike.
-            ms = triton.testing.do_bench_cudagraph(lambda c=cfg: _launch(x, qw, bias, c), rep=20)
+            ms = _cold_ms(lambda c=cfg: _launch(x, qw, bias, c), flush)
         except Exception:  # e.g. out of shared memory / registers for a big tile: skip it
             continue
         if ms < best_ms:
@@ -301,11 +318,32 @@ def _tuned(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> K
     return best
 
 
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """Twice the GPU's L2: reading it all evicts whatever a timed call would find cached."""
+    num_bytes = 2 * getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return torch.empty(max(num_bytes, 32 << 20) // 4, dtype=torch.int32, device=device)
+
+
+def _cold_ms(call, flush: torch.Tensor) -> float:
+    """GPU time of `call()` after reading `flush`, from CUDA graph replays: what ranks candidates
+    as a decode step meets its weights, evicted from L2 by the layers before. Timed from the
+    host, a decode-sized call (~10 us of GPU work) measures launch latency; timed in a graph
+    without the flush, the weight stays in L2 (for `o` at batch 1 that picked a config 16%
+    slower than the best from HBM). The flush's own time is in every candidate's number alike;
+    it reads, so the call has no dirty lines to write back."""
+
+    def cold_call():
+        flush.max()
+        call()
+
+    return triton.testing.do_bench_cudagraph(cold_call, rep=5)
+
+
 def _launch(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, cfg: KernelConfig
 ) -> torch.Tensor:
     if cfg.gemv:
-        return gemv(x, qw, bias, cfg.block_n, cfg.block_k, cfg.num_warps)
+        return gemv(x, qw, bias, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.unroll)
     num_rows, k = x.shape
     n = qw.qweight.shape[0]
     atomic = cfg.split_k > 1
