@@ -15,14 +15,24 @@ config, the best tl.dot config, and what `kernels._tuned` picks (the engine's ch
 same way). `--sweep` prints every config. Last, a projected decode step (32 layers of the four
 linears + the bf16 output head; no attention, norms or sampling) per format against bf16.
 
+`--sass` needs no GPU: it compiles each GEMV candidate for sm_90 on this machine and counts the
+SASS instructions of its K loop per weight (how close a config is to the issue limit: an H100
+SM issues 128 thread-instructions a cycle and HBM brings it ~27 int4 weights a cycle).
+
     PYTHONPATH=. python -m benchmarks.gemv_kernels [--sweep] [--json gemv.json]
+    PYTHONPATH=. python -m benchmarks.gemv_kernels --sass [--formats int4]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
+import os
+import re
+import subprocess
+import tempfile
 import traceback
 
 import torch
@@ -121,7 +131,7 @@ def bench_format(method: str, k: int, n: int, rows: int, reps: int) -> list[dict
 
 def describe(cfg: kernels.KernelConfig) -> str:
     if cfg.gemv:
-        return f"gemv bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps}"
+        return f"gemv bn{cfg.block_n} bk{cfg.block_k} w{cfg.num_warps} u{cfg.unroll}"
     return (
         f"dot bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} split{cfg.split_k} "
         f"w{cfg.num_warps} s{cfg.num_stages}"
@@ -143,6 +153,68 @@ def best(rows: list[dict], gemv: bool) -> dict | None:
     return min(timed, key=lambda r: r["us"]) if timed else None
 
 
+def sass_loop(method: str, cfg: kernels.KernelConfig, k: int) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of the main K loop of `cfg`'s GEMV for `method` on a
+    [*, k] bf16 weight, compiled for sm_90 here (Triton's ptxas and cuobjdump, no GPU)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.quantization import gemv as gemv_mod
+    from engine.quantization import gemv_int4
+
+    w_type = {"int8": "*i8", "fp8": "*u8", "int4": "*u8"}[method]
+    s_type = "*bf16" if method == "int4" else "*fp32"
+    types = dict(x="*bf16", qweight=w_type, scales=s_type, zeros="*u8", bias="*bf16", out="*bf16")
+    values = dict(HAS_ZEROS=False, HAS_BIAS=False, EVEN_K=True, BLOCK_N=cfg.block_n,
+                  BLOCK_K=cfg.block_k)  # fmt: skip
+    if method == "int4":
+        fn = gemv_int4.int4_gemv_kernel
+        values.update(STRIDE_W=k // 2, STRIDE_S=k // 128, GROUP_SIZE=128, UNROLL=cfg.unroll)
+    else:
+        fn = gemv_mod.gemv_kernel
+        values.update(GROUP_SIZE=8, METHOD=gemv_mod.METHOD_CODE[method])
+    names = list(fn.arg_names)
+    signature = {n: "constexpr" if n in values else types.get(n, "i32") for n in names}
+    constexprs = {(names.index(n),): v for n, v in values.items()}
+    # Pointers and strides 16-divisible, as Triton specializes them at run time.
+    aligned = [n for n in names if n in types or n.startswith("stride") or n == "K"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=dict(num_warps=cfg.num_warps, num_stages=1),
+    )
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        listing = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True)
+    code = []  # (address, opcode, operands)
+    for text in listing.stdout.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);", text)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)))
+    loops = []  # (start, end) of each backward branch
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    ops = collections.Counter(op for addr, op, _ in code if start <= addr <= end)
+    return sum(ops.values()), ops
+
+
+def print_sass(formats: list[str]) -> None:
+    k = SHAPES["gate_up"][0]
+    for method in formats:
+        for cfg in kernels._gemv_candidates(method):
+            count, ops = sass_loop(method, cfg, k)
+            weights = cfg.block_n * cfg.block_k * cfg.unroll // (32 * cfg.num_warps)
+            top = " ".join(f"{op} {n}" for op, n in ops.most_common(6))
+            print(f"{method} {describe(cfg):28s} {count / weights:5.2f} instructions/weight  {top}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sweep", action="store_true", help="print every candidate config's time")
@@ -151,7 +223,10 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--reps", type=int, default=50, help="graph replays per timing")
     p.add_argument("--json", default=None)
+    p.add_argument("--sass", action="store_true", help="count SASS per weight (no GPU needed)")
     args = p.parse_args()
+    if args.sass:
+        return print_sass(args.formats.split(","))
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     torch.manual_seed(0)
