@@ -9,7 +9,8 @@ compute the overlapping rows' sums the same way and store them.
 
 The budget: at batch 1 an H100 SM gets ~13 bytes of HBM a cycle, ~27 int4 weights, against 128
 thread-instructions a cycle of issue, so ~4 instructions a weight is all there is. The previous
-loop spent ~5.8 (byte extract, OR, AND, FADD, FFMA and the addressing); this one ~3.3.
+loop spent 5.1-5.8 (byte extract, OR, AND, FADD, FFMA, addressing); this one 2.9-3.4 at 8-16
+rows a thread (SASS of sm_90 builds: `python -m benchmarks.gemv_kernels --sass`).
 
 Nibbles become floats with one AND each. A float32 whose bits b are below 2^24 (exponent field 0
 or 1: the denormals and the lowest binade, evenly spaced) equals b * 2^-149 exactly. A row's 4
