@@ -11,6 +11,13 @@ One step's proposals take k small forward passes over the whole batch:
     pass j    one token per request still drafting: d_{j-1} at position L + j - 2 -> d_j
               (j = 2..k; a request given fewer drafts drops out)
 
+Every pass is a step of one-token decode rows (`engine.decode_graphs`), pass 1 too when each
+catch-up is short (at most _MAX_CATCHUP_ROWS tokens, as after a step that speculated: the
+accepted drafts' KV is kept, so one or two tokens), else pass 1 runs as prefill chunks. On CUDA
+those steps replay the draft's own decode CUDA graphs. All passes' inputs are known before the
+first runs (only each draft token comes from the pass before, as a row of its output on the
+device), so they go to the device in one upload, and the drafts come back in one copy.
+
 Draft KV of a request with L tokens whose draft cache is valid for its first `num_computed`:
 
     position   | 0 ... L-1        | L ... L+k-2     |
@@ -40,6 +47,7 @@ import torch
 
 from engine.attention.backend import AttentionMetadata
 from engine.config import EngineConfig, ModelConfig
+from engine.decode_graphs import DecodeGraphs, DecodeRows, Stager, graph_sizes, run_decode_rows
 from engine.kv_cache import quant
 from engine.kv_cache.block_pool import Block, BlockPool
 from engine.loader import load_model
@@ -48,6 +56,9 @@ from engine.request import Request
 from engine.sampler import Sampler
 
 log = logging.getLogger(__name__)
+
+# Pass 1 runs as decode rows when every request catches up on at most this many tokens.
+_MAX_CATCHUP_ROWS = 32
 
 
 @dataclass
@@ -90,19 +101,31 @@ class DraftProposer:
                 f"draft model max_position_embeddings {self.model_config.max_position_embeddings}"
                 f" is below the engine's max_model_len {max_model_len}"
             )
+        self.max_model_len = max_model_len
         self.backend, is_triton = make_attention_backend(
             config, self.model_config, max_model_len, device
         )
         self.model = load_model(spec.model, self.model_config, self.backend, dtype, device)
         if is_triton:
             self.model.fuse_for_cuda()
+        # As the target's (ModelRunner): graphs on CUDA unless eager, never with MoE layers.
+        self.use_graphs = (
+            is_triton and not config.enforce_eager and not self.model_config.moe_layers
+        )
+        self.graphs: DecodeGraphs | None = None  # captured with the cache (allocate_cache)
+        self.stager = Stager(device)
         self.dtype = dtype
         self.sampler: Sampler | None = None
         # A draft pass costs about its parameters' share of a target step (the cost rule).
         self.cost = _num_params(self.model_config) / _num_params(target)
         self.kv_caches: list[torch.Tensor] = []
         self.pool: BlockPool | None = None
+        self.scratch_block = 0  # the cache's block past the pool: graph padding rows write it
         self._seqs: dict[str, _DraftSeq] = {}
+        # The longest catch-up (tokens) of the last `propose_batch`: one speculative step adds
+        # at most k + 1; more is a request's first proposal or one after a pause (a one-off
+        # cost, which the engine's step cost meter does not learn from).
+        self.last_catch_up = 0
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -114,13 +137,22 @@ class DraftProposer:
         self.sampler = sampler
         cfg, kind = self.model_config, self.config.kv_cache_dtype
         row = quant.cache_row_size(kind, cfg.head_dim)
-        shape = (2, num_blocks, self.block_size, cfg.num_kv_heads, row)
+        # With graphs, one block more than the pool hands out: padding rows write there.
+        shape = (2, num_blocks + int(self.use_graphs), self.block_size, cfg.num_kv_heads, row)
         dtype = quant.cache_dtype(kind, self.dtype)
         self.kv_caches = [
             torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_kv_layers)
         ]
         self.pool = BlockPool(num_blocks)
+        self.scratch_block = num_blocks
         log.info("draft KV cache: %d blocks of %d tokens", num_blocks, self.block_size)
+        if self.use_graphs:
+            # A pass has at most a verify step's rows: k + 1 per speculating request.
+            max_rows = self.config.speculative.max_verify_rows(self.config.max_num_seqs)
+            self.graphs = DecodeGraphs(
+                self.model, self.backend, self.kv_caches, graph_sizes(max_rows),
+                self.block_size, self.max_model_len,
+            )  # fmt: skip
 
     @property
     def num_held_blocks(self) -> int:
@@ -160,27 +192,24 @@ class DraftProposer:
             budget -= length - start
             if budget == 0:
                 break
+        self.last_catch_up = max((len(tokens) for tokens, _, _ in chunks), default=0)
         if not chunks:
             return
-        hidden = self._forward(chunks)
-        active = [i for i, (_, _, k) in enumerate(drafting) if k > 0]
+        # active[j - 1]: the requests (indices into `drafting`) that draw d_j in pass j.
+        active = [[i for i, (_, _, k) in enumerate(drafting) if k > 0]]
+        for j in range(2, max(k for _, _, k in drafting) + 1):
+            active.append([i for i in active[-1] if drafting[i][2] >= j])
+        drawn = self._run_passes(chunks, drafting, active)
         drafts: list[list[int]] = [[] for _ in drafting]
         probs: list[list[torch.Tensor]] = [[] for _ in drafting]
-        for j in range(1, max((k for _, _, k in drafting), default=0) + 1):
-            if j > 1:  # pass j: the previous draft of each request still drafting
-                active = [i for i in active if drafting[i][2] >= j]
-                step = []
-                for i in active:
-                    request, seq, _ = drafting[i]
-                    step.append(([drafts[i][-1]], request.num_tokens + j - 2, seq.block_ids))
-                hidden = self._forward(step)
-            else:
-                hidden = hidden[active]
-            tokens, q = self._draw(hidden, [drafting[i][0] for i in active])
-            for row, i in enumerate(active):
-                drafts[i].append(tokens[row])
-                if q is not None:
-                    probs[i].append(q[row])
+        if drawn:
+            tokens = torch.cat([t for t, _ in drawn]).tolist()  # the one wait for the device
+            for rows, (_, q) in zip(active, drawn):
+                for row, i in enumerate(rows):
+                    drafts[i].append(tokens[row])
+                    if q is not None:
+                        probs[i].append(q[row])
+                tokens = tokens[len(rows) :]
         for i, (request, seq, k) in enumerate(drafting):
             if k == 0:
                 continue
@@ -188,6 +217,68 @@ class DraftProposer:
             seq.pending = drafts[i][: k - 1]
             if not request.sampling_params.greedy:
                 request.spec_draft_probs = torch.stack(probs[i])
+
+    def _run_passes(self, chunks, drafting, active) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Passes 1..k: per pass, its draws (token ids on the device, q or None), rows in the
+        order of `active[j - 1]`. Pass 1 runs the catch-up chunks as decode rows when all are
+        short, else as prefill chunks; pass j > 1 feeds each request's d_{j-1} (a row of the
+        previous pass's draws, gathered on the device) at position L + j - 2."""
+        passes: list[DecodeRows] = []
+        as_rows = self.last_catch_up <= _MAX_CATCHUP_ROWS
+        if as_rows:
+            catch_up = DecodeRows(self.block_size, self.backend)
+            last_rows = []  # each chunk's last row: its logits give d1
+            for tokens, start, block_ids in chunks:
+                catch_up.add(tokens, start, block_ids)
+                last_rows.append(catch_up.num_rows - 1)
+            passes.append(catch_up)
+        for j in range(2, len(active) + 1):
+            rows = DecodeRows(self.block_size, self.backend)
+            for row, i in enumerate(active[j - 2]):
+                request, seq, k = drafting[i]
+                if k >= j:  # its "token" is its row in the previous pass's draws
+                    rows.add([row], request.num_tokens + j - 2, seq.block_ids)
+            passes.append(rows)
+        # Pass 1's rows that draw d1 (each drafting chunk's last), uploaded with the passes.
+        first = [last_rows[i] for i in active[0]] if as_rows else active[0]
+        inputs, index = self._upload(passes, first)
+        if as_rows:
+            logits, argmax = self._decode(*inputs.pop(0))
+        else:
+            hidden = self._forward(chunks)  # each chunk's last token
+            logits = self.model.compute_logits(hidden)
+            argmax = logits.argmax(dim=-1)
+        if not first:
+            return []  # catch-up only
+        draws = [self._draw(logits[index], argmax[index], drafting, active[0])]
+        for rows, (size, ids, positions, meta) in zip(active[1:], inputs):
+            ids = draws[-1][0].index_select(0, ids)
+            logits, argmax = self._decode(size, ids, positions, meta)
+            draws.append(self._draw(logits, argmax, drafting, rows))
+        return draws
+
+    def _upload(self, passes: list[DecodeRows], index: list[int]):
+        """Every pass's rows and `index` (row indices) in one copy to the device -> (per pass
+        (graph bucket or None, input ids, positions, metadata), `index` on the device)."""
+        flat: list[int] = []
+        sizes, ends = [], []
+        for rows in passes:
+            size = self.graphs.size_for(rows.num_rows) if self.graphs is not None else None
+            flat += rows.flat(size or rows.num_rows, self.scratch_block)
+            sizes.append(size)
+            ends.append(len(flat))
+        staged = self.stager.upload([torch.tensor(flat + index, dtype=torch.int64)])[0]
+        starts = [0, *ends[:-1]]
+        inputs = [
+            (size, *rows.unpack(staged[a:b]))
+            for size, rows, a, b in zip(sizes, passes, starts, ends)
+        ]
+        return inputs, staged[len(flat) :]
+
+    def _decode(self, size, ids, positions, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_decode_rows(
+            self.model, self.backend, self.kv_caches, self.graphs, size, ids, positions, meta
+        )
 
     def _sync(self, seq: _DraftSeq, request: Request) -> None:
         """Count the pending draft KV whose tokens the target accepted as computed."""
@@ -235,18 +326,17 @@ class DraftProposer:
         hidden = self.model(input_ids.to(device), positions.to(device), self.kv_caches, meta)
         return hidden[(ends - 1).to(device)]
 
-    def _draw(self, hidden: torch.Tensor, requests: list[Request]):
-        """Each request's next draft token, and q (normalized rows, None if all are greedy)."""
-        logits = self.model.compute_logits(hidden).float()
-        tokens = logits.argmax(dim=-1)
+    def _draw(self, logits, argmax, drafting, rows: list[int]):
+        """Each row's next draft token (a new tensor on the device: a graph's outputs are
+        overwritten by its next replay) and q (normalized rows; None if all are greedy)."""
+        requests = [drafting[i][0] for i in rows]
         greedy = [r.sampling_params.greedy for r in requests]
-        q = None
-        if not all(greedy):
-            q = self.sampler.probs(logits, requests)
-            q = q / q.sum(dim=-1, keepdim=True)
-            sampled = self.sampler.draw(q, requests)
-            tokens = torch.where(torch.tensor(greedy, device=tokens.device), tokens, sampled)
-        return tokens.tolist(), q
+        if all(greedy):
+            return argmax.clone(), None
+        q = self.sampler.probs(logits.float(), requests)
+        q = q / q.sum(dim=-1, keepdim=True)
+        sampled = self.sampler.draw(q, requests)
+        return torch.where(torch.tensor(greedy, device=argmax.device), argmax, sampled), q
 
 
 def _num_params(cfg: ModelConfig) -> int:

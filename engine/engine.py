@@ -417,9 +417,9 @@ class LLMEngine:
             k = k_step
             if spec.adaptive:
                 k = min(k, num_drafts(request.spec_acceptance, k, request.num_output_tokens))
-            room = min(
+            room = min(  # (with attention sinks requests grow past max_model_len)
                 params.max_tokens - request.num_output_tokens,
-                self.max_model_len - request.num_tokens,
+                self.scheduler.max_len - request.num_tokens,
             )
             k = min(k, room - 1)
             if k > 0:

@@ -3,9 +3,14 @@
 Inputs are built once per step with tensor ops (no per-token Python loops): the scheduled
 requests' tokens are packed back to back, decodes first, exactly in the scheduler's order.
 
+A step in which every request is a decode, with or without drafts to verify, is a step of
+one-token rows (`engine.decode_graphs.DecodeRows`: a request verifying d drafts is d + 1 rows),
+and a request with drafts in a step that also prefills is packed as those rows too.
+
 On CUDA: attention runs on the Triton backend, a step's index tensors reach the GPU in one
-non-blocking copy from a pinned buffer, and pure-decode steps replay CUDA graphs captured per
-batch-size bucket (`DecodeGraphs`; `EngineConfig.enforce_eager` turns them off).
+non-blocking copy from a pinned buffer, and decode-rows steps (plain decodes and verification)
+replay CUDA graphs captured per row-count bucket (`DecodeGraphs`; `EngineConfig.enforce_eager`
+turns them off).
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import torch
 from engine.attention.backend import AttentionMetadata, AttentionSpec
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig, ModelConfig
-from engine.kv_cache import NULL_BLOCK_ID, quant
+from engine.decode_graphs import DecodeGraphs, DecodeRows, Stager, graph_sizes, run_decode_rows
+from engine.kv_cache import quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM, rope_inv_freq
 from engine.quantization.linear import check_supported, quantize_model
 from engine.sampler import Sampler, SamplerOutput, all_plain_greedy
 from engine.scheduler import SchedulerOutput
+from engine.speculative import accept_greedy
 from engine.structured_output import GrammarMasker
 
 log = logging.getLogger(__name__)
@@ -34,8 +41,6 @@ log = logging.getLogger(__name__)
 # With no `num_blocks` given on CPU, the KV cache takes this share of available RAM, capped.
 _CPU_KV_FRACTION = 0.25
 _CPU_KV_CAP_BYTES = 4 << 30
-# Batch sizes with a captured decode graph (those below max_num_seqs, then max_num_seqs itself).
-_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -53,8 +58,10 @@ class RunnerOutput:
 @dataclass
 class PendingStep:
     """A launched step (`ModelRunner.launch`); `ModelRunner.finish` turns it into a RunnerOutput.
-    On the greedy fast path `tokens` (one per sampled row, in `request_ids` order) are still on
-    the device and `copy` is their copy to the host under way; otherwise `result` is ready."""
+    On the greedy fast path `tokens` (the argmax of each sampled row, in `request_ids` order) are
+    still on the device and `copy` is their copy to the host under way; otherwise `result` is
+    ready. With `drafts` (greedy verification), a request has len(draft) + 1 rows there, and
+    `finish` accepts its drafts against them."""
 
     request_ids: list[str]
     tokens: torch.Tensor | None
@@ -62,6 +69,7 @@ class PendingStep:
     logits: torch.Tensor | None
     end_step: Callable[[], None] | None = None  # the KV connector's, after the tokens are read
     result: RunnerOutput | None = None
+    drafts: list[list[int]] | None = None  # per request of `request_ids`, when verifying
 
 
 def make_attention_backend(
@@ -152,9 +160,18 @@ class ModelRunner:
         self.grammar_masker = GrammarMasker(model_config.vocab_size, self.device)
         # Set by a prefill worker: moves KV out while the forward pass runs.
         self.kv_connector: KVConnector | None = None
-        self.stager = _Stager(self.device)
+        self.stager = Stager(self.device)
         self.token_reader = TokenReader(self.device)
-        self.graphs = DecodeGraphs(self, config.max_num_seqs) if use_graphs else None
+        self.graphs = None
+        if use_graphs:
+            # Buckets up to max_num_seqs rows, and with speculation up to a verify step's rows.
+            max_rows = config.max_num_seqs
+            if config.speculative is not None:
+                max_rows = max(max_rows, config.speculative.max_verify_rows(max_rows))
+            self.graphs = DecodeGraphs(
+                self.model, self.backend, self.kv_caches, graph_sizes(max_rows),
+                self.block_size, self.max_model_len,
+            )  # fmt: skip
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -195,13 +212,15 @@ class ModelRunner:
         layer_done = None
         if connector is not None and connector.on_step_start(sched):
             layer_done = connector.on_layer_done
-        # A pure-decode step (one token a sequence, no drafts) packs its inputs the short way,
-        # padded to its graph's bucket when one replays it; the eager path packs it the same.
+        # A step of decodes only, drafts to verify included, is a step of one-token rows
+        # (`DecodeRows`): packed the short way, padded to its graph's bucket when one replays it.
         graph_size = pad_to = None
-        if layer_done is None and all(s.num_tokens == 1 for s in sched.scheduled):
+        if layer_done is None and all(
+            s.num_tokens == 1 + len(s.spec_token_ids) for s in sched.scheduled
+        ):
             if self.graphs is not None:
-                graph_size = self.graphs.batch_size_for(sched)
-            pad_to = graph_size or len(sched.scheduled)
+                graph_size = self.graphs.size_for(sched.num_tokens)
+            pad_to = graph_size or sched.num_tokens
         input_ids, positions, meta, sample_rows, sample_requests = self._prepare(sched, pad_to)
         if prev is not None:
             # A chained step's "ids" are rows of the previous step's tokens, still on the device.
@@ -214,9 +233,12 @@ class ModelRunner:
             sample_requests, [drafts[r.request_id] for r in sample_requests]
         )
         tokens = None  # the argmax of each sampled row, on the device
-        if graph_size is not None:
-            logits, tokens = self.graphs.replay(graph_size, input_ids, positions, meta)
-            if len(sample_rows) < len(sched.scheduled):  # a 1-token chunk that samples nothing
+        if pad_to is not None:
+            logits, tokens = run_decode_rows(
+                self.model, self.backend, self.kv_caches, self.graphs, graph_size,
+                input_ids, positions, meta,
+            )  # fmt: skip
+            if len(sample_rows) < sched.num_tokens:  # a 1-token chunk that samples nothing
                 logits, tokens = logits[sample_rows], tokens[sample_rows]
         else:
             self.backend.prepare(meta)
@@ -224,17 +246,21 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
         end_step = None if connector is None else (lambda: connector.on_step_end(sched))
         ids = [r.request_id for r in sample_requests]
-        plain = sample_rows and masks is None and not any(drafts.values())
-        if plain and all_plain_greedy(sample_requests):
+        verifying = [drafts[rid] for rid in ids]
+        if sample_rows and masks is None and all_plain_greedy(sample_requests):
             # Greedy fast path: the argmax (inside the graph on a replay) and one copy of the
-            # step's tokens to the host; no sampler, no float copies of the logits.
+            # step's tokens to the host; no sampler, no float copies of the logits. Drafts are
+            # accepted against the argmax rows on the host (`finish`).
             if tokens is None:
                 tokens = logits.argmax(dim=-1)
-            return PendingStep(ids, tokens, self.token_reader.start(tokens), logits, end_step)
+            copy = self.token_reader.start(tokens)
+            return PendingStep(
+                ids, tokens, copy, logits, end_step, drafts=verifying if any(verifying) else None
+            )
         result = RunnerOutput({}, {})
         if not sample_rows:
             pass
-        elif any(drafts.values()):
+        elif any(verifying):
             masked = logits if masks is None else masks.apply(logits)
             result = self._verify(masked, sample_requests, drafts, logits)
         else:
@@ -250,8 +276,20 @@ class ModelRunner:
         result = pending.result
         if result is None:
             token_ids = self.token_reader.finish(pending.copy)
-            sampled = {rid: [t] for rid, t in zip(pending.request_ids, token_ids)}
-            result = RunnerOutput(sampled, {}, pending.logits)
+            logits = pending.logits
+            if pending.drafts is None:
+                sampled = {rid: [t] for rid, t in zip(pending.request_ids, token_ids)}
+            else:  # greedy verification: each request's rows are the target's argmax
+                sampled, start, last = {}, 0, []
+                for rid, draft in zip(pending.request_ids, pending.drafts):
+                    end = start + len(draft) + 1
+                    sampled[rid] = accept_greedy(draft, token_ids[start:end])
+                    start = end
+                    last.append(end - 1)
+                # NOTE: indexed here, after the wait: an index moved to the device earlier
+                # would have blocked the host until the step ran.
+                logits = logits[last]  # one row per request, its last
+            result = RunnerOutput(sampled, {}, logits)
         if pending.end_step is not None:
             pending.end_step()
         return result
@@ -290,132 +328,84 @@ class ModelRunner:
         return RunnerOutput(sampled, logprobs, raw[ends[plain + spec] - 1])
 
     def _prepare(self, sched: SchedulerOutput, pad_to: int | None = None):
-        """Pack the step's tokens. With `pad_to` (pure-decode steps only), the short way, padded
-        to that many decode rows for a graph (see `DecodeGraphs`); then `meta.seq_lens` is the
-        real rows' only."""
+        """Pack the step's tokens. With `pad_to` (decode-rows steps only), the short way, padded
+        to that many rows for a graph (see `DecodeGraphs`); then `meta.seq_lens` is the real
+        rows' only. Either way a request verifying d drafts is d + 1 one-token rows, each with
+        its own context length (`engine.decode_graphs`), so attention treats them as decodes."""
         if pad_to is not None:
             return self._prepare_decodes(sched, pad_to)
         tokens: list[int] = []
-        query_start_loc = [0]
-        seq_lens, starts, sample_rows, sample_requests = [], [], [], []
-        for s in sched.scheduled:
+        # Units: what attention sees as one sequence, a prefill chunk or a one-token row.
+        unit_starts, unit_lens, unit_seq = [], [], []
+        sample_rows, sample_requests = [], []
+        for i, s in enumerate(sched.scheduled):
             req = s.request
             start = req.num_computed_tokens
             # With drafts, the slice yields the one real token and the drafts follow it.
             tokens.extend(req.all_token_ids[start : start + s.num_tokens])
             tokens.extend(s.spec_token_ids)
-            query_start_loc.append(query_start_loc[-1] + s.num_tokens)
-            seq_lens.append(start + s.num_tokens)
-            starts.append(start)
+            if s.spec_token_ids:  # one row per token
+                unit_starts.extend(range(start, start + s.num_tokens))
+                unit_lens.extend([1] * s.num_tokens)
+                unit_seq.extend([i] * s.num_tokens)
+            else:
+                unit_starts.append(start)
+                unit_lens.append(s.num_tokens)
+                unit_seq.append(i)
             if s.samples:
-                end = query_start_loc[-1]
+                end = len(tokens)
                 sample_rows.extend(range(end - 1 - len(s.spec_token_ids), end))
                 sample_requests.append(req)
-        num_seqs = len(sched.scheduled)
+        query_start_loc = [0]
+        for n in unit_lens:
+            query_start_loc.append(query_start_loc[-1] + n)
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        block_tables = torch.zeros((num_seqs, max_blocks), dtype=torch.int64)
+        seq_tables = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int64)
         for i, s in enumerate(sched.scheduled):
-            block_tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
-        # Position of every token, and which sequence it belongs to, without a per-token loop.
-        q_lens = torch.tensor([s.num_tokens for s in sched.scheduled])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
-        offsets = torch.arange(int(q_lens.sum())) - torch.tensor(query_start_loc[:-1])[seq_of_token]
-        positions = torch.tensor(starts)[seq_of_token] + offsets
-        blocks = block_tables[seq_of_token, positions // self.block_size]
+            seq_tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+        block_tables = seq_tables[torch.tensor(unit_seq)]
+        # Position of every token, and which unit it belongs to, without a per-token loop.
+        q_lens = torch.tensor(unit_lens)
+        unit_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens)
+        offsets = torch.arange(len(tokens)) - torch.tensor(query_start_loc[:-1])[unit_of_token]
+        positions = torch.tensor(unit_starts)[unit_of_token] + offsets
+        blocks = block_tables[unit_of_token, positions // self.block_size]
         slot_mapping = blocks * self.block_size + positions % self.block_size
         input_ids = torch.tensor(tokens, dtype=torch.int64)
         staged = self.stager.upload([input_ids, positions, slot_mapping, block_tables])
         meta = AttentionMetadata(
             slot_mapping=staged[2],
             query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
+            seq_lens=[start + n for start, n in zip(unit_starts, unit_lens)],
             block_tables=staged[3],
             block_size=self.block_size,
         )
         return staged[0], staged[1], meta, sample_rows, sample_requests
 
     def _prepare_decodes(self, sched: SchedulerOutput, pad_to: int):
-        """A pure-decode step (a graph replay, or eager). One token per sequence, so plain
-        per-sequence arithmetic builds one flat list (a handful of tensor ops cost more at small
-        batch), moved in one copy. Rows past the step's sequences are padding (graphs only):
-        token 0 at position 0, written to the scratch block, context length 1. A real row's
-        table is padded with NULL_BLOCK_ID, never read. `meta.backend_data` carries the padded
-        seq_lens.
-
-            flat  | ids (b) | positions (b) | slots (b) | block tables (b x width) | seq_lens (b) |
-        """
-        bs, scratch, b = self.block_size, self.num_blocks, pad_to
-        num_seqs = len(sched.scheduled)
-        extra = b - num_seqs
-        # The rows the backend reads (attention sinks: the sink and window blocks only).
-        table_rows = [
-            self.backend.decode_block_ids(s.block_ids, s.seq_len) for s in sched.scheduled
-        ]
-        width = max(len(row) for row in table_rows)
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        for s, row in zip(sched.scheduled, table_rows):
+        """A decode-rows step (a graph replay, or eager): one row per decode, d + 1 per request
+        verifying d drafts (`DecodeRows`), built as plain lists (a handful of tensor ops cost
+        more at small batch) and moved in one copy. Rows past the real ones are padding
+        (graphs only). Returns the real rows that sample (all of a verifying request's)."""
+        rows = DecodeRows(self.block_size, self.backend)
+        sample_rows, sample_requests = [], []
+        for s in sched.scheduled:
             p = s.request.num_computed_tokens
             if s.prev_row is None:
-                ids.append(s.request.all_token_ids[p])
+                first = s.request.all_token_ids[p]
             else:  # chained: its input is the token in flight, in that row of the last step
-                p += 1
-                ids.append(s.prev_row)
-            positions.append(p)
-            slots.append(s.block_ids[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables += row + [NULL_BLOCK_ID] * (width - len(row))
-        flat = torch.tensor(
-            ids + [0] * extra + positions + [0] * extra + slots + [scratch * bs] * extra
-            + tables + [scratch] * (extra * width) + lens + [1] * extra
-        )  # fmt: skip
-        staged = self.stager.upload([flat])[0]
-        meta = AttentionMetadata(
-            slot_mapping=staged[2 * b : 3 * b],
-            query_start_loc=list(range(num_seqs + 1)),
-            seq_lens=lens,
-            block_tables=staged[3 * b : 3 * b + b * width].view(b, width),
-            block_size=bs,
-            backend_data=staged[3 * b + b * width :],
-            decode_rows_packed=True,
-        )
-        rows = [i for i, s in enumerate(sched.scheduled) if s.samples]
-        requests = [sched.scheduled[i].request for i in rows]
-        return staged[:b], staged[b : 2 * b], meta, rows, requests
-
-
-class _Stager:
-    """Moves a step's host-built index tensors to the device in one non-blocking copy through a
-    pinned buffer (on CPU it hands them back as they are)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.pinned: torch.Tensor | None = None
-        self.staged: torch.Tensor | None = None
-        self.copied: torch.cuda.Event | None = None
-
-    def upload(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """int64 host tensors -> device tensors of the same shapes. They live in one device
-        buffer that the next upload overwrites (in stream order, after this step's kernels)."""
-        if self.device.type != "cuda":
-            return parts
-        total = sum(p.numel() for p in parts)
-        # NOTE: the previous step's copy may still be reading the pinned buffer (a step that
-        # samples nothing never synchronizes); wait for it before writing.
-        if self.copied is not None:
-            self.copied.synchronize()
-        if self.pinned is None or self.pinned.numel() < total:
-            size = max(total, 2 * (0 if self.pinned is None else self.pinned.numel()), 1 << 14)
-            self.pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
-            self.staged = torch.empty(size, dtype=torch.int64, device=self.device)
-        torch.cat([p.reshape(-1) for p in parts], out=self.pinned[:total])
-        self.staged[:total].copy_(self.pinned[:total], non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
-        out, offset = [], 0
-        for p in parts:
-            out.append(self.staged[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return out
+                assert not s.spec_token_ids, "a chained step verifies no drafts"
+                p, first = p + 1, s.prev_row
+            start = rows.num_rows
+            rows.add([first, *s.spec_token_ids], p, s.block_ids)
+            if s.samples:
+                sample_rows.extend(range(start, rows.num_rows))
+                sample_requests.append(s.request)
+        # The scratch block: past the scheduler's pool, padding rows write there (graphs only).
+        flat = rows.flat(pad_to, self.num_blocks)
+        staged = self.stager.upload([torch.tensor(flat)])[0]
+        input_ids, positions, meta = rows.unpack(staged)
+        return input_ids, positions, meta, sample_rows, sample_requests
 
 
 class TokenReader:
@@ -453,86 +443,6 @@ class TokenReader:
 
     def read(self, tokens: torch.Tensor) -> list[int]:
         return self.finish(self.start(tokens))
-
-
-class DecodeGraphs:
-    """CUDA graphs of pure-decode steps, one per batch-size bucket: the forward pass, the output
-    head and the argmax, so a greedy step needs nothing else on the GPU.
-
-    A step of n decodes replays the smallest bucket b >= n. Its inputs are copied into the static
-    buffers the graph reads; rows n..b-1 are padding (token 0 at position 0, context length 1,
-    K/V written into the scratch block that no request owns), and their outputs are dropped:
-
-        rows     | n real decodes            | b - n padding -> scratch block |
-        tables   | the requests' blocks      | [scratch, scratch, ...]        |
-    """
-
-    def __init__(self, runner: ModelRunner, max_num_seqs: int):
-        self.sizes = [b for b in _GRAPH_BATCH_SIZES if b < max_num_seqs] + [max_num_seqs]
-        largest = self.sizes[-1]
-        device, bs = runner.device, runner.block_size
-        width = -(-runner.max_model_len // bs)
-        scratch = runner.num_blocks
-        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((largest,), scratch * bs, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
-        self.block_tables = torch.full((largest, width), scratch, dtype=torch.int64, device=device)
-        # Per bucket: the graph, and its outputs (logits, argmax token ids), b rows each.
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        pool = None
-        with torch.inference_mode():
-            for b in reversed(self.sizes):  # largest first: the smaller ones reuse its memory
-                meta = AttentionMetadata(
-                    slot_mapping=self.slot_mapping[:b],
-                    query_start_loc=list(range(b + 1)),
-                    seq_lens=[1] * b,
-                    block_tables=self.block_tables[:b],
-                    block_size=bs,
-                    backend_data=runner.backend.decode_graph_data(
-                        self.seq_lens[:b], self.block_tables[:b]
-                    ),
-                )
-                args = (self.input_ids[:b], self.positions[:b], runner.kv_caches, meta)
-                self._decode(runner.model, args)  # warm-up: compiles kernels outside the capture
-                torch.cuda.synchronize(device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits, tokens = self._decode(runner.model, args)
-                pool = graph.pool()
-                self.graphs[b] = (graph, logits, tokens)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
-
-    @staticmethod
-    def _decode(model, args) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a graph runs: the forward pass, the head and the argmax (the eager path in
-        `ModelRunner.execute` computes the same, in the same order)."""
-        logits = model.compute_logits(model(*args))
-        return logits, logits.argmax(dim=-1)
-
-    def batch_size_for(self, sched: SchedulerOutput) -> int | None:
-        """The bucket that replays this step, or None when it must run eagerly (a prefill chunk
-        in it, or more decodes than the largest bucket)."""
-        n = len(sched.scheduled)
-        if n > self.sizes[-1] or any(s.num_tokens != 1 for s in sched.scheduled):
-            return None
-        return next(b for b in self.sizes if b >= n)
-
-    def replay(self, size, input_ids, positions, meta: AttentionMetadata):
-        """Inputs padded to `size` rows (ModelRunner._prepare); returns the real rows' logits
-        and argmax token ids, views into the graph's outputs that the next replay of this bucket
-        overwrites."""
-        width = meta.block_tables.shape[1]
-        self.input_ids[:size].copy_(input_ids, non_blocking=True)
-        self.positions[:size].copy_(positions, non_blocking=True)
-        self.slot_mapping[:size].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:size].copy_(meta.backend_data, non_blocking=True)
-        # Columns past `width` keep stale ids; the kernel reads only the first
-        # ceil(seq_len / block_size) of each row.
-        self.block_tables[:size, :width].copy_(meta.block_tables, non_blocking=True)
-        graph, logits, tokens = self.graphs[size]
-        graph.replay()
-        return logits[: meta.num_seqs], tokens[: meta.num_seqs]
 
 
 def _sink_backend(spec: AttentionSpec, cfg: ModelConfig, config: EngineConfig, use_triton: bool):

@@ -26,6 +26,10 @@ import numpy as np
 import torch
 
 METHODS = ("ngram", "draft")
+# The largest verify step with a CUDA graph, in rows. Past a few hundred tokens a target step is
+# compute-bound (`saturation_tokens`), so eager launches add little, while a bucket's logits
+# ([rows, vocab]: 512 x 128k bf16 is 128 MiB) and activations stay in the graphs' memory pool.
+_MAX_GRAPH_ROWS = 512
 
 
 @dataclass
@@ -82,6 +86,13 @@ class SpeculativeConfig:
             raise ValueError(f"draft_num_blocks must be >= 1, got {self.draft_num_blocks}")
         if self.saturation_tokens is not None and self.saturation_tokens < 1:
             raise ValueError(f"saturation_tokens must be >= 1, got {self.saturation_tokens}")
+
+    def max_verify_rows(self, max_num_seqs: int) -> int:
+        """Rows of the largest verify step the decode CUDA graphs hold: every request that may
+        speculate (`max_batch_size`, at most `max_num_seqs`) verifying k drafts as k + 1 rows
+        (engine/decode_graphs.py), at most _MAX_GRAPH_ROWS. Larger steps run eagerly."""
+        num_seqs = min(max_num_seqs, self.max_batch_size)
+        return min(num_seqs * (self.num_speculative_tokens + 1), _MAX_GRAPH_ROWS)
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
@@ -140,7 +151,8 @@ class NgramProposer:
 # decoding by _MIN_GAIN. So k falls to 0 as the batch grows (verifying k extra tokens per
 # request is no longer free) or as acceptance falls (E(k) -> 1). The denominator is
 # multiplied by a measured factor (`StepCostMeter`): what speculative steps took against plain
-# ones, over what this model predicted (on a GPU they run outside the decode CUDA graphs).
+# ones, over what this model predicted (host work, kernels off the roofline). On a GPU both
+# kinds of step replay decode CUDA graphs (engine/decode_graphs.py), so it stays near 1.
 _MIN_GAIN = 1.05
 
 

@@ -35,7 +35,7 @@ class AttentionMetadata:
     block_size: int
     backend_data: Any = None  # filled by AttentionBackend.prepare
     # True when the decode rows of `block_tables` are `AttentionBackend.decode_block_ids` of each
-    # sequence's blocks (a pure-decode step, ModelRunner._prepare_decodes), not the whole row.
+    # sequence's blocks (a decode-rows step, engine.decode_graphs.DecodeRows), not the whole row.
     decode_rows_packed: bool = False
 
     @property
