@@ -143,6 +143,12 @@ class LLMEngine:
             self.proposer = NgramProposer(self.speculative)
         # Async scheduling: the step launched ahead and not yet processed, with its schedule.
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        self.reset_speculation()
+
+    def reset_speculation(self) -> None:
+        """Forget what dynamic speculation measured (acceptance, step costs, probes) and the
+        draft totals, as in a new engine. Benchmarks call it after a warm-up, so that a timed
+        run pays the rule's learning phase as a fresh server would."""
         self.acceptance = AcceptanceMeter()
         self.step_cost = StepCostMeter()
         self._num_steps = 0
@@ -150,6 +156,7 @@ class LLMEngine:
         self._probing = False  # the step just chosen is a probe
         # The last step's choice, for the cost meter: (batch size, k, modeled relative cost).
         self._last_choice: tuple[int, int, float] | None = None
+        self._cycle_start = 0.0  # when the last step began proposing (the cost meter's clock)
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -293,6 +300,7 @@ class LLMEngine:
             self._in_flight = None
         else:
             self._last_choice = None
+            self._cycle_start = step_start  # what the step cost meter times: proposing included
             self._propose()
             sched = self.scheduler.schedule()
             if sched.is_empty:
@@ -348,7 +356,7 @@ class LLMEngine:
         if spec:
             self._observe_acceptance(spec, result)
         if self.speculative and all(s.num_tokens == 1 or s.spec_token_ids for s in scheduled):
-            self._observe_step_cost(len(scheduled), bool(spec), step_start)
+            self._observe_step_cost(len(scheduled), bool(spec))
         num_before = {s.request.request_id: s.request.num_output_tokens for s in scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
@@ -453,12 +461,20 @@ class LLMEngine:
             self._last_choice = (batch_size, k, relative_step_cost(batch_size, k, cost, saturation))
         return k
 
-    def _observe_step_cost(self, batch_size: int, speculated: bool, start: float) -> None:
-        """Feed the cost meter a pure-decode step's duration, proposing included."""
-        seconds = time.perf_counter() - start
+    def _observe_step_cost(self, batch_size: int, speculated: bool) -> None:
+        """Feed the cost meter a pure-decode step's duration, proposing included. A speculative
+        step in which the draft model caught a request up on more than one step's tokens (its
+        prompt, or the tokens of steps that did not speculate) paid a one-off cost beside the
+        step's own, and is left out."""
+        seconds = time.perf_counter() - self._cycle_start
         if not speculated:
             self.step_cost.observe_plain(batch_size, seconds)
-        elif self._last_choice is not None and self._last_choice[0] == batch_size:
+            return
+        steady = (
+            self.drafter is None
+            or self.drafter.last_catch_up <= self.speculative.num_speculative_tokens + 1
+        )
+        if steady and self._last_choice is not None and self._last_choice[0] == batch_size:
             self.step_cost.observe_speculative(batch_size, self._last_choice[2], seconds)
 
     def _retain_drafts(self) -> None:

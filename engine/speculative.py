@@ -193,21 +193,27 @@ def choose_num_drafts(
 class StepCostMeter:
     """What a speculative step really costs against what the rule's model says, measured.
 
-    The model prices a verify pass by its token count. On a GPU a speculative step also leaves
-    the decode CUDA graphs (eager launches: a few times a replayed step at a small batch) and
-    pays the proposer's host work; no token count shows either. So each speculative step's
-    duration is divided by (the plain steps' average duration at the same batch size x the
-    modeled relative cost), and the exponential average of that ratio, `factor`, multiplies
-    the modeled cost of the next choices (1.0 until measured).
+    The model prices a verify pass by its token count and each draft pass by the draft's
+    parameters. What no token count shows: the proposer's host work, the target's and the
+    draft's kernels off the roofline, eager launches where a step does not fit a decode CUDA
+    graph. So each speculative step's duration, its proposal included, is divided by (the
+    plain steps' average duration at the same batch size x the modeled relative cost), and the
+    exponential average of that ratio, `factor`, multiplies the modeled cost of the next
+    choices (1.0 until measured). The engine leaves out steps in which a draft model caught a
+    request up on more than one step's tokens (a one-off cost: the prompt, or a pause).
 
-    Plain steps are kept per batch-size bucket (powers of two): the engine runs a plain step
-    in a bucket before speculating there (`needs_plain`). Without that reference a run that
+    Plain steps are kept per batch-size bucket (powers of two): the engine runs plain steps in
+    a bucket before speculating there (`needs_plain`). Without that reference a run that
     speculated from its first step never measured its cost: on an H100 a draft model's eager
-    steps ran at 0.3x plain decoding while the factor stayed at 1.0 (2026-11-26)."""
+    steps ran at 0.3x plain decoding while the factor stayed at 1.0 (2026-11-26). The first
+    plain step is not timed: the engine's first decodes pay one-off costs (on CPU the first
+    took 25x the next), and a slow reference makes every speculative step look cheap, for good,
+    since plain steps stop once speculation runs."""
 
     def __init__(self, decay: float = 0.8):
         self.decay = decay
         self.plain_s: dict[int, float] = {}  # bucket -> average plain decode step, seconds
+        self._warm = False  # the first, untimed, plain step ran
         self.factor = 1.0
 
     @staticmethod
@@ -218,6 +224,9 @@ class StepCostMeter:
         return self.bucket(batch_size) not in self.plain_s
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
+        if not self._warm:
+            self._warm = True
+            return
         key = self.bucket(batch_size)
         old = self.plain_s.get(key, seconds)
         self.plain_s[key] = self.decay * old + (1 - self.decay) * seconds

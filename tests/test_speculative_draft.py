@@ -249,9 +249,12 @@ def test_measured_step_cost_turns_speculation_off():
 
 
 def test_no_speculation_before_a_plain_step_at_that_batch_size(pair):
-    """Speculation is priced against plain steps: where none ran yet (this batch size's power-of-
-    two bucket), the engine runs one first, then drafts."""
+    """Speculation is priced against plain steps: where none was timed yet (this batch size's
+    power-of-two bucket), the engine runs one first, then drafts (its first ever is not
+    timed)."""
     engine = LLM(pair[0], speculative=draft_config(pair), num_blocks=64).engine
+    assert engine._step_num_drafts(3) == 0
+    engine.step_cost.observe_plain(3, 0.01)  # the engine's first plain step is not timed
     assert engine._step_num_drafts(3) == 0
     engine.step_cost.observe_plain(3, 0.01)
     assert engine._step_num_drafts(3) > 0 and engine._step_num_drafts(4) > 0  # bucket 4
@@ -266,7 +269,8 @@ def test_failed_probes_back_off(pair):
     llm = LLM(pair[0], speculative=draft_config(pair), num_blocks=64)
     engine = llm.engine
     engine.acceptance.accepted = 0.0
-    engine.step_cost.observe_plain(1, 0.01)  # a plain step at batch 1 has run
+    for _ in range(2):  # plain steps at batch 1 have run (the first ever is not timed)
+        engine.step_cost.observe_plain(1, 0.01)
     probes = [i for i in range(1, 501) if engine._step_num_drafts(1) > 0]
     assert probes == [16, 32, 64, 128, 256]  # gaps 16, 32, 64, 128
 

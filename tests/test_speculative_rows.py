@@ -7,10 +7,13 @@ very same rows.
 - greedy tokens with speculation (n-gram and draft model, static and dynamic) equal plain
   decoding, with verify steps and the draft's passes going through rows;
 - sliding window and attention sinks verify correctly (against transformers and the streaming
-  reference), a draft model with sinks is refused.
+  reference), a draft model with sinks is refused;
+- the dynamic rule's cost meter times the proposal with the step, and skips one-off catch-ups.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -191,6 +194,41 @@ def test_draft_model_with_sinks_is_refused(pair):
     draft = {"method": "draft", "model": str(pair[1])}
     with pytest.raises(ValueError, match="draft model with attention sinks is not supported"):
         sink_llm(pair[0], speculative_config=draft)
+
+
+# -- dynamic speculation: what the cost meter times ------------------------------------------
+
+
+def test_step_cost_includes_the_proposal(pair):
+    """A speculative step is timed from its proposal on (the draft model's passes are part of
+    its cost), and a step whose draft caught a request up on its whole prompt is not priced."""
+    llm = LLM(pair[0], num_blocks=128, speculative_config=spec_config("draft", pair, True))
+    engine = llm.engine
+    propose, observed = engine.drafter.propose_batch, []
+
+    def slow_propose(requests, counts):
+        time.sleep(0.05)
+        propose(requests, counts)
+
+    engine.drafter.propose_batch = slow_propose
+    meter = engine.step_cost
+    observe = meter.observe_speculative
+
+    def record(batch_size, modeled_cost, seconds):
+        observed.append((engine.drafter.last_catch_up, seconds))
+        observe(batch_size, modeled_cost, seconds)
+
+    meter.observe_speculative = record
+    engine.add_request("r", repeating_prompts([10], seed=4)[0], GREEDY)
+    speculated = long_catch_ups = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        if engine.last_step.num_draft_tokens:
+            speculated += 1
+            long_catch_ups += engine.drafter.last_catch_up > 4  # more than k + 1 tokens
+    assert long_catch_ups >= 1  # the first proposal: the draft prefilled the prompt
+    assert len(observed) == speculated - long_catch_ups >= 1
+    assert all(catch_up <= 4 and seconds >= 0.05 for catch_up, seconds in observed)
 
 
 def test_verify_graph_rows_cover_speculation():
