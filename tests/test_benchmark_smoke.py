@@ -47,3 +47,6 @@ def test_planner_check_quick(tmp_path):
     assert "diff pts" in stdout
     assert len(results["measured"]) == len(results["predicted"]) == 2
     assert all(0.0 <= m <= 1.0 for m in results["measured"])
+    # Per rate, the prefill worker's steps against the profile (benchmarks/step_report.py).
+    steps = results["summaries"][0]["prefill_steps"]["bench-prefill-0"]
+    assert steps["num_steps"] > 0 and steps["measured_over_predicted"] > 0
