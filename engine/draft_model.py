@@ -336,6 +336,9 @@ class DraftProposer:
         q = self.sampler.probs(logits.float(), requests)
         q = q / q.sum(dim=-1, keepdim=True)
         sampled = self.sampler.draw(q, requests)
+        if not any(greedy):
+            return sampled, q
+        # NOTE: the mask's copy to the device waits for the pass: only mixed batches pay it.
         return torch.where(torch.tensor(greedy, device=argmax.device), argmax, sampled), q
 
 
