@@ -14,14 +14,18 @@ Methods and workloads:
 Each runs at every `--batch-sizes` (max_num_seqs; as many prompts as the batch, at least 2)
 with three engines: plain, `static` (k drafts every step) and `dynamic` (the step's k from
 the batch size and the measured acceptance: `engine.speculative.choose_num_drafts`), both
-with the `max_batch_size` cap lifted so that the rule alone decides. Reported: plain tokens/s,
-each speculative engine's speed-up over it, the acceptance rate (accepted / drafted) and the
-tokens a request gained per step it was in, static/dynamic.
+with the `max_batch_size` cap lifted so that the rule alone decides. Every engine first runs
+the prompts for a few tokens (a warm-up), then forgets what dynamic speculation measured, so a
+timed run pays the rule's learning phase as a new server does. Reported: each engine's output
+tokens/s and the speculative ones' speed-up over plain, then static/dynamic: the acceptance rate
+(accepted / drafted), the drafts a request verified per step it was in, the tokens it gained
+per step, and (dynamic) the rule's measured cost factor at the end (`StepCostMeter`: ~1 when a
+speculative step costs what the roofline says).
 
     python -m benchmarks.speculative                              # CPU, small shapes
-    python -m benchmarks.speculative --methods draft --dtype bfloat16 --hidden-size 2048 \
+    python -m benchmarks.speculative --methods draft ngram --dtype bfloat16 --hidden-size 2048 \
         --layers 16 --heads 16 --kv-heads 8 --vocab-size 32000 --draft-layers 2 \
-        --batch-sizes 1 64 --max-tokens 128                     # one GPU
+        --batch-sizes 1 64 --max-tokens 128 --repeats 2         # one GPU
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def make_models(root: Path, args) -> dict[str, Path]:
 def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
     """Time a plain engine and one per speculative config on the same prompts, alternating runs
     so that drift in the machine's load hits all alike; the best run of each counts. Returns
-    (total tokens, [(tok/s, drafted, accepted) per engine, plain first])."""
+    (total tokens, [(tok/s, drafted, accepted, cost factor) per engine, plain first])."""
     llms = [
         LLM(
             model_dir,
@@ -88,13 +92,13 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     best = [float("inf")] * len(llms)
     tokens = [None] * len(llms)
-    counts = [(0, 0)] * len(llms)
-    for llm in llms:
-        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    counts = [(0, 0, 1.0)] * len(llms)
+    for llm in llms:  # kernels compiled and tuned for these shapes, allocators warm
+        llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for _ in range(repeats):
         for i, llm in enumerate(llms):
             engine = llm.engine
-            engine.num_draft_tokens = engine.num_accepted_tokens = 0
+            engine.reset_speculation()  # the learning phase again, as in a new engine
             _sync(engine)
             start = time.perf_counter()
             outputs = llm.generate(prompts, params)
@@ -102,7 +106,8 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
             elapsed = time.perf_counter() - start
             if elapsed < best[i]:
                 best[i] = elapsed
-                counts[i] = (engine.num_draft_tokens, engine.num_accepted_tokens)
+                drafted, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
+                counts[i] = (drafted, accepted, engine.step_cost.factor)
             tokens[i] = [o.token_ids for o in outputs]
     for i in range(1, len(llms)):
         if tokens[i] == tokens[0]:
@@ -197,8 +202,9 @@ def main() -> None:
         f"{args.later_layer_scale}; {args.max_tokens} output tokens per request, greedy, k={args.k}"
     )
     print(
-        f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>13}"
-        f"{'static':>9}{'dynamic':>9}{'accept s/d':>12}{'tok/step s/d':>14}"
+        f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
+        f"{'static tok/s':>19}{'dynamic tok/s':>20}{'accept s/d':>12}{'drafts/step s/d':>17}"
+        f"{'tok/step s/d':>14}{'cost x':>8}"
     )
     root = Path(tempfile.mkdtemp(prefix="baton-spec-"))
     for method, model, workload, model_dir, prompts, spec in cells(args, root):
@@ -216,13 +222,17 @@ def main() -> None:
                 args.repeats,
                 args.dtype,
             )
-            (base, _, _), (fast, d1, a1), (dyn, d2, a2) = rows
-            # A request gains its accepted drafts plus one target token per step it runs.
+            (base, _, _, _), (fast, d1, a1, _), (dyn, d2, a2, factor) = rows
+            # A request gains its accepted drafts plus one target token per step it runs, so
+            # it ran (total - accepted) request-steps.
             accept = f"{a1 / max(d1, 1):.2f}/{a2 / max(d2, 1):.2f}"
+            drafts = f"{d1 / (total - a1):.2f}/{d2 / (total - a2):.2f}"
             per_step = f"{total / (total - a1):.2f}/{total / (total - a2):.2f}"
+            static_col = f"{fast:.1f} ({fast / base:.2f}x)"
+            dynamic_col = f"{dyn:.1f} ({dyn / base:.2f}x)"
             print(
-                f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>13.1f}{fast / base:>9.2f}"
-                f"{dyn / base:>9.2f}{accept:>12}{per_step:>14}",
+                f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>12.1f}{static_col:>19}"
+                f"{dynamic_col:>20}{accept:>12}{drafts:>17}{per_step:>14}{factor:>8.2f}",
                 flush=True,
             )
 
