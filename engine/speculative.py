@@ -205,14 +205,17 @@ class StepCostMeter:
     Plain steps are kept per batch-size bucket (powers of two): the engine runs plain steps in
     a bucket before speculating there (`needs_plain`). Without that reference a run that
     speculated from its first step never measured its cost: on an H100 a draft model's eager
-    steps ran at 0.3x plain decoding while the factor stayed at 1.0 (2026-11-26). The first
-    plain step is not timed: the engine's first decodes pay one-off costs (on CPU the first
-    took 25x the next), and a slow reference makes every speculative step look cheap, for good,
-    since plain steps stop once speculation runs."""
+    steps ran at 0.3x plain decoding while the factor stayed at 1.0 (2026-11-26). A slow
+    reference makes every speculative step look cheap, and plain steps stop once speculation
+    runs, so: the first plain step is not timed (the engine's first decodes pay one-off costs;
+    on CPU the first took 25x the next), and after `refresh` priced speculative steps in a
+    bucket the engine runs a plain one there again (contexts grow; one outlier must not last).
+    """
 
-    def __init__(self, decay: float = 0.8):
-        self.decay = decay
+    def __init__(self, decay: float = 0.8, refresh: int = 32):
+        self.decay, self.refresh = decay, refresh
         self.plain_s: dict[int, float] = {}  # bucket -> average plain decode step, seconds
+        self._since_plain: dict[int, int] = {}  # bucket -> speculative steps priced since
         self._warm = False  # the first, untimed, plain step ran
         self.factor = 1.0
 
@@ -221,7 +224,8 @@ class StepCostMeter:
         return 1 << max(batch_size - 1, 0).bit_length()
 
     def needs_plain(self, batch_size: int) -> bool:
-        return self.bucket(batch_size) not in self.plain_s
+        key = self.bucket(batch_size)
+        return key not in self.plain_s or self._since_plain[key] >= self.refresh
 
     def observe_plain(self, batch_size: int, seconds: float) -> None:
         if not self._warm:
@@ -230,13 +234,16 @@ class StepCostMeter:
         key = self.bucket(batch_size)
         old = self.plain_s.get(key, seconds)
         self.plain_s[key] = self.decay * old + (1 - self.decay) * seconds
+        self._since_plain[key] = 0
 
     def observe_speculative(self, batch_size: int, modeled_cost: float, seconds: float) -> None:
-        plain = self.plain_s.get(self.bucket(batch_size))
+        key = self.bucket(batch_size)
+        plain = self.plain_s.get(key)
         if plain is None or modeled_cost <= 0:
             return  # nothing to compare with yet
         ratio = seconds / (plain * modeled_cost)
         self.factor = self.decay * self.factor + (1 - self.decay) * ratio
+        self._since_plain[key] += 1
 
 
 class AcceptanceMeter:

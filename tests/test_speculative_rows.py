@@ -21,7 +21,7 @@ from engine import LLM, SamplingParams
 from engine.kv_cache import NULL_BLOCK_ID
 from engine.request import Request
 from engine.scheduler import ScheduledRequest, SchedulerOutput
-from engine.speculative import SpeculativeConfig
+from engine.speculative import SpeculativeConfig, StepCostMeter
 from engine.testing import write_draft_pair, write_test_checkpoint
 from tests.helpers import Reference, random_prompts
 from tests.test_attention_sinks import StreamingReference, sink_llm
@@ -229,6 +229,23 @@ def test_step_cost_includes_the_proposal(pair):
     assert long_catch_ups >= 1  # the first proposal: the draft prefilled the prompt
     assert len(observed) == speculated - long_catch_ups >= 1
     assert all(catch_up <= 4 and seconds >= 0.05 for catch_up, seconds in observed)
+
+
+def test_plain_reference_untimed_first_then_refreshed():
+    """The engine's first plain step is not timed (one-off costs would make speculation look
+    cheap); after `refresh` priced speculative steps in a bucket, a plain one is due there."""
+    meter = StepCostMeter(refresh=4)
+    meter.observe_plain(1, 1.0)  # the first: untimed
+    assert meter.needs_plain(1) and meter.plain_s == {}
+    meter.observe_plain(1, 0.01)
+    assert not meter.needs_plain(1) and meter.plain_s == {1: 0.01}
+    for _ in range(3):
+        meter.observe_speculative(1, 2.0, 0.02)
+    assert not meter.needs_plain(1) and meter.factor == pytest.approx(1.0)
+    meter.observe_speculative(1, 2.0, 0.02)
+    assert meter.needs_plain(1) and meter.needs_plain(2)  # bucket 2: none timed yet
+    meter.observe_plain(1, 0.01)
+    assert not meter.needs_plain(1)
 
 
 def test_verify_graph_rows_cover_speculation():
