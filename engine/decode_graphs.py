@@ -65,7 +65,8 @@ class DecodeRows:
         """Rows for `token_ids` of one sequence at consecutive positions from `position`, whose
         KV slots are in `block_ids` (allocated up to the last). Each row's table is what the
         backend's decode kernel reads at its own context length (attention sinks: the sink
-        blocks and that row's window)."""
+        blocks and that row's window), cut after the row's last block, so that no row is wider
+        than a decode's at that length (a graph's static tables hold that)."""
         bs = self.block_size
         for j, token in enumerate(token_ids):
             pos = position + j
@@ -73,7 +74,9 @@ class DecodeRows:
             self.positions.append(pos)
             self.slots.append(block_ids[pos // bs] * bs + pos % bs)
             self.lens.append(pos + 1)
-            self.tables.append(self.backend.decode_block_ids(block_ids, pos + 1))
+            num_blocks = pos // bs + 1
+            own = block_ids if len(block_ids) == num_blocks else block_ids[:num_blocks]
+            self.tables.append(self.backend.decode_block_ids(own, pos + 1))
 
     def flat(self, pad_to: int, scratch_block: int) -> list[int]:
         """The packed layout above, padded to `pad_to` rows (>= num_rows)."""

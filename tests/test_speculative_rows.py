@@ -84,8 +84,8 @@ def test_verify_rows_expand_drafts(model_dir):
     assert meta.seq_lens == [21, 31, 32, 33, 34, 48, 49]  # each row its own context
     assert meta.backend_data.tolist() == meta.seq_lens + [1]
     assert meta.query_start_loc == list(range(8)) and meta.decode_rows_packed
-    width = 4
-    row_tables = [tables[0]] + [tables[1]] * 4 + [tables[2]] * 2
+    width = 4  # each row's table ends at its own last block
+    row_tables = [[5, 9], [2, 7], [2, 7], [2, 7, 11], [2, 7, 11], [1, 3, 4], [1, 3, 4, 6]]
     expected = [t + [NULL_BLOCK_ID] * (width - len(t)) for t in row_tables] + [[scratch] * width]
     assert meta.block_tables.tolist() == expected
     assert sample_rows == list(range(7)) and requests == [r0, r1, r2]
