@@ -131,11 +131,15 @@ def count_rows_steps(llm) -> dict[str, int]:
     return counts
 
 
+@pytest.fixture(scope="module")
+def expected(pair) -> list[list[int]]:
+    plain = LLM(pair[0], num_blocks=256, max_num_batched_tokens=48)
+    return [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+
+
 @pytest.mark.parametrize("adaptive", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_greedy_equals_plain_through_rows(pair, method, adaptive):
-    plain = LLM(pair[0], num_blocks=256, max_num_batched_tokens=48)
-    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+def test_greedy_equals_plain_through_rows(pair, expected, method, adaptive):
     spec = LLM(
         pair[0],
         num_blocks=256,
