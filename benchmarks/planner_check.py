@@ -43,9 +43,10 @@ import torch
 from benchmarks.gpu_common import SMALL_SERVING_SHAPE, bench_config, describe_run, serving_model
 from benchmarks.serving import bench_in_child, run_load, synthetic
 from benchmarks.step_report import format_summary, summarize_steps
-from deploy.launcher import deploy
+from deploy.launcher import deploy, kv_bytes_per_token
 from deploy.planner import Workload, max_rate, plan, simulate
 from deploy.profile import profile_in_child
+from engine.config import ModelConfig
 from router.latency_model import new_instance_model
 
 
@@ -163,7 +164,7 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
             live["max_num_batched_tokens"] = args.max_batched_tokens
             out["live_profile"] = live
             live_model = new_instance_model(live)
-            live_max = max_rate(live_model, *split, workload, slo)
+            live_max = max_rate(live_model, *split, workload, slo, args.kv_bytes_per_token)
             print(
                 f"live profile: prefill {_short(live['prefill'])}, decode "
                 f"{_short(live['decode'])}, request overhead "
@@ -172,7 +173,7 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
             )
             out["live_max_rate"] = live_max
             out["rates"] = rates = [f * live_max for f in args.fraction_list]
-            out["live_predicted"] = predict(live_model, split, rates, workload, slo)
+            out["live_predicted"] = predict(live_model, split, rates, workload, slo, args)
         for i, rate in enumerate(rates):
             out["summaries"].append(await run_rate(deployment, i, rate, workload, args))
         return out
@@ -180,10 +181,13 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
         await deployment.stop()
 
 
-def predict(model, split, rates, workload, slo) -> list[float]:
+def predict(model, split, rates, workload, slo, args) -> list[float]:
     """The simulation's attainment, averaged over seeds (one run is as noisy as the real one)."""
     return [
-        statistics.mean(simulate(model, *split, rate, workload, slo, seed=s) for s in range(5))
+        statistics.mean(
+            simulate(model, *split, rate, workload, slo, args.kv_bytes_per_token, seed=s)
+            for s in range(5)
+        )
         for rate in rates
     ]
 
@@ -257,7 +261,10 @@ def main() -> None:
         profile_path = str(Path(tmp) / "profile.json")
         Path(profile_path).write_text(json.dumps(profile))
         args.model = model = new_instance_model(profile)
-        rows = plan(model, workload, slo, args.max_devices)
+        # What one prompt token's KV costs to send, as the router counts it for the transfer.
+        model_config = ModelConfig.from_pretrained(model_dir)
+        args.kv_bytes_per_token = kv_bytes_per_token(model_config, 2 if args.gpu else 4, {})
+        rows = plan(model, workload, slo, args.max_devices, None, args.kv_bytes_per_token)
         best = rows[0]
         split = (best["prefill"], best["decode"])
         args.offline_max_rate = best["max_rate"]
@@ -279,7 +286,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     rates = result["rates"]
-    predicted = predict(model, split, rates, workload, slo)
+    predicted = predict(model, split, rates, workload, slo, args)
     measured = [s["slo_attainment"] for s in result["summaries"]]
     print(
         f"\n{describe_run()}; budget "
