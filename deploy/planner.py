@@ -236,8 +236,9 @@ def main(args) -> int:
     )
     slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
     rows = plan(model, workload, slo, args.max_gpus, args.rate, args.kv_bytes_per_token)
-    if not rows:
-        print(f"no split within {args.max_gpus} GPUs sustains {args.rate} req/s at the SLOs")
+    if not rows or (not args.rate and rows[0]["max_rate"] <= 0):
+        wanted = f"{args.rate} req/s" if args.rate else "any rate"
+        print(f"no split within {args.max_gpus} GPUs sustains {wanted} at the SLOs")
         return 1
     best = rows[0]
     print(f"{'prefill':>7} {'decode':>6} {'max rate':>9} {'per GPU':>8}")

@@ -109,3 +109,14 @@ def test_batching_under_a_budget_sustains_more_than_whole_prompts_per_step():
     whole = max_rate(step_model(budget=0, fixed=0.05), 1, 1, WORK, SLO)
     assert whole < 20.5  # one 100-token prompt per 50 ms step
     assert batched > 2 * whole
+
+
+def test_cli_plan_says_so_when_no_split_meets_the_slos(tmp_path, capsys):
+    from deploy.cli import main
+
+    profile = tmp_path / "profile.json"
+    # a prefill step of at least 1 s against a 100 ms TTFT SLO: nothing can meet it
+    profile.write_text('{"prefill": [1.0, 0, 0], "decode": [0.01, 0, 0], "transfer": [0, 0, 0]}')
+    args = ["plan", "--profile", str(profile), "--ttft-slo-ms", "100", "--max-gpus", "2"]
+    assert main([*args, "--num-requests", "20", "--min-duration-s", "1"]) == 1
+    assert "no split within 2 GPUs sustains any rate at the SLOs" in capsys.readouterr().out
