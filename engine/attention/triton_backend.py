@@ -7,21 +7,32 @@ Per layer, `forward` does:
    context (`triton_kernels.paged_decode`);
 3. prefill chunks with nothing cached before them: `F.scaled_dot_product_attention` with
    `is_causal` on the chunk's own q/k/v (PyTorch's flash kernel, GQA native), one call each;
-4. prefill chunks that continue a cached prefix (prefix-cache hits, chunked prefill): one
-   Triton launch for all of them that reads the prefix pages in place from the block table.
+4. prefill chunks that continue a cached prefix (prefix-cache hits, chunked prefill): either
+   gathered out of their pages into contiguous K/V and passed to flash SDPA with a lower-right
+   causal mask (`gathered_prefill.py`: one varlen call for all of them), or one Triton launch for
+   all of them that reads the prefix pages in place from the block table
+   (`triton_kernels.paged_prefill`). `sdpa_prefill_min_tokens` picks, per chunk.
 
-Why a kernel over the block table rather than gather-then-SDPA for (4): a gather copies the whole
-context of every chunk, every layer, into a contiguous buffer (for the last 512-token chunk of a
-4k prompt that is 8x the chunk's own K/V), and SDPA's flash kernel takes no shifted causal mask,
-so the call would fall back to a kernel that materialises the mask. The kernel reads each page
-once where it lies and applies the shift by index arithmetic.
+Why both: the gather copies the chunk's whole context every layer (for the last 512-token chunk
+of a 4k prompt that is 8x the chunk's own K/V), which `paged_prefill` never does; but flash runs
+each (query, key) pair faster than our kernel, and a chunk's attention FLOPs grow with its length
+while the copy does not. Per KV head, the copy moves 8 * head_dim bytes a context token (K and
+V, read and written, bf16) and attention does 4 * head_dim * G * q_len FLOPs on it (G query heads
+per KV head, at least q_len / 2 queries seeing each key); at an H100's ~350 TFLOP/s of flash and
+~2.6 TB/s of copy, the copy costs at most 540 / (G * q_len) of flash's time (half at G * q_len =
+1024, a 256-token chunk of Llama-3-8B; with a long prefix every key meets all q_len queries, and
+it is a quarter). From there on the gather wins whenever `paged_prefill` is more than ~1.5x
+slower than flash per pair; shorter chunks (few queries: a
+short last chunk, a small prefix-cache miss) stay on the kernel. The default threshold is that
+argument's; benchmarks/prefill_attention.py measures both paths.
 
-With a sliding window (per layer: `forward`'s `layer` picks it) neither kernel loads a key
-before the window: those blocks may be back in the pool, their table slots a placeholder.
+With a sliding window (per layer: `forward`'s `layer` picks it) every chunk over a prefix takes
+the kernel, and neither kernel loads a key before the window: those blocks may be back in the
+pool, their table slots a placeholder.
 
 With an 8-bit KV cache (`spec.kv_cache_dtype`), K and V are quantized (kv_cache/quant.py) before
-the write, the kernels dequantize as they read, and every prefill chunk goes through (4) so it
-attends to its own keys quantized, as the torch backend does.
+the write, the kernels (and the gather) dequantize as they read, and every prefill chunk goes
+through (4) so it attends to its own keys quantized, as the torch backend does.
 
 The torch backend stays the CPU path and the reference these kernels are tested against.
 """
@@ -35,6 +46,12 @@ import torch.nn.functional as F
 
 from engine.attention import triton_kernels as tk
 from engine.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+from engine.attention.gathered_prefill import (
+    GatheredChunks,
+    gather_chunks,
+    gathered_attention,
+    read_slots,
+)
 from engine.kv_cache import quant
 
 
@@ -50,15 +67,48 @@ class DecodeBatch:
 
 
 @dataclass
+class PagedChunks:
+    """Prefill chunks for one `triton_kernels.paged_prefill` launch (device tensors)."""
+
+    tile_seq: torch.Tensor
+    tile_start: torch.Tensor
+    q_start: torch.Tensor
+    q_lens: torch.Tensor
+    seq_lens: torch.Tensor
+    table_row: torch.Tensor
+
+
+@dataclass
 class PrefillBatch:
     fresh: list[tuple[int, int]]  # (start, end) of chunks with no cached prefix: SDPA
-    # Chunks over a cached prefix: one Triton launch (see triton_kernels.paged_prefill).
-    tile_seq: torch.Tensor | None = None
-    tile_start: torch.Tensor | None = None
-    q_start: torch.Tensor | None = None
-    q_lens: torch.Tensor | None = None
-    seq_lens: torch.Tensor | None = None
-    table_row: torch.Tensor | None = None
+    # Chunks over a cached prefix, in layers without a window: gather + SDPA, or the kernel.
+    gathered: GatheredChunks | None = None
+    paged: PagedChunks | None = None
+    # All chunks over a cached prefix, in layers with a window (the kernel only).
+    windowed: PagedChunks | None = None
+
+
+def paged_chunks(meta: AttentionMetadata, seqs: list[int], block_q: int) -> PagedChunks | None:
+    """The tiles of one paged_prefill launch over sequences `seqs` of the step (one upload)."""
+    if not seqs:
+        return None
+    starts = torch.tensor([meta.query_start_loc[i] for i in seqs])
+    lens = torch.tensor([meta.query_len(i) for i in seqs])
+    tiles_per_seq = (lens + block_q - 1) // block_q
+    tile_seq = torch.repeat_interleave(torch.arange(len(seqs)), tiles_per_seq)
+    first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * block_q
+    seq_lens = torch.tensor([meta.seq_lens[i] for i in seqs])
+    host = torch.cat([tile_seq, tile_start, starts, lens, seq_lens, torch.tensor(seqs)])
+    dev = host.to(torch.int32).to(meta.block_tables.device, non_blocking=True)
+    t, c = len(tile_seq), len(seqs)
+    parts = dev[2 * t :].view(4, c)
+    return PagedChunks(dev[:t], dev[t : 2 * t], parts[0], parts[1], parts[2], parts[3])
+
+
+# Score rows per KV head (query tokens x query heads of the group) from which a chunk over a
+# cached prefix is gathered for SDPA by default (module docstring).
+SDPA_PREFILL_MIN_ROWS = 1024
 
 
 def _num_sms(device: torch.device) -> int:
@@ -72,6 +122,13 @@ class TritonAttentionBackend(AttentionBackend):
         super().__init__(spec)
         self.max_model_len = max_model_len
         self._num_sms: int | None = None
+        # Chunks over a cached prefix with at least this many query tokens are gathered and go
+        # through SDPA; shorter ones through paged_prefill. 0: all gathered; None: none. The
+        # default is the module docstring's rule (G * q_len >= 1024); benchmarks flip it.
+        group = spec.num_heads // spec.num_kv_heads
+        self.sdpa_prefill_min_tokens: int | None = max(1, SDPA_PREFILL_MIN_ROWS // group)
+        # Gathered chunks: one varlen flash call when CUDA can (else one SDPA call each).
+        self.sdpa_prefill_varlen = True
 
     def num_splits(self, num_decodes: int, device: torch.device) -> int:
         """Split count for a decode batch. It depends on the batch size and `max_model_len`
@@ -103,12 +160,10 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self.num_splits(n, device),
                 token_idx=None if contiguous else dev[n:],
             )
+        plain = self.spec.windows == (None,) and not quant.is_quantized(self.spec.kv_cache_dtype)
         fresh, cont = [], []
         for i in prefill_seqs:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            plain = self.spec.windows == (None,) and not quant.is_quantized(
-                self.spec.kv_cache_dtype
-            )
             if end - start == meta.seq_lens[i] and plain:
                 fresh.append((start, end))
             else:
@@ -116,20 +171,16 @@ class TritonAttentionBackend(AttentionBackend):
         prefills = PrefillBatch(fresh)
         if cont:
             block_q = tk.prefill_block_q(self.spec.num_heads, self.spec.num_kv_heads)
-            starts = torch.tensor([meta.query_start_loc[i] for i in cont])
-            lens = torch.tensor([q_lens[i] for i in cont])
-            tiles_per_seq = (lens + block_q - 1) // block_q
-            tile_seq = torch.repeat_interleave(torch.arange(len(cont)), tiles_per_seq)
-            first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-            tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * block_q
-            seq_lens = torch.tensor([meta.seq_lens[i] for i in cont])
-            host = torch.cat([tile_seq, tile_start, starts, lens, seq_lens, torch.tensor(cont)])
-            dev = host.to(torch.int32).to(device, non_blocking=True)
-            t, c = len(tile_seq), len(cont)
-            prefills.tile_seq, prefills.tile_start = dev[:t], dev[t : 2 * t]
-            parts = dev[2 * t :].view(4, c)
-            prefills.q_start, prefills.q_lens = parts[0], parts[1]
-            prefills.seq_lens, prefills.table_row = parts[2], parts[3]
+            threshold = self.sdpa_prefill_min_tokens
+            gathered = [] if threshold is None or None not in self.spec.windows else cont
+            gathered = [i for i in gathered if q_lens[i] >= threshold]
+            if gathered:
+                prefills.gathered = gather_chunks(meta, gathered)
+            prefills.paged = paged_chunks(meta, [i for i in cont if i not in gathered], block_q)
+            if any(w is not None for w in self.spec.windows):
+                prefills.windowed = (
+                    paged_chunks(meta, cont, block_q) if gathered else prefills.paged
+                )
         meta.backend_data = (decodes, prefills)
 
     def forward(self, query, key, value, kv_cache, meta, layer=None):
@@ -157,7 +208,8 @@ class TritonAttentionBackend(AttentionBackend):
             # A CLA layer's fresh prompts: this step's K/V are in the cache (its group's first
             # layer wrote them); read them back by slot for the dense kernel.
             key, value = (
-                self._read_slots(half, meta.slot_mapping, query.dtype) for half in kv_cache
+                read_slots(half, meta.slot_mapping, spec.kv_cache_dtype, query.dtype)
+                for half in kv_cache
             )
         for start, end in prefills.fresh:
             q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
@@ -167,19 +219,25 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k, v, is_causal=True, scale=spec.scale, enable_gqa=True
             )
             out[start:end] = o[0].transpose(0, 1)
-        if prefills.tile_seq is not None:
+        if window is None and prefills.gathered is not None:
+            gathered_attention(
+                query, kv_cache, prefills.gathered, out, spec.scale, spec.kv_cache_dtype,
+                self.sdpa_prefill_varlen,
+            )  # fmt: skip
+        paged = prefills.paged if window is None else prefills.windowed
+        if paged is not None:
             tk.paged_prefill(
                 query,
                 kv_cache,
                 meta.block_tables,
                 out,
                 spec.scale,
-                prefills.tile_seq,
-                prefills.tile_start,
-                prefills.q_start,
-                prefills.q_lens,
-                prefills.seq_lens,
-                prefills.table_row,
+                paged.tile_seq,
+                paged.tile_start,
+                paged.q_start,
+                paged.q_lens,
+                paged.seq_lens,
+                paged.table_row,
                 window,
             )
         return out
@@ -192,18 +250,6 @@ class TritonAttentionBackend(AttentionBackend):
             quant.write(kv_cache[1], slot_mapping, value, kind)
         else:
             tk.write_kv(key, value, kv_cache, slot_mapping)
-
-    def _read_slots(self, cache: torch.Tensor, slot_mapping: torch.Tensor, dtype) -> torch.Tensor:
-        """K or V of these slots: cache [num_blocks, block_size, heads, row] -> [n, heads, D]."""
-        block_size = cache.shape[1]
-        if not quant.is_quantized(self.spec.kv_cache_dtype):
-            return cache.view(-1, *cache.shape[2:]).index_select(0, slot_mapping)
-        # A quantized block keeps its scales after its values: dequantize whole blocks.
-        blocks = quant.read(cache.index_select(0, slot_mapping // block_size),
-                            self.spec.kv_cache_dtype, dtype)  # fmt: skip
-        return blocks[
-            torch.arange(len(slot_mapping), device=cache.device), slot_mapping % block_size
-        ]
 
     def decode_graph_data(
         self, seq_lens: torch.Tensor, block_tables: torch.Tensor
