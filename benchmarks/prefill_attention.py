@@ -6,7 +6,9 @@ Llama-3-8B's attention (32 heads, 8 KV heads, head_dim 128, bf16), block size 16
 sequence's pages scattered over the pool. For each chunk length x cached prefix x batch (that
 many sequences, each a chunk over its own prefix) it times one layer's call of:
 
-    paged      triton_kernels.paged_prefill, the tiles as the backend builds them
+    paged      triton_kernels.paged_prefill, the tiles as the backend builds them (64 score
+               rows, 4 warps); `--paged-variants` adds other tile shapes, e.g. 128x8 (rows x
+               warps) or 128x8x2 (x pipeline stages), as columns
     varlen     gather + one varlen flash call (the backend's default on CUDA)
     per-seq    gather + one SDPA call per chunk (causal_lower_right)
     gather     the gather alone (K and V), the copy both SDPA paths pay
@@ -140,7 +142,10 @@ class Case:
         )
         self.out = torch.empty_like(self.query)
         seqs = list(range(batch))
-        self.tiles = paged_chunks(self.meta, seqs, tk.prefill_block_q(HEADS, KV_HEADS))
+        self.tiles = {
+            block_m: paged_chunks(self.meta, seqs, tk.prefill_block_q(HEADS, KV_HEADS, block_m))
+            for block_m in (16, 32, 64, 128, 256)
+        }
         self.gathered = gather_chunks(self.meta, seqs)
         total = prefix + chunk
         self.fresh_q = torch.randn(
@@ -150,11 +155,12 @@ class Case:
             (2, batch, KV_HEADS, total, HEAD_DIM), generator=gen, device="cuda"
         ).to(torch.bfloat16)
 
-    def paged(self):
-        t = self.tiles
+    def paged(self, block_m=tk.PREFILL_BLOCK_M, num_warps=4, num_stages=None):
+        t = self.tiles[block_m]
         tk.paged_prefill(
             self.query, self.cache, self.meta.block_tables, self.out, HEAD_DIM**-0.5,
-            t.tile_seq, t.tile_start, t.q_start, t.q_lens, t.seq_lens, t.table_row,
+            t.tile_seq, t.tile_start, t.q_start, t.q_lens, t.seq_lens, t.table_row, None,
+            block_m, num_warps, num_stages,
         )  # fmt: skip
         return self.out
 
@@ -194,6 +200,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="chunks 512, 2048; batch 1, 4")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
     parser.add_argument("--out", help="also write one JSON line per case here")
+    parser.add_argument(
+        "--paged-variants",
+        default="",
+        help="comma-separated paged_prefill tile shapes ROWSxWARPS[xSTAGES], e.g. 128x8,128x4",
+    )
     args = parser.parse_args()
     print("command: python " + " ".join(sys.argv))
     print(describe_run())
@@ -213,11 +224,15 @@ def main() -> None:
         print(f"  {name}: " + "; ".join(kernels_of(fn)))
     del probe
 
+    variants = [tuple(int(x) for x in v.split("x")) for v in args.paged_variants.split(",") if v]
     header = (
         f"\n{'chunk':>5} {'prefix':>6} {'batch':>5} | {'paged ms':>8} {'TF/s':>5} | "
         f"{'varlen':>8} {'TF/s':>5} | {'per-seq':>8} {'TF/s':>5} | {'gather':>7} | "
-        f"{'fresh':>8} {'TF/s':>5} | {'paged/varlen':>12} | err vs f32: paged varlen per-seq"
+        f"{'fresh':>8} {'TF/s':>5} | {'paged/varlen':>12} | "
+        "err vs f32: paged varlen per-seq (variants)"
     )
+    if variants:
+        header += " | " + " ".join(f"{'x'.join(map(str, v)):>9} ms TF/s" for v in variants)
     print(header)
     rows = []
     for chunk in chunks:
@@ -232,6 +247,15 @@ def main() -> None:
                     "fresh": time_call(case.fresh),
                 }
                 pairs = batch * (chunk * prefix + chunk * (chunk + 1) // 2)
+                for v in variants:
+                    ms["paged_" + "x".join(map(str, v))] = time_call(
+                        functools.partial(case.paged, *v)
+                    )
+                extra = "".join(
+                    f" | {ms[k]:>8.3f} {tflops(pairs, ms[k]):>5.0f}"
+                    for k in ms
+                    if k.startswith("paged_")
+                )
                 total = prefix + chunk
                 fresh_pairs = batch * total * (total + 1) // 2
                 errs = ""
@@ -239,6 +263,7 @@ def main() -> None:
                     ref = case.reference()
                     e = [rel_err(case.paged(), ref), rel_err(case.sdpa(True), ref)]
                     e.append(rel_err(case.sdpa(False), ref))
+                    e += [rel_err(case.paged(*v), ref) for v in variants]
                     errs = " ".join(f"{x:.1e}" for x in e)
                 print(
                     f"{chunk:>5} {prefix:>6} {batch:>5} | {ms['paged']:>8.3f} "
@@ -246,7 +271,7 @@ def main() -> None:
                     f"{tflops(pairs, ms['varlen']):>5.0f} | {ms['per_seq']:>8.3f} "
                     f"{tflops(pairs, ms['per_seq']):>5.0f} | {ms['gather']:>7.3f} | "
                     f"{ms['fresh']:>8.3f} {tflops(fresh_pairs, ms['fresh']):>5.0f} | "
-                    f"{ms['paged'] / ms['varlen']:>12.2f} | {errs}",
+                    f"{ms['paged'] / ms['varlen']:>12.2f} | {errs:<23}{extra}",
                     flush=True,
                 )
                 shape = {"chunk": chunk, "prefix": prefix, "batch": batch, "pairs": pairs}

@@ -507,10 +507,10 @@ def _prefill_kernel(
     )
 
 
-def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
+def prefill_block_q(num_heads: int, num_kv_heads: int, block_m: int = PREFILL_BLOCK_M) -> int:
     """Query tokens per prefill tile: the tile's rows are tokens x the (padded) query group."""
     block_g = triton.next_power_of_2(num_heads // num_kv_heads)
-    return max(1, PREFILL_BLOCK_M // block_g)
+    return max(1, block_m // block_g)
 
 
 def paged_prefill(
@@ -526,10 +526,14 @@ def paged_prefill(
     seq_lens: torch.Tensor,
     table_row: torch.Tensor,
     sliding_window: int | None = None,
+    block_m: int = PREFILL_BLOCK_M,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> None:
     """Causal attention of prefill chunks over their whole context, read in place from the cache
     (the chunk's own K/V must already be written). One launch for all chunks: grid
-    (num_tiles, num_kv_heads); tiles come from `prefill_block_q`."""
+    (num_tiles, num_kv_heads); tiles come from `prefill_block_q` with the same `block_m`.
+    `block_m`, `num_warps`, `num_stages` (None: Triton's default): for benchmarks' sweeps."""
     num_tiles = tile_seq.shape[0]
     if num_tiles == 0:
         return
@@ -561,7 +565,7 @@ def paged_prefill(
         block_tables.stride(0),
         GROUP=group,
         BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_Q=prefill_block_q(num_heads, num_kv_heads),
+        BLOCK_Q=prefill_block_q(num_heads, num_kv_heads, block_m),
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=page,
@@ -570,5 +574,6 @@ def paged_prefill(
         PRECISION=_precision(query.dtype),
         QUANT=quant,
         SCALES_AT=scales_at,
-        num_warps=4,
+        num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
