@@ -98,10 +98,11 @@ def test_gathered_equals_paged_and_reference(heads, kv_heads, head_dim, steps):
 
 
 def test_threshold_splits_chunks_by_length():
-    """The default rule (G * q_len >= 1024): with GQA 4, a 300-token chunk over a prefix is
-    gathered, a 17-token one stays on the kernel; both are right in the same step."""
+    """The default rule (G * q_len >= 2048): with GQA 4, chunks from 512 tokens; with a 256-token
+    threshold a 300-token chunk over a prefix is gathered, a 17-token one stays on the kernel;
+    both are right in the same step."""
     spec, cache, meta, q, k, v = make_case([(16, 17), (40, 300)], 8, 2, 64, seed=1)
-    assert TritonAttentionBackend(spec, 1024).sdpa_prefill_min_tokens == 256
+    assert TritonAttentionBackend(spec, 1024).sdpa_prefill_min_tokens == 512
     out, prefills = triton_out(spec, cache, meta, q, k, v, min_tokens=256)
     assert prefills.gathered.kv_lens == [340]
     assert prefills.paged.seq_lens.tolist() == [33]

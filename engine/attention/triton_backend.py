@@ -23,8 +23,10 @@ per KV head, at least q_len / 2 queries seeing each key); at an H100's ~350 TFLO
 1024, a 256-token chunk of Llama-3-8B; with a long prefix every key meets all q_len queries, and
 it is a quarter). From there on the gather wins whenever `paged_prefill` is more than ~1.5x
 slower than flash per pair; shorter chunks (few queries: a
-short last chunk, a small prefix-cache miss) stay on the kernel. The default threshold is that
-argument's; benchmarks/prefill_attention.py measures both paths.
+short last chunk, a small prefix-cache miss) stay on the kernel. Measured on an H100 the kernel
+is 1.2-1.4x slower than the gathered flash from 1024-token chunks and about even at 256, so the
+default threshold (SDPA_PREFILL_MIN_ROWS) is G * q_len >= 2048; benchmarks/prefill_attention.py
+measures both paths.
 
 With a sliding window (per layer: `forward`'s `layer` picks it) every chunk over a prefix takes
 the kernel, and neither kernel loads a key before the window: those blocks may be back in the
@@ -107,8 +109,11 @@ def paged_chunks(meta: AttentionMetadata, seqs: list[int], block_q: int) -> Page
 
 
 # Score rows per KV head (query tokens x query heads of the group) from which a chunk over a
-# cached prefix is gathered for SDPA by default (module docstring).
-SDPA_PREFILL_MIN_ROWS = 1024
+# cached prefix is gathered for SDPA by default. Measured on an H100 (Llama-3-8B attention,
+# bf16, benchmarks/prefill_attention.py, 2026-11-26): paged_prefill / gathered varlen flash is
+# 0.84-1.22 for 256-token chunks over a prefix (G = 4: 1024 rows), 1.01-1.34 at 512 tokens, 1.2-1.4
+# from 1024 tokens; so from 2048 rows.
+SDPA_PREFILL_MIN_ROWS = 2048
 
 
 def _num_sms(device: torch.device) -> int:
@@ -124,7 +129,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._num_sms: int | None = None
         # Chunks over a cached prefix with at least this many query tokens are gathered and go
         # through SDPA; shorter ones through paged_prefill. 0: all gathered; None: none. The
-        # default is the module docstring's rule (G * q_len >= 1024); benchmarks flip it.
+        # default is SDPA_PREFILL_MIN_ROWS's rule (G * q_len >= 2048); benchmarks flip it.
         group = spec.num_heads // spec.num_kv_heads
         self.sdpa_prefill_min_tokens: int | None = max(1, SDPA_PREFILL_MIN_ROWS // group)
         # Gathered chunks: one varlen flash call when CUDA can (else one SDPA call each).
