@@ -18,7 +18,7 @@ from engine.speculative import (
 from engine.testing import write_draft_pair
 from tests.helpers import random_prompts
 from tests.test_correctness import assert_pool_whole
-from tests.test_speculative import GREEDY, PROMPTS, handoff
+from tests.test_speculative import GREEDY, PROMPTS, handoff, price_by_model
 
 # The target's later layers are damped (engine.testing.write_draft_pair) so that its 1-layer
 # truncation agrees with it about 3 times in 4, as a real draft would.
@@ -66,7 +66,7 @@ def test_greedy_identical_chunked_prefill(pair, adaptive):
         num_blocks=512,
         speculative_config=draft_config(pair, adaptive=adaptive),
     )
-    outputs = spec.generate(PROMPTS, GREEDY)
+    outputs = price_by_model(spec).generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == expected
     engine = spec.engine
     assert engine.num_accepted_tokens > 0.3 * engine.num_draft_tokens > 0
@@ -83,7 +83,7 @@ def test_greedy_identical_preemption_and_short_draft_pool(pair):
         num_blocks=24,
         speculative_config=draft_config(pair, draft_num_blocks=30),
     )
-    outputs = spec.generate(PROMPTS, GREEDY)
+    outputs = price_by_model(spec).generate(PROMPTS, GREEDY)
     assert spec.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outputs] == expected
     assert spec.engine.num_accepted_tokens > 0
@@ -116,6 +116,7 @@ def test_decode_side_prefills_the_draft(pair):
     decode = LLM(
         pair[0], num_blocks=256, max_num_batched_tokens=64, speculative_config=draft_config(pair)
     )
+    price_by_model(decode)
     assert handoff(prefill, decode, PROMPTS) == expected
     assert decode.engine.num_accepted_tokens > 0
     assert_pools_whole(decode)

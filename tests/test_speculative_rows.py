@@ -27,6 +27,7 @@ from tests.helpers import Reference, random_prompts
 from tests.test_attention_sinks import StreamingReference, sink_llm
 from tests.test_correctness import assert_pool_whole
 from tests.test_sliding_window import run_checked, set_config
+from tests.test_speculative import price_by_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -146,10 +147,7 @@ def test_greedy_equals_plain_through_rows(pair, expected, method, adaptive):
         max_num_batched_tokens=48,  # prefill chunks beside verify steps
         speculative_config=spec_config(method, pair, adaptive),
     )
-    counts = count_rows_steps(spec)
-    # Measured step times (this machine's load) would decide how much dynamic speculation
-    # runs: the rule prices steps by its model alone here.
-    spec.engine.step_cost.observe_speculative = lambda *args: None
+    counts = count_rows_steps(price_by_model(spec))
     outputs = spec.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == expected
     assert counts["verify_rows"] >= 3
