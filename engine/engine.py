@@ -478,9 +478,10 @@ class LLMEngine:
             self.step_cost.observe_speculative(batch_size, self._last_choice[2], seconds)
 
     def _retain_drafts(self) -> None:
-        """The draft model frees the draft KV of requests no longer running."""
-        if self.drafter is not None:
-            self.drafter.retain({r.request_id for r in self.scheduler.running})
+        """The proposer drops what it keeps for requests no longer running (the draft model's
+        KV, the n-gram indexes)."""
+        if self.proposer is not None:
+            self.proposer.retain({r.request_id for r in self.scheduler.running})
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id

@@ -109,10 +109,16 @@ class SpeculativeConfig:
 
 class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens and
-    propose the tokens that followed it (n from `prompt_lookup_max` down to the minimum)."""
+    propose the tokens that followed it (n from `prompt_lookup_max` down to the minimum).
+
+    `propose` searches a token list from scratch; `propose_batch` keeps, per running request,
+    an index of its n-grams (`_NgramIndex`) that each step extends by the tokens appended since
+    the last one, so a lookup costs a few dict probes instead of a scan of the whole sequence
+    (a numpy scan took ~170 us a request on an H100 host: 11 ms a step at batch 64)."""
 
     def __init__(self, config: SpeculativeConfig):
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self._indexes: dict[str, _NgramIndex] = {}
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         tokens = np.asarray(token_ids)
@@ -129,10 +135,48 @@ class NgramProposer:
     def propose_batch(self, requests: list, num_drafts: list[int]) -> None:
         """Set each request's `spec_token_ids` (up to its count of drafts)."""
         for request, k in zip(requests, num_drafts):
-            request.spec_token_ids = self.propose(request.all_token_ids, k)
+            index = self._indexes.get(request.request_id)
+            if index is None:
+                index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
+            request.spec_token_ids = index.propose(request.all_token_ids, k)
 
     def retain(self, running_ids: set[str]) -> None:
-        """Model-free: no per-request state to drop."""
+        """Drop the indexes of requests no longer running."""
+        for rid in [rid for rid in self._indexes if rid not in running_ids]:
+            del self._indexes[rid]
+
+
+class _NgramIndex:
+    """One sequence's n-grams for prompt lookup: per n, n-gram -> the latest position where it
+    starts, over every n-gram but the sequence's last (`NgramProposer.propose`'s windows).
+
+        tokens   | t0 t1 ... t(L-n-1) | t(L-n) ... t(L-1) |
+        indexed  | starts 0 .. L-n-1  |  the suffix: the key looked up
+
+    Growing from L to L' tokens adds the starts L-n .. L'-n-1 (later starts overwrite earlier
+    ones: the latest occurrence wins)."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.sizes = range(max_n, min_n - 1, -1)
+        self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.length = 0  # tokens indexed so far
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        length = len(tokens)
+        if length < self.length:  # the sequence shrank (never in the engine): start over
+            self.starts = {n: {} for n in self.sizes}
+            self.length = 0
+        for n, table in self.starts.items():
+            for start in range(max(self.length - n, 0), length - n):
+                table[tuple(tokens[start : start + n])] = start
+        self.length = length
+        for n in self.sizes:
+            if n > length - 1:
+                continue
+            start = self.starts[n].get(tuple(tokens[length - n :]))
+            if start is not None:
+                return tokens[start + n : start + n + k]
+        return []
 
 
 # Dynamic speculation per step: choose k from the batch size and the measured acceptance.

@@ -96,6 +96,34 @@ def test_ngram_proposer():
     assert proposer.propose([7], 3) == []
 
 
+def test_ngram_index_proposes_what_a_full_scan_does_as_sequences_grow():
+    """`propose_batch`'s per-request index against `propose`'s scan, on random sequences over
+    small vocabularies (many repeats), grown by 1-4 tokens a step; `retain` drops finished
+    requests' indexes."""
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(high: int, size: int = 1) -> list[int]:
+        return torch.randint(0, high, (size,), generator=gen).tolist()
+
+    for lookup_min, lookup_max in [(1, 1), (1, 4), (2, 3), (3, 5)]:
+        config = SpeculativeConfig(prompt_lookup_min=lookup_min, prompt_lookup_max=lookup_max)
+        proposer = NgramProposer(config)
+        requests = [_Tokens(f"r{i}", draw(2 + i, 1 + i)) for i in range(4)]
+        for _ in range(30):
+            ks = [draw(5)[0] + 1 for _ in requests]
+            proposer.propose_batch(requests, ks)
+            for request, k in zip(requests, ks):
+                assert request.spec_token_ids == proposer.propose(request.all_token_ids, k)
+                request.all_token_ids += draw(2 + int(request.request_id[1:]), draw(4)[0] + 1)
+        proposer.retain({"r1"})
+        assert set(proposer._indexes) == {"r1"}
+
+
+class _Tokens:
+    def __init__(self, request_id: str, token_ids: list[int]):
+        self.request_id, self.all_token_ids, self.spec_token_ids = request_id, token_ids, []
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
