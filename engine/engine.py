@@ -237,7 +237,7 @@ class LLMEngine:
         request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
         if request is None:
             return None
-        self._retain_drafts()
+        self._retain_proposals()
         return self._output(request, finished=True)
 
     def has_unfinished_requests(self) -> bool:
@@ -375,7 +375,7 @@ class LLMEngine:
                 self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
                 finished.add(rid)
             outputs.append(self._output(request, finished=rid in finished))
-        self._retain_drafts()
+        self._retain_proposals()
         return outputs
 
     def _observe_acceptance(self, spec: list[ScheduledRequest], result: RunnerOutput) -> None:
@@ -477,7 +477,7 @@ class LLMEngine:
         if steady and self._last_choice is not None and self._last_choice[0] == batch_size:
             self.step_cost.observe_speculative(batch_size, self._last_choice[2], seconds)
 
-    def _retain_drafts(self) -> None:
+    def _retain_proposals(self) -> None:
         """The proposer drops what it keeps for requests no longer running (the draft model's
         KV, the n-gram indexes)."""
         if self.proposer is not None:

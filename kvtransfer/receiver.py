@@ -119,7 +119,7 @@ class Receiver(threading.Thread):
         layer_bytes = layout.layer_bytes(header.num_blocks)
         segments = _segments(plan, layer_bytes)
         buffers: dict[int, torch.Tensor] = {}  # segment -> its buffer, while messages use it
-        posted: deque[tuple[int, int, int, object]] = deque()  # first, count, segment, work
+        posted: deque[tuple[int, object]] = deque()  # (message index in the plan, its work)
         next_post, posted_bytes = 0, 0
 
         def post_ahead() -> None:
@@ -133,25 +133,26 @@ class Receiver(threading.Thread):
                         shape, dtype=layout.dtype, device=layout.device
                     )
                 buf = buffers[seg_index][first - seg_first : first - seg_first + count]
-                posted.append((first, count, seg_index, pair.group.recv([buf], 0, 0)))
+                posted.append((next_post, pair.group.recv([buf], 0, 0)))
                 posted_bytes += count * layer_bytes
                 next_post += 1
 
         post_ahead()
         yield None
         while posted:
-            first, count, seg_index, work = posted.popleft()
+            message, work = posted.popleft()
             if pair.broken:
                 raise RuntimeError("the pair was broken")
             with record_function("kv.recv.wait"):
                 wait_work(work, pair.backend, timeout_s)
-            while posted and posted[0][2] == seg_index and posted[0][3].is_completed():
-                _, more, _, work = posted.popleft()
+            first, count = plan[message]
+            seg_index, seg_first, seg_layers = segments[message]
+            while posted and segments[posted[0][0]][0] == seg_index and posted[0][1].is_completed():
+                message, work = posted.popleft()
                 wait_work(work, pair.backend, timeout_s)  # done: orders this stream after it
-                count += more
+                count += plan[message][1]
             posted_bytes -= count * layer_bytes
             post_ahead()
-            _, seg_first, seg_layers = next(s for s in segments if s[0] == seg_index)
             buf = buffers[seg_index][first - seg_first : first - seg_first + count]
             if first + count == seg_first + seg_layers:
                 del buffers[seg_index]  # the segment's last layers: the scatter is its last use
