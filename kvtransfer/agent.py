@@ -20,8 +20,10 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvtransfer.pair import (
@@ -65,16 +67,23 @@ class SendHandle:
     state: TransferState = TransferState.PENDING
     _pair: _Pair | None = None
     _block_ids: list[int] = field(default_factory=list)
-    _index: torch.Tensor | None = None  # the source rows (see _index_tensor), on the device
+    _stream: torch.cuda.Stream | None = None  # CUDA: the stream start_send was called on
+    # Prepared on the pair's pusher thread (see _prepare_send), usable once _ready is set: the
+    # source rows (see _index_tensor), one buffer per message, and with stacked caches each
+    # message's (rows, buffer as rows) for its one gather. On CUDA all on `_stream`.
+    _ready: threading.Event = field(default_factory=threading.Event)
+    _taken: bool = False  # the step thread saw _ready (and ordered its stream after it)
+    _index: torch.Tensor | None = None
+    _buffers: list[torch.Tensor] = field(default_factory=list)
+    _copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _per_message: int = 1  # layers per message
     _plan: list[tuple[int, int]] = field(default_factory=list)
     _next_layer: int = 0
-    _buffers: list[torch.Tensor] = field(default_factory=list)  # one per message, filled in order
     _gathered: int = 0  # messages whose every layer is in its buffer
     _works: list = field(default_factory=list)  # one posted send per message
 
     def _release(self) -> None:
-        self._buffers, self._works, self._index, self._block_ids = [], [], None, []
+        self._buffers, self._works, self._index, self._copies = [], [], None, []
 
 
 @dataclass(eq=False)
@@ -110,33 +119,51 @@ class _Pair:
 
 
 class _HeaderPusher(threading.Thread):
-    """The prefill side's thread per pair that pushes transfer headers to the store, in order.
+    """The prefill side's thread per pair that pushes transfer headers to the store, in order,
+    and then prepares each transfer's source index.
 
     A push is a store round trip (100-230 us measured on the GPU machines); made on the step
     thread before the forward pass, it held the GPU idle that long, once per request handed off
     in the step. Order is all the receiver needs: it matches messages to transfers by header
-    order, and a send posted before its header has left waits on the GPU for the receive."""
+    order, and a send posted before its header has left waits on the GPU for the receive.
+
+    The transfer's index and buffers are prepared here too (`_prepare_send`: 40-330 us of
+    host time on the H200 hosts, which vary 4x between machines): on the step thread before the
+    forward pass they held the GPU idle (+0.3 ms on a 512-token prefill, traced), at the first
+    send_layer they stood between the layers' end and the first byte. Here they overlap the
+    forward pass's first layers."""
 
     def __init__(self, agent: KVTransferAgent, pair: _Pair):
         super().__init__(name=f"kvtransfer-headers-{pair.peer_id}", daemon=True)
         self.agent, self.pair = agent, pair
-        self.headers: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.headers: queue.SimpleQueue[tuple[SendHandle, bytes] | None] = queue.SimpleQueue()
 
-    def push(self, transfer_id: int, header: bytes) -> None:
-        self.headers.put((transfer_id, header))
+    def push(self, handle: SendHandle, header: bytes) -> None:
+        self.headers.put((handle, header))
 
     def stop(self) -> None:
         self.headers.put(None)
 
     def run(self) -> None:
-        pair = self.pair
+        pair, agent = self.pair, self.agent
+        if agent.layout.device.type == "cuda":
+            torch.cuda.set_device(agent.layout.device)
         while (item := self.headers.get()) is not None and not pair.broken:
-            transfer_id, header = item
+            handle, header = item
             try:
                 pair.client.queue_push(pair.queue_key, header)
             except Exception as e:  # noqa: BLE001 - the pair breaks, its transfers fail
-                self.agent._break(pair, f"pushing the header of transfer {transfer_id} failed: {e}")
+                agent._break(
+                    pair, f"pushing the header of transfer {handle.transfer_id} failed: {e}"
+                )
                 return
+            try:
+                agent._prepare_send(handle)
+            except Exception as e:  # noqa: BLE001 - as above
+                agent._break(pair, f"preparing transfer {handle.transfer_id} failed: {e}")
+                return
+            finally:
+                handle._ready.set()
 
 
 class KVTransferAgent:
@@ -177,8 +204,7 @@ class KVTransferAgent:
         # All layers' rows as one view when the caches allow: one copy kernel per message.
         self._all_rows = self.layout.stacked_rows(kv_caches)
         rows_per_layer = self._rows[0].shape[0]
-        self._layer_offsets = torch.arange(self.layout.num_layers) * rows_per_layer  # host
-        self._staging = threading.local()  # per thread: a pinned buffer for index uploads
+        self._layer_offsets = np.arange(self.layout.num_layers, dtype=np.int64) * rows_per_layer
         self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
         self._store_addr = (store_host, store_port)
         self._store = connect_store(store_host, store_port, timeout_s)
@@ -309,6 +335,7 @@ class KVTransferAgent:
         for handle in failed:
             # NOTE: buffers stay until finish_send: the step thread may be inside send_layer.
             handle.state = TransferState.FAILED
+            handle._ready.set()  # a send_layer waiting for the preparation returns
         if pair.pusher is not None:
             pair.pusher.stop()
         (log.info if quiet else log.warning)(
@@ -353,6 +380,8 @@ class KVTransferAgent:
             layer_bytes, self.min_message_bytes, self.layout.num_layers
         )
         handle._pair = pair
+        if self.layout.device.type == "cuda":
+            handle._stream = torch.cuda.current_stream(self.layout.device)
         handle._per_message = per_message
         handle._plan = plan_messages(self.layout.num_layers, per_message)
         header = Header(TRANSFER, transfer_id, len(block_ids), per_message)
@@ -363,8 +392,8 @@ class KVTransferAgent:
             handle.state = TransferState.TRANSFERRING
             pair.send_order.append(handle)
             pair.in_flight.add(handle)
-            pair.pusher.push(transfer_id, header.encode())  # under the lock: in start order
-        handle._block_ids = list(block_ids)
+            handle._block_ids = list(block_ids)
+            pair.pusher.push(handle, header.encode())  # under the lock: in start order
         return handle
 
     def send_layer(self, handle: SendHandle, layer_idx: int) -> None:
@@ -379,28 +408,64 @@ class KVTransferAgent:
                 f"transfer {handle.transfer_id}: expected layer "
                 f"{handle._next_layer}, got {layer_idx}"
             )
-        if handle._index is None:
-            # Built here, not in start_send: pinning and uploading it costs 100-400 us of host
-            # time, which before the forward pass holds the GPU idle, and here overlaps the
-            # layers the GPU has yet to run.
-            handle._index = self._index_tensor(handle._block_ids)
         message = handle._gathered  # messages fill in order
         first, layers_in_message = handle._plan[message]
         position = layer_idx - first
-        if position == 0:
-            shape = self.layout.message_shape(layers_in_message, handle.num_blocks)
-            handle._buffers.append(
-                torch.empty(shape, dtype=self.layout.dtype, device=self.layout.device)
-            )
-        buf = handle._buffers[message]
+        last_of_message = position == layers_in_message - 1
+        # The first gather waits for the pusher thread's preparation, not layer 0: meanwhile
+        # the step thread goes on launching layers (it waited at layer 0 for the header's
+        # round trip and the preparation: +0.3 ms of GPU idle on a 512-token prefill, traced).
+        gathers_now = self._all_rows is None or last_of_message
+        if gathers_now and not handle._taken and not self._wait_prepared(handle):
+            return
         if self._all_rows is None:  # gather each layer as it is done
+            buf = handle._buffers[message]
             self._gather(handle._index, layer_idx, 1, buf[position : position + 1])
         handle._next_layer += 1
-        if position == layers_in_message - 1:
+        if last_of_message:
             if self._all_rows is not None:  # the whole message at once
-                self._gather(handle._index, first, layers_in_message, buf)
+                rows, out = handle._copies[message]
+                torch.index_select(self._all_rows, 0, rows, out=out)
             handle._gathered += 1
             self._post_sends(handle._pair)
+
+    def _prepare_send(self, handle: SendHandle) -> None:
+        """On the pusher thread: the transfer's index, message buffers and gathers, on the
+        stream start_send was called on (so they are ordered before the gathers of send_layer,
+        which waits for `_ready`)."""
+        layout = self.layout
+        stream = torch.cuda.stream(handle._stream) if handle._stream is not None else nullcontext()
+        with stream:
+            index = self._index_tensor(handle._block_ids)
+            buffers = [
+                torch.empty(
+                    layout.message_shape(count, handle.num_blocks),
+                    dtype=layout.dtype,
+                    device=layout.device,
+                )
+                for _, count in handle._plan
+            ]
+        copies = []
+        if self._all_rows is not None:
+            copies = [
+                (index[first : first + count].view(-1), layout.as_rows(buf))
+                for (first, count), buf in zip(handle._plan, buffers, strict=True)
+            ]
+        handle._index, handle._buffers, handle._copies = index, buffers, copies
+
+    def _wait_prepared(self, handle: SendHandle) -> bool:
+        """Wait (bounded) until the pusher thread prepared this transfer. False if it failed
+        meanwhile."""
+        if not handle._ready.wait(self.timeout_s):
+            self._break(handle._pair, f"transfer {handle.transfer_id} was not prepared in time")
+        if handle.state is not TransferState.TRANSFERRING or not handle._buffers:
+            return False
+        if handle._stream is not None:
+            current = torch.cuda.current_stream(self.layout.device)
+            if current != handle._stream:  # send_layer on another stream than start_send
+                current.wait_stream(handle._stream)
+        handle._taken = True
+        return True
 
     def _post_sends(self, pair: _Pair) -> None:
         # NOTE: messages leave in header order. A transfer's messages wait until every transfer
@@ -551,32 +616,18 @@ class KVTransferAgent:
     def _index_tensor(self, block_ids: list[int]) -> torch.Tensor:
         """The rows of a layer's `as_rows` view that hold these blocks: all K rows, then all V
         rows; with stacked caches, [num_layers, 2 * len(block_ids)]: each layer's rows in the
-        `_all_rows` view. Built on the host and moved in one non-blocking copy through this
-        thread's pinned buffer: a fresh pinned tensor and a device-side add cost ~300 us of
-        host time at a transfer's start (traced on an H100), before its first gather."""
+        `_all_rows` view. Built with numpy (torch.tensor of a list costs ~2x) and uploaded
+        from pageable memory on the current stream: the driver stages the bytes before the
+        call returns, so no pinned buffer has to outlive the copy."""
         num_blocks = self.kv_caches[0].shape[1]
-        index = torch.tensor(block_ids + [b + num_blocks for b in block_ids], dtype=torch.int64)
+        ids = np.asarray(block_ids, dtype=np.int64)
+        rows = np.concatenate((ids, ids + num_blocks))
         if self._all_rows is not None:
-            index = self._layer_offsets[:, None] + index[None, :]
+            rows = self._layer_offsets[:, None] + rows[None, :]
+        index = torch.from_numpy(rows)
         if self.layout.device.type != "cuda":
             return index
-        staging = self._staging
-        pinned = getattr(staging, "pinned", None)
-        # NOTE: the previous upload may still be reading the buffer (queued behind the layers
-        # the GPU has yet to run): then take a fresh one rather than wait, which would stall
-        # the step thread. Torch's pinned allocator keeps the old one until its copy is done.
-        if pinned is not None and not staging.copied.query():
-            pinned = None
-        if pinned is None or pinned.numel() < index.numel():
-            size = max(index.numel(), 1 << 14)
-            staging.pinned = torch.empty(size, dtype=torch.int64, pin_memory=True)
-        host = staging.pinned[: index.numel()].view(index.shape)
-        host.copy_(index)
-        device_index = torch.empty(index.shape, dtype=torch.int64, device=self.layout.device)
-        device_index.copy_(host, non_blocking=True)
-        staging.copied = torch.cuda.Event()
-        staging.copied.record()
-        return device_index
+        return index.to(self.layout.device, non_blocking=True)
 
     def _gather(self, index: torch.Tensor, first: int, count: int, buf: torch.Tensor) -> None:
         """Layers [first, first + count) of the indexed blocks into `buf` (the message's layout),

@@ -16,7 +16,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
-from torch.profiler import record_function
 
 from kvtransfer.pair import wait_work
 from kvtransfer.protocol import BROKEN, CLOSE, Header, message_plan
@@ -89,10 +88,10 @@ class Receiver(threading.Thread):
                     if expectation.cancelled:
                         expectation = None
                         continue
-                    with record_function("kv.recv.scatter"):
+                    with _span("kv.recv.scatter"):
                         agent._scatter(index, first, count, buf)
             if expectation is not None and pair.stream is not None:
-                with record_function("kv.recv.sync"):
+                with _span("kv.recv.sync"):
                     pair.stream.synchronize()  # DONE: the KV is readable from any stream
         except Exception as e:
             if expectation is not None:
@@ -143,7 +142,7 @@ class Receiver(threading.Thread):
             message, work = posted.popleft()
             if pair.broken:
                 raise RuntimeError("the pair was broken")
-            with record_function("kv.recv.wait"):
+            with _span("kv.recv.wait"):
                 wait_work(work, pair.backend, timeout_s)
             first, count = plan[message]
             seg_index, seg_first, seg_layers = segments[message]
@@ -157,6 +156,14 @@ class Receiver(threading.Thread):
             if first + count == seg_first + seg_layers:
                 del buffers[seg_index]  # the segment's last layers: the scatter is its last use
             yield first, count, buf
+
+
+def _span(name: str):
+    """A named range in a torch.profiler trace, only while one records: a record_function costs
+    ~11 us of host time (measured on an H200 host), three a message on the receiver's path."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 
 def _segments(plan: list[tuple[int, int]], layer_bytes: int) -> list[tuple[int, int, int]]:

@@ -497,6 +497,33 @@ def test_stalled_sender_fails_within_timeout_and_pair_rebuilds(pair):
 
 
 @pytest.mark.timeout(30)
+def test_failed_preparation_fails_the_transfer_without_blocking_the_step(pair, monkeypatch):
+    """The pusher thread prepares each transfer (index, buffers); if that fails, the pair
+    breaks and send_layer returns at once instead of waiting for a preparation that never
+    comes; a rebuilt pair carries the next transfer."""
+    prefill, decode = pair
+    decode.expect(1, "p", [10, 11])
+
+    def fail(handle):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(prefill, "_prepare_send", fail)
+    handle = prefill.start_send(1, "d", [0, 1])
+    start = time.monotonic()
+    for layer in range(NUM_LAYERS):
+        prefill.send_layer(handle, layer)
+    assert prefill.finish_send(handle) is FAILED
+    assert time.monotonic() - start < 1  # well under the 1 s timeout: the break woke it
+    assert wait_for(decode, {1}, timeout_s=5) == {1: FAILED}
+    monkeypatch.undo()
+    connect_both(prefill, decode)
+    decode.expect(2, "p", [12])
+    assert send_all(prefill, 2, "d", [5]) is DONE
+    assert wait_for(decode, {2}, timeout_s=5) == {2: DONE}
+    assert torch.equal(decode.kv_caches[1][:, 12], prefill.kv_caches[1][:, 5])
+
+
+@pytest.mark.timeout(30)
 def test_sender_fails_within_timeout_when_receiver_is_gone(pair):
     prefill, decode = pair
     decode.close()  # the receiver stops receiving
