@@ -7,6 +7,7 @@ Inputs are validated in `add_request`, before any model work, with errors that s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,12 +23,12 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from engine.speculative import (
     AcceptanceMeter,
+    HitMeter,
     NgramProposer,
     StepCostMeter,
     choose_num_drafts,
-    num_drafts,
     relative_step_cost,
-    update_acceptance,
+    speed_up,
 )
 from engine.text_stream import TextStream
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -40,6 +41,12 @@ log = logging.getLogger(__name__)
 # plain one: on a GPU it runs outside the decode CUDA graphs).
 _PROBE_STEPS = 16
 _MAX_PROBE_STEPS = 1024
+# While the acceptance rests on fewer than _LEARN_OUTCOMES drafts measured, and in probes, a
+# step starts speculating for at most _MAX_NEW_PER_STEP requests new to it: a first proposal
+# indexes the whole sequence (n-gram) or prefills it in the draft model, which for 64 requests
+# of 384 tokens at once took 20-40 ms of host time, several plain steps on an H100.
+_LEARN_OUTCOMES = 16
+_MAX_NEW_PER_STEP = 8
 
 
 @dataclass
@@ -150,12 +157,14 @@ class LLMEngine:
         draft totals, as in a new engine. Benchmarks call it after a warm-up, so that a timed
         run pays the rule's learning phase as a fresh server would."""
         self.acceptance = AcceptanceMeter()
+        self.hits = HitMeter()
         self.step_cost = StepCostMeter()
         self._num_steps = 0
         self._probe_every = _PROBE_STEPS
         self._probing = False  # the step just chosen is a probe
-        # The last step's choice, for the cost meter: (batch size, k, modeled relative cost).
-        self._last_choice: tuple[int, int, float] | None = None
+        # The last step's proposal, for the cost meter: (batch size, modeled relative cost,
+        # whether some request had its first proposal); None: no proposer work (a plain step).
+        self._last_choice: tuple[int, float, bool] | None = None
         self._cycle_start = 0.0  # when the last step began proposing (the cost meter's clock)
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
@@ -199,6 +208,9 @@ class LLMEngine:
                 f"{self.kv_manager.num_blocks}"
             )
         request = Request(request_id, token_ids, params)
+        if params.has_penalties or params.logprobs is not None:
+            # Never speculated: verification would need per-position penalties and logprobs.
+            request.spec_gate.resume_at = math.inf
         if params.grammar is not None:
             request.grammar = self._grammar_for(params, token_ids)
         detok = (
@@ -355,8 +367,8 @@ class LLMEngine:
         )
         if spec:
             self._observe_acceptance(spec, result)
-        if self.speculative and all(s.num_tokens == 1 or s.spec_token_ids for s in scheduled):
-            self._observe_step_cost(len(scheduled), bool(spec))
+        if self.speculative and len(decodes) == len(scheduled):
+            self._observe_step_cost(len(scheduled))
         num_before = {s.request.request_id: s.request.num_output_tokens for s in scheduled}
         finished = {r.request_id for r in self.scheduler.update(sched, result.sampled)}
         outputs = []
@@ -387,9 +399,7 @@ class LLMEngine:
             request = s.request
             accepted = len(result.sampled[request.request_id]) - 1
             verified.append((len(s.spec_token_ids), accepted))
-            request.spec_acceptance = update_acceptance(
-                request.spec_acceptance, len(s.spec_token_ids), accepted
-            )
+            request.spec_gate.observe(len(s.spec_token_ids), accepted, request.num_tokens)
         self.acceptance.update(verified)
 
     def wait_in_flight(self) -> None:
@@ -404,46 +414,90 @@ class LLMEngine:
         step (the scheduler trims them to what fits). Requests with penalties or logprobs are
         not speculated (their verification would need per-position penalties and logprobs).
 
-        How many: the step's k from the batch size and the measured acceptance
-        (`speculative.choose_num_drafts`; when acceptance alone rules speculation out, one
-        draft every _PROBE_STEPS steps keeps measuring it), and per request at most what its
-        own acceptance earns (`num_drafts`) and what its max_tokens and the context leave."""
+        Static (`adaptive` off): k drafts for every request. Dynamic: only requests whose
+        `DraftGate` is open (not paused after fruitless proposals), as many as the step's k
+        (`speculative.choose_num_drafts` over those requests; when acceptance alone rules
+        speculation out, one draft every _PROBE_STEPS steps keeps measuring it) and each
+        request's acceptance allow. A step whose k is 0 does no proposer work: it is a plain
+        step. N-gram drafts, found for some requests only, are verified only if they are worth
+        the verify step (`speculative.speed_up`); otherwise the step runs plain. Either way at
+        most what max_tokens and the context leave."""
         if self.proposer is None:
             return
         spec = self.speculative
         decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
         if not decoding or len(decoding) > spec.max_batch_size:
             return
-        k_step = spec.num_speculative_tokens
-        if spec.adaptive:
-            k_step = self._step_num_drafts(len(decoding))
-        requests, counts = [], []
-        for request in decoding:
-            params = request.sampling_params
-            if params.has_penalties or params.logprobs is not None:
-                continue
-            k = k_step
-            if spec.adaptive:
-                k = min(k, num_drafts(request.spec_acceptance, k, request.num_output_tokens))
-            room = min(  # (with attention sinks requests grow past max_model_len)
-                params.max_tokens - request.num_output_tokens,
-                self.scheduler.max_len - request.num_tokens,
+        if not spec.adaptive:
+            requests = [r for r in decoding if r.spec_gate.resume_at != math.inf]
+            self._propose_for(requests, [spec.num_speculative_tokens] * len(requests))
+            return
+        batch_size = len(decoding)
+        gated = [r for r in decoding if r.num_tokens >= r.spec_gate.resume_at]
+        k_step = self._step_num_drafts(batch_size, len(gated))
+        if k_step == 0:
+            return
+        if self._probing or self.acceptance.num_outcomes < _LEARN_OUTCOMES:
+            gated = _few_new(gated)
+        first = any(not r.spec_gate.started for r in gated)
+        proposed = self._propose_for(gated, [r.spec_gate.num_drafts(k_step) for r in gated])
+        if not proposed:
+            return
+        drafts: list[int] = []
+        for request in proposed:
+            if request.spec_token_ids:
+                drafts.append(len(request.spec_token_ids))
+            elif self.drafter is None:  # the lookup found nothing: a fruitless proposal
+                request.spec_gate.observe(0, 0, request.num_tokens)
+            # (a draft model returns none while it catches up on a long prompt)
+        if self.drafter is None:
+            self.hits.update(len(drafts), len(proposed))
+        cost, saturation = self._draft_cost(), self._saturation_tokens()
+        if drafts and self.drafter is None and not self._probing:
+            acceptance, overhead = self.acceptance.acceptance, self.step_cost.factor
+            if speed_up(batch_size, drafts, acceptance, cost, saturation, overhead) < 1.0:
+                for request in proposed:  # too few to pay for the verify step
+                    request.spec_token_ids = []
+                drafts = []
+        modeled = relative_step_cost(batch_size, drafts, cost, saturation)
+        self._last_choice = (batch_size, modeled, first)
+
+    def _propose_for(self, requests: list[Request], counts: list[int]) -> list[Request]:
+        """Propose up to `counts` drafts for `requests`, cut to what max_tokens and the context
+        leave; returns the requests proposed for."""
+        chosen, ks = [], []
+        max_len = self.scheduler.max_len  # (with attention sinks requests grow past it)
+        for request, k in zip(requests, counts):
+            room = min(
+                request.sampling_params.max_tokens - request.num_output_tokens,
+                max_len - request.num_tokens,
             )
             k = min(k, room - 1)
             if k > 0:
-                requests.append(request)
-                counts.append(k)
-        if requests:
-            self.proposer.propose_batch(requests, counts)
+                request.spec_gate.started = True
+                chosen.append(request)
+                ks.append(k)
+        if chosen:
+            self.proposer.propose_batch(chosen, ks)
+        return chosen
 
-    def _step_num_drafts(self, batch_size: int) -> int:
+    def _draft_cost(self) -> float:
+        return self.drafter.cost if self.drafter is not None else 0.0
+
+    def _saturation_tokens(self) -> int:
+        cuda = self.runner.device.type == "cuda"
+        return self.speculative.saturation_tokens or (256 if cuda else 8)
+
+    def _step_num_drafts(self, batch_size: int, num_open: int | None = None) -> int:
+        """The step's k for `batch_size` decoding requests, `num_open` (default all) of which
+        may be proposed for; counts the step for the probes' schedule."""
         spec = self.speculative
-        saturation = spec.saturation_tokens or (256 if self.runner.device.type == "cuda" else 8)
-        cost = self.drafter.cost if self.drafter is not None else 0.0
+        saturation, cost = self._saturation_tokens(), self._draft_cost()
         k_max = spec.num_speculative_tokens
         overhead = self.step_cost.factor
         acceptance = self.acceptance.acceptance
-        k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead)
+        m = (batch_size if num_open is None else num_open) * self.hits.rate
+        k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m)
         self._num_steps += 1
         if k > 0:
             self._probe_every = _PROBE_STEPS  # speculation pays again
@@ -452,30 +506,31 @@ class LLMEngine:
         self._probing = False
         if k == 0 and self._num_steps % self._probe_every == 0:
             # Probe, unless the batch alone rules speculation out (even if every draft held).
-            k = min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation, overhead))
+            k = min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation, overhead, m))
             self._probing = k > 0
         if k > 0 and self.step_cost.needs_plain(batch_size):
             self._probing = False
             return 0  # first a plain step at this batch size: what speculation is priced against
-        if k > 0:
-            self._last_choice = (batch_size, k, relative_step_cost(batch_size, k, cost, saturation))
         return k
 
-    def _observe_step_cost(self, batch_size: int, speculated: bool) -> None:
-        """Feed the cost meter a pure-decode step's duration, proposing included. A speculative
-        step in which the draft model caught a request up on more than one step's tokens (its
-        prompt, or the tokens of steps that did not speculate) paid a one-off cost beside the
-        step's own, and is left out."""
+    def _observe_step_cost(self, batch_size: int) -> None:
+        """Feed the cost meter a pure-decode step's duration, proposing included: a plain step
+        if the proposer did no work in it, else a speculative one (lookups that found nothing
+        included: they are part of what speculating costs). A speculative step that paid a
+        one-off cost beside its own is left out: a request's first proposal (the n-gram index
+        of its whole sequence, the draft model's prefill), or a draft model catching a request
+        up on more than one step's tokens (the tokens of steps that did not speculate)."""
         seconds = time.perf_counter() - self._cycle_start
-        if not speculated:
+        if self._last_choice is None:
             self.step_cost.observe_plain(batch_size, seconds)
             return
-        steady = (
+        chosen_batch, modeled, first = self._last_choice
+        steady = not first and (
             self.drafter is None
             or self.drafter.last_catch_up <= self.speculative.num_speculative_tokens + 1
         )
-        if steady and self._last_choice is not None and self._last_choice[0] == batch_size:
-            self.step_cost.observe_speculative(batch_size, self._last_choice[2], seconds)
+        if steady and chosen_batch == batch_size:
+            self.step_cost.observe_speculative(batch_size, modeled, seconds)
 
     def _retain_proposals(self) -> None:
         """The proposer drops what it keeps for requests no longer running (the draft model's
@@ -505,3 +560,15 @@ class LLMEngine:
             else None,
             num_cached_tokens=request.num_cached_tokens,
         )
+
+
+def _few_new(requests: list[Request]) -> list[Request]:
+    """`requests` less those new to speculation past the first _MAX_NEW_PER_STEP of them."""
+    kept, num_new = [], 0
+    for request in requests:
+        if not request.spec_gate.started:
+            if num_new == _MAX_NEW_PER_STEP:
+                continue
+            num_new += 1
+        kept.append(request)
+    return kept

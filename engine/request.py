@@ -10,6 +10,7 @@ import torch
 
 from engine.grammar import Grammar
 from engine.sampling_params import SamplingParams
+from engine.speculative import DraftGate
 
 
 class RequestStatus(enum.Enum):
@@ -57,8 +58,8 @@ class Request:
     # With a draft model and sampling: the draft's distribution q for each of those drafts,
     # [num_drafts, vocab] (None: greedy, or n-gram drafts, a point mass). Set with them.
     spec_draft_probs: torch.Tensor | None = None
-    # Share of this request's drafts accepted lately (decides how many it gets; see speculative).
-    spec_acceptance: float = 1.0
+    # Dynamic speculation: whether and how many drafts it gets (its acceptance, its pauses).
+    spec_gate: DraftGate = field(default_factory=DraftGate)
     # The request's own random stream when it has a seed; made by the sampler on its device.
     generator: torch.Generator | None = None
     # Structured output: the matcher of its constraint (engine/grammar.py), None without one.

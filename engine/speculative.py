@@ -197,20 +197,23 @@ _SHORT_CATCH_UP = 4
 #
 # With per-draft acceptance probability a (drafts i.i.d., Leviathan et al. 2023, eq. 1), a
 # request gains E(k) = (1 - a^(k+1)) / (1 - a) tokens per step with k drafts (k = 0: one).
-# A target forward over n tokens costs about max(1, n / S) plain memory-bound steps (a
+# A target forward over n tokens costs about T(n) = max(1, n / S) plain memory-bound steps (a
 # roofline: below S tokens weight reads dominate, above it compute; S = saturation_tokens),
-# and each of the k draft passes costs c = the draft's share of a target step (its parameter
-# count over the target's; 0 for n-gram lookup). With B requests decoding, relative to a plain
-# step:
+# and each of the k draft passes over m requests costs c T(m), c = the draft's share of a
+# target step (its parameter count over the target's; 0 for n-gram lookup). With B requests
+# decoding, m of them with k drafts each, relative to a plain step:
 #
-#     speed-up(k) = E(k) * T(B) / (T(B (k + 1)) + k c T(B)),   T(n) = max(1, n / S)
+#     speed-up = (B + m (E(k) - 1)) / B  /  ((T(B + m k) + k c T(m)) / T(B))
 #
 # and the step uses the k in 0..k_max with the highest speed-up, or 0 unless it beats plain
 # decoding by _MIN_GAIN. So k falls to 0 as the batch grows (verifying k extra tokens per
-# request is no longer free) or as acceptance falls (E(k) -> 1). The denominator is
-# multiplied by a measured factor (`StepCostMeter`): what speculative steps took against plain
-# ones, over what this model predicted (host work, kernels off the roofline). On a GPU both
-# kinds of step replay decode CUDA graphs (engine/decode_graphs.py), so it stays near 1.
+# request is no longer free), as acceptance falls (E(k) -> 1), or as fewer requests are worth
+# proposing for (m: those whose `DraftGate` is open, times the share of proposals that find
+# drafts, `HitMeter`). The denominator is multiplied by a measured factor
+# (`StepCostMeter`): what speculative steps took against plain ones, over what this model
+# predicted (host work, kernels off the roofline). The same formula with the drafts actually
+# proposed (n-gram lookup finds some for some requests only) decides whether they are worth a
+# verify step (`speed_up`).
 _MIN_GAIN = 1.05
 
 
@@ -219,14 +222,40 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return sum(acceptance**i for i in range(k + 1))
 
 
-def relative_step_cost(batch_size: int, k: int, draft_cost: float, saturation_tokens: int) -> float:
-    """The rule's cost of a step with k drafts a request, in plain decode steps."""
+def relative_step_cost(
+    batch_size: int, num_drafts: list[int], draft_cost: float, saturation_tokens: int
+) -> float:
+    """The rule's cost of a step in plain decode steps: `batch_size` requests decoding, those
+    in `num_drafts` verifying that many drafts each (proposed in max(num_drafts) passes)."""
+    passes = max(num_drafts, default=0)
+    return _step_cost(
+        batch_size, sum(num_drafts), passes, len(num_drafts), draft_cost, saturation_tokens
+    )
 
-    def step_cost(num_tokens: int) -> float:
-        return max(1.0, num_tokens / saturation_tokens)
 
-    plain = step_cost(batch_size)
-    return (step_cost(batch_size * (k + 1)) + k * draft_cost * plain) / plain
+def _step_cost(batch_size, total_drafts, passes, num_drafting, draft_cost, saturation) -> float:
+    def cost(num_tokens: int) -> float:
+        return max(1.0, num_tokens / saturation)
+
+    draft = passes * draft_cost * cost(num_drafting) if draft_cost else 0.0
+    return (cost(batch_size + total_drafts) + draft) / cost(batch_size)
+
+
+def speed_up(
+    batch_size: int,
+    num_drafts: list[int],
+    acceptance: float,
+    draft_cost: float,
+    saturation_tokens: int,
+    overhead: float = 1.0,
+) -> float:
+    """The rule's speed-up over a plain step of a step in which the requests in `num_drafts`
+    verify that many drafts each and the rest of `batch_size` decode plainly."""
+    passes = max(num_drafts, default=0)
+    gains = [expected_tokens(acceptance, d) - 1 for d in range(passes + 1)]
+    tokens = batch_size + sum(gains[d] for d in num_drafts)
+    cost = relative_step_cost(batch_size, num_drafts, draft_cost, saturation_tokens)
+    return tokens / batch_size / (overhead * cost)
 
 
 def choose_num_drafts(
@@ -236,13 +265,18 @@ def choose_num_drafts(
     draft_cost: float,
     saturation_tokens: int,
     overhead: float = 1.0,
+    num_speculating: float | None = None,
 ) -> int:
     """The step's draft count by the rule above (0: no speculation this step). `overhead`
-    multiplies the modeled cost of a speculative step (`StepCostMeter.factor`)."""
+    multiplies the modeled cost of a speculative step (`StepCostMeter.factor`);
+    `num_speculating` (m, default all of `batch_size`; a float: an expected count) requests
+    would get the drafts."""
+    m = batch_size if num_speculating is None else num_speculating
     best_k, best = 0, _MIN_GAIN
     for k in range(1, k_max + 1):
-        cost = overhead * relative_step_cost(batch_size, k, draft_cost, saturation_tokens)
-        gain = expected_tokens(acceptance, k) / cost
+        tokens = batch_size + m * (expected_tokens(acceptance, k) - 1)
+        cost = _step_cost(batch_size, m * k, k, m, draft_cost, saturation_tokens)
+        gain = tokens / batch_size / (overhead * cost)
         if gain > best:
             best_k, best = k, gain
     return best_k
@@ -316,6 +350,7 @@ class AcceptanceMeter:
         self.decay = decay
         # Pseudo-counts: start at `prior` with the weight of a few drafts.
         self.accepted, self.tried = 2.0 * prior, 2.0
+        self.num_outcomes = 0  # drafts accepted or rejected since the start, not decayed
 
     @property
     def acceptance(self) -> float:
@@ -329,28 +364,79 @@ class AcceptanceMeter:
         rejected = sum(1 for k, n in verified if n < k)
         self.accepted = self.decay * self.accepted + accepted
         self.tried = self.decay * self.tried + accepted + rejected
+        self.num_outcomes += accepted + rejected
 
 
-# Dynamic speculation per request: an exponential average of the share of drafts accepted.
-# Draft j is proposed while acceptance**j >= _MIN_REACH (the chance it is reached and accepted);
-# a request that falls to zero drafts still probes with one draft every _PROBE_EVERY tokens.
+class HitMeter:
+    """The share of proposals that came back with drafts (n-gram lookup finds some for some
+    requests only; a draft model always drafts), an exponential average over steps: the step
+    rule expects drafts for that share of the requests it may propose for."""
+
+    def __init__(self, decay: float = 0.9, prior: float = 1.0):
+        self.decay = decay
+        self.hits, self.tries = 2.0 * prior, 2.0  # pseudo-counts, as AcceptanceMeter's
+
+    @property
+    def rate(self) -> float:
+        return self.hits / self.tries
+
+    def update(self, num_hits: int, num_tries: int) -> None:
+        self.hits = self.decay * self.hits + num_hits
+        self.tries = self.decay * self.tries + num_tries
+
+
+# Dynamic speculation per request (`DraftGate`). How many drafts: draft j is proposed while
+# acceptance**j >= _MIN_REACH (the chance it is reached and accepted), at least one, where
+# acceptance is an exponential average (_EMA) of the share of the request's drafts accepted.
+# Whether at all: a request whose proposals gain nothing _PATIENCE times in a row (the n-gram
+# lookup found no draft, or the target accepted none) pauses for _PAUSE tokens, twice as long
+# after each further fruitless proposal, up to _MAX_PAUSE; an accepted draft ends its pauses.
+# So a request whose text the proposer cannot predict costs a lookup every hundred tokens or
+# so, and stops putting the whole batch on the verify path (on an H100 a step verifying a few drafts
+# cost ~1.2 ms more than a plain ~3 ms one at batch 64: RESULTS.md, issue 8).
 _EMA = 0.8
 _MIN_REACH = 0.2
-_PROBE_EVERY = 8
+_PATIENCE = 4
+_PAUSE = 8
+_MAX_PAUSE = 128
 
 
-def num_drafts(acceptance: float, k: int, num_output_tokens: int) -> int:
-    """How many drafts to propose to a request whose acceptance average is `acceptance`."""
-    n, reach = 0, acceptance
-    while n < k and reach >= _MIN_REACH:
-        n, reach = n + 1, reach * acceptance
-    if n == 0 and num_output_tokens % _PROBE_EVERY == 0:
-        return 1
-    return n
+@dataclass
+class DraftGate:
+    """One request's dynamic speculation state (`Request.spec_gate`): the engine asks it how
+    many drafts to propose (`num_drafts`) and tells it what came of each proposal
+    (`observe`)."""
 
+    acceptance: float = 1.0  # recent share of its drafts accepted
+    fruitless: int = 0  # proposals in a row that gained nothing
+    # Not proposed for before the request has this many tokens (math.inf: never, e.g. a
+    # request with penalties or logprobs, whose verification the runner does not do).
+    resume_at: float = 0
+    started: bool = False  # proposed for at least once
 
-def update_acceptance(acceptance: float, num_drafted: int, num_accepted: int) -> float:
-    return _EMA * acceptance + (1 - _EMA) * num_accepted / num_drafted
+    def is_open(self, num_tokens: int) -> bool:
+        return num_tokens >= self.resume_at
+
+    def num_drafts(self, k: int) -> int:
+        """Drafts to propose now, at most k (the step's), at least one."""
+        n, reach = 1, self.acceptance * self.acceptance
+        while n < k and reach >= _MIN_REACH:
+            n, reach = n + 1, reach * self.acceptance
+        return n
+
+    def observe(self, num_drafted: int, num_accepted: int, num_tokens: int) -> None:
+        """A proposal's outcome: `num_drafted` drafts verified (0: the proposer found none),
+        `num_accepted` of them accepted; `num_tokens`, the request's length then."""
+        self.started = True
+        if num_drafted:
+            self.acceptance = _EMA * self.acceptance + (1 - _EMA) * num_accepted / num_drafted
+        if num_accepted:
+            self.fruitless = 0
+            return
+        self.fruitless += 1
+        if self.fruitless >= _PATIENCE:
+            pause = min(_PAUSE << (self.fruitless - _PATIENCE), _MAX_PAUSE)
+            self.resume_at = num_tokens + pause
 
 
 def accept_greedy(draft: list[int], target_argmax: list[int]) -> list[int]:

@@ -11,12 +11,13 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
 from engine.speculative import (
+    DraftGate,
     NgramProposer,
     SpeculativeConfig,
     accept_greedy,
-    num_drafts,
+    choose_num_drafts,
     rejection_sample,
-    update_acceptance,
+    speed_up,
 )
 from tests.helpers import random_prompts
 from tests.test_correctness import assert_matches_reference, assert_pool_whole
@@ -285,11 +286,93 @@ def handoff(prefill: LLM, decode: LLM, prompts, params=GREEDY) -> list[list[int]
 
 
 def test_num_drafts_follows_acceptance():
-    assert num_drafts(1.0, 4, num_output_tokens=1) == 4
-    assert num_drafts(0.5, 4, num_output_tokens=1) == 2  # 0.5, 0.25 >= 0.2 > 0.125
-    assert num_drafts(0.1, 4, num_output_tokens=1) == 0
-    assert num_drafts(0.1, 4, num_output_tokens=8) == 1  # a probe now and then
-    acceptance = 1.0
-    for _ in range(10):  # every draft rejected: the request soon stops speculating
-        acceptance = update_acceptance(acceptance, 4, 0)
-    assert num_drafts(acceptance, 4, num_output_tokens=1) == 0
+    assert DraftGate(acceptance=1.0).num_drafts(4) == 4
+    assert DraftGate(acceptance=0.5).num_drafts(4) == 2  # 0.5, 0.25 >= 0.2 > 0.125
+    assert DraftGate(acceptance=0.1).num_drafts(4) == 1  # at least one, while not paused
+    assert DraftGate(acceptance=1.0).num_drafts(2) == 2  # never more than the step's k
+    gate = DraftGate()
+    for _ in range(10):  # every draft rejected: acceptance falls towards 0
+        gate.observe(4, 0, num_tokens=100)
+    assert gate.acceptance < 0.2 and gate.num_drafts(4) == 1
+
+
+def test_fruitless_proposals_pause_a_request_for_doubling_spans():
+    """Four fruitless proposals in a row (nothing found, or nothing accepted) pause a request
+    for 8 tokens, then 16, 32, ... up to 128; an accepted draft ends the pauses."""
+    gate = DraftGate()
+    for num_tokens in range(100, 103):
+        gate.observe(0, 0, num_tokens)  # the lookup found nothing: no pause yet
+    assert gate.is_open(103) and gate.acceptance == 1.0  # (nothing verified)
+    gate.observe(3, 0, num_tokens=103)  # nothing accepted: the fourth
+    assert gate.acceptance < 1.0
+    assert not gate.is_open(110) and gate.is_open(111)
+    spans = []
+    for _ in range(6):
+        now = int(gate.resume_at)
+        gate.observe(0, 0, num_tokens=now)
+        spans.append(gate.resume_at - now)
+    assert spans == [16, 32, 64, 128, 128, 128]
+    gate.observe(1, 1, num_tokens=2000)
+    assert gate.fruitless == 0 and gate.is_open(2000)
+    gate.observe(0, 0, num_tokens=2001)  # a fresh start: one fruitless proposal is no pause
+    assert gate.is_open(2001)
+
+
+def test_few_drafts_do_not_pay_for_a_verify_step():
+    """The post-proposal check: a handful of requests of 64 with drafts is not worth a verify
+    step once verify steps are measured to cost more than plain ones; most of the batch with
+    drafts is. And the step's k counts only the requests that may be proposed for."""
+    assert speed_up(64, [3] * 5, 0.7, 0.0, 256) > 1.0  # unmeasured: verify (and learn)
+    assert speed_up(64, [3] * 5, 0.7, 0.0, 256, overhead=1.3) < 1.0
+    assert speed_up(64, [4] * 5, 0.1, 0.0, 256) < 1.05
+    assert speed_up(64, [3] * 48, 0.9, 0.0, 256, overhead=1.3) > 1.5
+    assert choose_num_drafts(64, 0.9, 4, 0.0, 256, overhead=1.3) > 0
+    assert choose_num_drafts(64, 0.9, 4, 0.0, 256, overhead=1.3, num_speculating=4) == 0
+    assert choose_num_drafts(64, 0.9, 4, 0.0, 256, num_speculating=0) == 0
+
+
+def test_dynamic_stops_proposing_where_drafts_fail(model_dir):
+    """Every draft wrong (each request's proposer offers the token after the right one),
+    verification priced as on a GPU (where the rule speculates at this batch if drafts held):
+    the engine verifies drafts in its first few decode steps, then only in probes that come
+    ever further apart, and proposes for each request a bounded number of times; the tokens
+    are plain decoding's and every block returns to the pool."""
+    prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
+    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
+    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    proposals = {}
+
+    def wrong_drafts(requests, counts):
+        for request, k in zip(requests, counts):
+            i = int(request.request_id.split("-")[1]) % len(prompts)
+            right = expected[i][request.num_output_tokens]
+            request.spec_token_ids = [(right + 1) % vocab] * k
+            proposals[i] = proposals.get(i, 0) + 1
+
+    engine.proposer.propose_batch = wrong_drafts
+    verify_steps, step = [], 0
+    step_once = engine.step
+
+    def counted_step():
+        nonlocal step
+        outputs = step_once()
+        step += 1
+        if engine.last_step.num_draft_tokens:
+            verify_steps.append(step)
+        return outputs
+
+    engine.step = counted_step
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.num_accepted_tokens == 0 < engine.num_draft_tokens
+    # A handful of learning steps, then probes at least 16 steps apart, further each time.
+    learning = [s for s in verify_steps if s <= verify_steps[0] + 8]
+    probes = verify_steps[len(learning) :]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert len(learning) <= 4 and len(probes) <= 4, verify_steps
+    assert all(gap >= 16 for gap in gaps) and gaps == sorted(gaps), verify_steps
+    assert max(proposals.values()) <= 8, proposals  # of ~96 decode steps each
+    assert_pool_whole(llm)
