@@ -26,6 +26,9 @@ speculative step costs what the roofline says).
     python -m benchmarks.speculative --methods draft ngram --dtype bfloat16 --hidden-size 2048 \
         --layers 16 --heads 16 --kv-heads 8 --vocab-size 32000 --draft-layers 2 \
         --batch-sizes 1 64 --max-tokens 128 --repeats 2         # one GPU
+    python -m benchmarks.speculative --methods ngram --hidden-size 64 --heads 2 --kv-heads 1 \
+        --layers 2 --batch-sizes 64 --max-tokens 128 --saturation-tokens 256 --threads 1
+                                          # CPU, host-bound: the GPU's rule, a tiny model
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def make_models(root: Path, args) -> dict[str, Path]:
 
 def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
     """Time a plain engine and one per speculative config on the same prompts, alternating runs
-    so that drift in the machine's load hits all alike; the best run of each counts. Returns
+    so that drift in the machine's load hits all alike, in an order rotated each repeat (on a
+    2-core CPU the dynamic engine's decode steps ran ~10% slower right after static
+    speculation's run than first); the best run of each counts. Returns
     (total tokens, [(tok/s, drafted, accepted, cost factor) per engine, plain first])."""
     llms = [
         LLM(
@@ -95,8 +100,9 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
     counts = [(0, 0, 1.0)] * len(llms)
     for llm in llms:  # kernels compiled and tuned for these shapes, allocators warm
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for _ in range(repeats):
-        for i, llm in enumerate(llms):
+    for repeat in range(repeats):
+        for i in [(repeat + j) % len(llms) for j in range(len(llms))]:
+            llm = llms[i]
             engine = llm.engine
             engine.reset_speculation()  # the learning phase again, as in a new engine
             _sync(engine)
@@ -130,6 +136,7 @@ def _sync(engine) -> None:
 def cells(args, root: Path):
     """(method, model, workload, model dir, prompts, spec config) for every row."""
     vocab = args.vocab_size
+    rule = {"saturation_tokens": args.saturation_tokens} if args.saturation_tokens else {}
     if "ngram" in args.methods:
         models = make_models(root, args)
         for model, model_dir in models.items():
@@ -138,7 +145,7 @@ def cells(args, root: Path):
                 "random": random_prompts(max(args.batch_sizes), 256 + args.max_tokens, vocab, 2),
             }
             for name, prompts in work.items():
-                yield "ngram", model, name, model_dir, prompts, {"method": "ngram"}
+                yield "ngram", model, name, model_dir, prompts, {"method": "ngram", **rule}
     if "draft" in args.methods:
         target, draft = write_draft_pair(
             root / "pair",
@@ -148,7 +155,7 @@ def cells(args, root: Path):
             dtype=args.dtype,
         )
         prompts = random_prompts(max(args.batch_sizes), 256, vocab, 3)
-        spec = {"method": "draft", "model": str(draft)}
+        spec = {"method": "draft", "model": str(draft), **rule}
         yield "draft", "pair", "random", target, prompts, spec
 
 
@@ -186,6 +193,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; best is kept")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--saturation-tokens",
+        type=int,
+        default=None,
+        help="the dynamic rule's roofline (SpeculativeConfig.saturation_tokens; default: 256 on "
+        "CUDA, 8 on CPU); 256 on CPU prices verification as on a GPU",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,6 +214,7 @@ def main() -> None:
         f"; target: {args.layers} layers, hidden {args.hidden_size}, vocab {args.vocab_size}, "
         f"{args.dtype}; draft: first {args.draft_layers} layer(s), later layers x"
         f"{args.later_layer_scale}; {args.max_tokens} output tokens per request, greedy, k={args.k}"
+        + (f", saturation_tokens {args.saturation_tokens}" if args.saturation_tokens else "")
     )
     print(
         f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
