@@ -433,7 +433,7 @@ class LLMEngine:
             self._propose_for(requests, [spec.num_speculative_tokens] * len(requests))
             return
         batch_size = len(decoding)
-        gated = [r for r in decoding if r.num_tokens >= r.spec_gate.resume_at]
+        gated = [r for r in decoding if r.spec_gate.is_open(r.num_tokens)]
         k_step = self._step_num_drafts(batch_size, len(gated))
         if k_step == 0:
             return
