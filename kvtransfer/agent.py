@@ -120,18 +120,17 @@ class _Pair:
 
 class _HeaderPusher(threading.Thread):
     """The prefill side's thread per pair that pushes transfer headers to the store, in order,
-    and then prepares each transfer's source index.
+    and after each header prepares its transfer (`KVTransferAgent._prepare_send`).
 
     A push is a store round trip (100-230 us measured on the GPU machines); made on the step
     thread before the forward pass, it held the GPU idle that long, once per request handed off
     in the step. Order is all the receiver needs: it matches messages to transfers by header
     order, and a send posted before its header has left waits on the GPU for the receive.
 
-    The transfer's index and buffers are prepared here too (`_prepare_send`: 40-330 us of
-    host time on the H200 hosts, which vary 4x between machines): on the step thread before the
-    forward pass they held the GPU idle (+0.3 ms on a 512-token prefill, traced), at the first
-    send_layer they stood between the layers' end and the first byte. Here they overlap the
-    forward pass's first layers."""
+    The preparation (index, buffers, gathers: 40-330 us of host time on the H200 hosts, which
+    vary 4x between machines) is done here: on the step thread before the forward pass it held
+    the GPU idle (+0.3 ms on a 512-token prefill, traced), at the first send_layer it stood
+    between the layers' end and the first byte. Here it overlaps the first layers."""
 
     def __init__(self, agent: KVTransferAgent, pair: _Pair):
         super().__init__(name=f"kvtransfer-headers-{pair.peer_id}", daemon=True)
