@@ -7,7 +7,11 @@ block size 16). For each prompt length, in one run:
   raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group
   agent    KVTransferAgent: start_send, send_layer x32, finish_send, until the receiver's poll()
            says DONE; scattered random block ids on both sides; one agent pair per
-           --min-message-bytes setting; reported as GB/s and as a ratio to raw
+           --min-message-bytes setting; reported as GB/s and as a ratio to raw. Three ways:
+           the header on the clock; sent ahead (the clock starts at the first send_layer);
+           sent ahead with the decode side's main thread polling the agent for DONE, as raw's
+           receiving thread polls its recv, instead of waking on the agent's condition
+           variable (a thread handoff: 40-130 us on the H200 hosts, no part of the transfer)
   ttft     a simulated prefill, 32 layer steps of one matmul each (2*8e9*tokens FLOPs in all,
            an 8B model's linear layers), without sends, then with send_layer after each layer:
            the compute slowdown, and the tail after the last layer until the receiver's DONE
@@ -167,7 +171,7 @@ def run_worker(role: str, args, port: int) -> dict:
     probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
     wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    results: dict = {"info": info, "raw": {}, "agent": {}, "ahead": {}, "ttft": {}}
+    results: dict = {"info": info, "raw": {}, "agent": {}, "ahead": {}, "polled": {}, "ttft": {}}
     results["header_latency"] = header_latency(role, port)
     agent = agents[args.min_message_bytes[0]][0]
     results["copy"] = bench_copy(role, agent, max(args.tokens) // args.block_size, device)
@@ -181,6 +185,9 @@ def run_worker(role: str, args, port: int) -> dict:
             results["agent"][key] = bench_agent(role, agent, peer, device, clock, key, ids, args)
             results["ahead"][key] = bench_agent(
                 role, agent, peer, device, clock, key, ids, args, ahead_s=AHEAD_S
+            )
+            results["polled"][key] = bench_agent(
+                role, agent, peer, device, clock, key, ids, args, ahead_s=AHEAD_S, spin=True
             )
             if not args.skip_ttft:
                 results["ttft"][key] = bench_ttft(role, agent, peer, device, clock, key, ids, args)
@@ -260,11 +267,18 @@ def clock_end(clock: Clock, key: str) -> float:
     return clock.end(key)
 
 
-def receive(agent: KVTransferAgent, clock: Clock, key: str, tid: int, peer: str, ids) -> None:
+def receive(
+    agent: KVTransferAgent, clock: Clock, key: str, tid: int, peer: str, ids, spin: bool = False
+) -> None:
+    """Expect the transfer, then stamp the clock once the agent reports it DONE: waiting on the
+    agent's condition variable (`wait`), or with `spin` polling it (`poll`, sleep(0) between
+    polls: the GIL is free for the receiver thread), as raw's receiving thread polls its work."""
     agent.expect(tid, peer, ids)
     clock.ready(key)
     while True:
-        state = agent.wait(timeout_s=1.0).get(tid)
+        state = (agent.poll() if spin else agent.wait(timeout_s=1.0)).get(tid)
+        if spin and state is None:
+            time.sleep(0)
         if state is not None:
             assert state is TransferState.DONE, f"transfer {tid}: {state}"
             mark(agent.layout.device)
@@ -282,17 +296,20 @@ def busy_wait(seconds: float) -> None:
         time.sleep(0)
 
 
-def bench_agent(role, agent, peer, device, clock, key, ids, args, ahead_s=0.0) -> list[float]:
+def bench_agent(
+    role, agent, peer, device, clock, key, ids, args, ahead_s=0.0, spin=False
+) -> list[float]:
     """start_send .. the receiver's DONE. With `ahead_s` > 0 the clock starts that long after
     start_send, at the first send_layer: the header has travelled meanwhile, as it does in
     serving, where start_send comes before the forward pass that computes the layers, and the
-    sending thread has been busy meanwhile, as the step thread is."""
+    sending thread has been busy meanwhile, as the step thread is. `spin`: the decode side
+    polls for DONE instead of waiting on the agent's condition variable (see `receive`)."""
     times = []
     for i in range(args.repeats + 1):
-        tid = zlib.crc32(f"bw/{key}/{ahead_s}/{i}".encode())
-        rep = f"agent/{key}/{ahead_s}/{i}"
+        tid = zlib.crc32(f"bw/{key}/{ahead_s}/{spin}/{i}".encode())
+        rep = f"agent/{key}/{ahead_s}/{spin}/{i}"
         if role == "decode":
-            receive(agent, clock, rep, tid, peer, ids)
+            receive(agent, clock, rep, tid, peer, ids, spin)
             continue
         clock.wait_ready(rep)
         sync(device)
@@ -433,7 +450,11 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             f"{'min ' + label(m):>10} {'GB/s':>6} {'ratio':>5}" for m in args.min_message_bytes
         ),
     ]
-    for kind, what in (("agent", "header included"), ("ahead", "header sent ahead")):
+    for kind, what in (
+        ("agent", "header included"),
+        ("ahead", "header sent ahead"),
+        ("polled", "header sent ahead; the decode side polls for DONE, as raw's polls its recv"),
+    ):
         lines.append(f"-- {kind}: {what}")
         for tokens in args.tokens:
             total = tokens * kv_bytes_per_token
