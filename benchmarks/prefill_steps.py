@@ -259,7 +259,10 @@ def set_attention(engine: LLMEngine, choice: str, default: int | None) -> None:
         if choice != "auto":
             raise SystemExit(f"--attention {choice}: only the Triton backend (CUDA) has a choice")
         return
+    # "<choice>-sdpa": fresh prompts through SDPA (cuDNN on CUDA) instead of varlen flash.
+    choice, _, fresh = choice.partition("-")
     backend.sdpa_prefill_min_tokens = ATTENTION_THRESHOLDS.get(choice, default)
+    backend.fresh_prefill_varlen = fresh != "sdpa"
 
 
 def predicted(model: InstanceModel, step: MeasuredStep) -> float:
@@ -579,7 +582,12 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="tiny model on CPU (a smoke run)")
     p.add_argument("--mode", default="backlog", help="backlog, poisson, or both (comma list)")
     p.add_argument("--rate", type=float, default=None, help="poisson arrivals per second")
-    p.add_argument("--attention", default="auto", help="auto, paged, gathered (comma list)")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="auto, paged, gathered (comma list); with -sdpa (auto-sdpa, ...) fresh prompts go "
+        "through SDPA (cuDNN on CUDA) instead of varlen flash",
+    )
     p.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler N steps")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--input-len", type=int, default=None)

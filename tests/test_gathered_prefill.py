@@ -200,3 +200,36 @@ def test_gpu_engine_gathered_matches_reference(model_dir, reference):
     for _ in range(2):
         assert_matches_reference(reference, prompts, llm.generate(prompts, greedy), 12)
     assert llm.engine.kv_manager.stats.hit_tokens > 0
+
+
+def test_fresh_runs_group_adjacent_chunks():
+    """Fresh chunks in row order become runs of adjacent ones, each with its offsets."""
+    from engine.attention.triton_backend import fresh_runs
+
+    runs = fresh_runs([(3, 10), (10, 30), (40, 41), (41, 45), (45, 50), (60, 61)], "cpu")
+    assert [(r.start, r.end, r.max_len) for r in runs] == [(3, 30, 20), (40, 50, 5), (60, 61, 1)]
+    assert [r.cu_seqlens.tolist() for r in runs] == [[0, 7, 27], [0, 1, 5, 10], [0, 1]]
+    assert all(r.cu_seqlens.dtype == torch.int32 for r in runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_fresh_prompts_varlen_match_float32_reference():
+    """Fresh prompts through varlen flash (one call per run of adjacent ones; not cuDNN's SDPA,
+    which plans every new length): two adjacent, one after a chunk over a prefix, one after a
+    decode; equal to the float32 reference and to the SDPA path."""
+    steps = [(0, 700), (0, 1333), (512, 300), (0, 37), (5, 1), (0, 2048)]
+    for seed in range(2):
+        spec, cache, meta, q, k, v = make_case(steps, 32, 8, 128, seed, dtype=torch.bfloat16)
+        out, prefills = triton_out(spec, cache, meta, q, k, v, min_tokens=0)
+        assert [r.end - r.start for r in prefills.fresh_runs] == [2033, 37, 2048]
+        ref = reference_out(spec, cache, meta, q, k, v)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < tolerance(torch.bfloat16), seed
+        backend = TritonAttentionBackend(spec, max_model_len=8192)
+        backend.fresh_prefill_varlen = False
+        m = copy_meta(meta, cache.device)
+        backend.prepare(m)
+        assert m.backend_data[1].fresh_runs is None
+        sdpa = backend.forward(q, k, v, cache.clone(), m).float().cpu()
+        assert rel_err(out, sdpa) < tolerance(torch.bfloat16)
