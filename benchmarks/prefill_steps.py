@@ -630,7 +630,7 @@ def parse_args(argv=None):
         if mode not in ("backlog", "poisson"):
             p.error(f"--mode {mode}: backlog or poisson")
     for choice in args.attentions:
-        if choice not in ("auto", *ATTENTION_THRESHOLDS):
+        if choice.removesuffix("-sdpa") not in ("auto", *ATTENTION_THRESHOLDS):
             p.error(f"--attention {choice}: auto, paged or gathered")
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device: pass --cpu for a smoke run")
