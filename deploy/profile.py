@@ -16,6 +16,7 @@ import random
 import time
 
 import numpy as np
+import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from router.latency_model import LinearModel
@@ -61,7 +62,11 @@ def _packed_prefill_samples(engine: LLMEngine, vocab: int, repeats: int, rng: ra
                 # Back to back, as a loaded prefill worker steps: the sample is the whole step,
                 # scheduling and outputs included (what the worker reports in serving).
                 start = time.perf_counter()
-                engine.step()
+                outputs = engine.step()
+                if not outputs and engine.runner.device.type == "cuda":
+                    # A step that sampled nothing did not wait for the GPU (see the prefill
+                    # worker's _on_outputs): wait here, or the next step's sample holds it.
+                    torch.cuda.current_stream(engine.runner.device).synchronize()
                 seconds = time.perf_counter() - start
                 step = engine.last_step
                 if step.num_prefill_tokens and not step.num_decode_tokens:
