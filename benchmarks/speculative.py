@@ -77,7 +77,7 @@ def make_models(root: Path, args) -> dict[str, Path]:
     return models
 
 
-def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
+def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async_scheduling=False):
     """Time a plain engine and one per speculative config on the same prompts, alternating runs
     so that drift in the machine's load hits all alike, in an order rotated each repeat (on a
     2-core CPU the dynamic engine's decode steps ran ~10% slower right after static
@@ -91,6 +91,7 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype):
             num_blocks=48 * batch_size,
             enable_prefix_caching=False,
             speculative=s,
+            async_scheduling=async_scheduling,
         )
         for s in (None, *specs)
     ]
@@ -200,6 +201,12 @@ def main() -> None:
         help="the dynamic rule's roofline (SpeculativeConfig.saturation_tokens; default: 256 on "
         "CUDA, 8 on CPU); 256 on CPU prices verification as on a GPU",
     )
+    ap.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="every engine (plain included) launches a greedy decode step before the previous "
+        "one's tokens are read; dynamic speculation does so for steps its rule leaves plain",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,6 +222,7 @@ def main() -> None:
         f"{args.dtype}; draft: first {args.draft_layers} layer(s), later layers x"
         f"{args.later_layer_scale}; {args.max_tokens} output tokens per request, greedy, k={args.k}"
         + (f", saturation_tokens {args.saturation_tokens}" if args.saturation_tokens else "")
+        + (", async scheduling" if args.async_scheduling else "")
     )
     print(
         f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
@@ -236,6 +244,7 @@ def main() -> None:
                 [static, dynamic],
                 args.repeats,
                 args.dtype,
+                args.async_scheduling,
             )
             (base, _, _, _), (fast, d1, a1, _), (dyn, d2, a2, factor) = rows
             # A request gains its accepted drafts plus one target token per step it runs, so

@@ -310,6 +310,10 @@ class LLMEngine:
         if self._in_flight is not None:
             sched, pending = self._in_flight
             self._in_flight = None
+            # A step launched ahead is a plain one (see _launch_ahead): for the cost meter its
+            # cycle is its period, from the processing of the step before it.
+            self._last_choice = None
+            self._cycle_start = step_start
         else:
             self._last_choice = None
             self._cycle_start = step_start  # what the step cost meter times: proposing included
@@ -334,12 +338,38 @@ class LLMEngine:
     def _launch_ahead(self, sched: SchedulerOutput, pending: PendingStep):
         """Async scheduling: launch the step after `sched` while its tokens are still on the
         device, when nothing needs them first. Returns (its schedule, its pending step)."""
-        if pending.tokens is None or self.proposer is not None or self.runner.kv_connector:
-            return None  # not the greedy fast path, or speculation / KV sends need the tokens
+        if pending.tokens is None or self.runner.kv_connector:
+            return None  # not the greedy fast path, or KV sends need the tokens
+        if self.proposer is not None and any(s.spec_token_ids for s in sched.scheduled):
+            return None  # how many tokens each request gains is known only once verified
+        plan = None
+        if self.proposer is not None:
+            plan = self._plan_plain_ahead()
+            if plan is None:
+                return None  # the next step may propose: proposals need the tokens
         ahead = self.scheduler.schedule_ahead(sched)
         if ahead is None:
             return None
+        if plan:
+            self._num_steps, self._probe_every, self._probing = plan  # as _propose would
         return ahead, self.runner.launch(ahead, prev=pending)
+
+    def _plan_plain_ahead(self) -> tuple[int, int, bool] | tuple[()] | None:
+        """Speculation with async scheduling: whether the step after the one being launched
+        would be a plain step (dynamic speculation choosing k = 0 for it), so that it may be
+        launched before the current step's tokens are read. None: it may propose. Otherwise the
+        rule's state after choosing k = 0 for it (what `_step_num_drafts` would set), or () if
+        `_propose` would not even count it (more requests than `max_batch_size`)."""
+        spec = self.speculative
+        running = self.scheduler.running
+        if len(running) > spec.max_batch_size:
+            return ()
+        if not spec.adaptive:
+            return None
+        # After the current step each request holds one more token.
+        num_open = sum(r.spec_gate.is_open(r.num_tokens + 1) for r in running)
+        k, state = self._plan_num_drafts(len(running), num_open)
+        return state if k == 0 else None
 
     def _complete(
         self, sched: SchedulerOutput, pending: PendingStep | RunnerOutput, step_start: float
@@ -491,6 +521,16 @@ class LLMEngine:
     def _step_num_drafts(self, batch_size: int, num_open: int | None = None) -> int:
         """The step's k for `batch_size` decoding requests, `num_open` (default all) of which
         may be proposed for; counts the step for the probes' schedule."""
+        k, (self._num_steps, self._probe_every, self._probing) = self._plan_num_drafts(
+            batch_size, num_open
+        )
+        return k
+
+    def _plan_num_drafts(
+        self, batch_size: int, num_open: int | None = None
+    ) -> tuple[int, tuple[int, int, bool]]:
+        """`_step_num_drafts` without changing anything: (k, the rule's state after the step:
+        steps counted, probe interval, whether the step is a probe)."""
         spec = self.speculative
         saturation, cost = self._saturation_tokens(), self._draft_cost()
         k_max = spec.num_speculative_tokens
@@ -498,20 +538,19 @@ class LLMEngine:
         acceptance = self.acceptance.acceptance
         m = (batch_size if num_open is None else num_open) * self.hits.rate
         k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m)
-        self._num_steps += 1
+        num_steps, probe_every = self._num_steps + 1, self._probe_every
         if k > 0:
-            self._probe_every = _PROBE_STEPS  # speculation pays again
+            probe_every = _PROBE_STEPS  # speculation pays again
         elif self._probing:  # the last probe did not bring it back: probe less often
-            self._probe_every = min(2 * self._probe_every, _MAX_PROBE_STEPS)
-        self._probing = False
-        if k == 0 and self._num_steps % self._probe_every == 0:
+            probe_every = min(2 * probe_every, _MAX_PROBE_STEPS)
+        probing = False
+        if k == 0 and num_steps % probe_every == 0:
             # Probe, unless the batch alone rules speculation out (even if every draft held).
             k = min(1, choose_num_drafts(batch_size, 1.0, k_max, cost, saturation, overhead, m))
-            self._probing = k > 0
+            probing = k > 0
         if k > 0 and self.step_cost.needs_plain(batch_size):
-            self._probing = False
-            return 0  # first a plain step at this batch size: what speculation is priced against
-        return k
+            return 0, (num_steps, probe_every, False)  # first a plain step at this batch size
+        return k, (num_steps, probe_every, probing)
 
     def _observe_step_cost(self, batch_size: int) -> None:
         """Feed the cost meter a pure-decode step's duration, proposing included: a plain step

@@ -341,18 +341,8 @@ def test_dynamic_stops_proposing_where_drafts_fail(model_dir):
     params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
     llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
-    engine = llm.engine
-    vocab = engine.model_config.vocab_size
-    proposals = {}
-
-    def wrong_drafts(requests, counts):
-        for request, k in zip(requests, counts):
-            i = int(request.request_id.split("-")[1]) % len(prompts)
-            right = expected[i][request.num_output_tokens]
-            request.spec_token_ids = [(right + 1) % vocab] * k
-            proposals[i] = proposals.get(i, 0) + 1
-
-    engine.proposer.propose_batch = wrong_drafts
+    engine, proposals = llm.engine, {}
+    _wrong_drafts(engine, prompts, expected, proposals)
     verify_steps, step = [], 0
     step_once = engine.step
 
@@ -375,4 +365,50 @@ def test_dynamic_stops_proposing_where_drafts_fail(model_dir):
     assert len(learning) <= 4 and len(probes) <= 4, verify_steps
     assert all(gap >= 16 for gap in gaps) and gaps == sorted(gaps), verify_steps
     assert max(proposals.values()) <= 8, proposals  # of ~96 decode steps each
+    assert_pool_whole(llm)
+
+
+def _wrong_drafts(engine, prompts, expected, proposals):
+    """Replace the proposer: each request is offered the token after the right one."""
+    vocab = engine.model_config.vocab_size
+
+    def propose_batch(requests, counts):
+        for request, k in zip(requests, counts):
+            i = int(request.request_id.split("-")[1]) % len(prompts)
+            right = expected[i][request.num_output_tokens]
+            request.spec_token_ids = [(right + 1) % vocab] * k
+            proposals[i] = proposals.get(i, 0) + 1
+
+    engine.proposer.propose_batch = propose_batch
+
+
+def test_async_scheduling_chains_the_steps_dynamic_speculation_leaves_plain(model_dir):
+    """With async scheduling a step the rule would leave plain (k = 0) is launched before the
+    previous step's tokens are read, as without speculation: where every draft fails most
+    decode steps chain, drafts are still verified only while learning and in probes, the tokens
+    are plain decoding's and every block returns."""
+    from tests.test_async_scheduling import count_chained
+
+    prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
+    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
+    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16, async_scheduling=True)
+    engine, proposals = llm.engine, {}
+    _wrong_drafts(engine, prompts, expected, proposals)
+    chained = count_chained(llm)
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.num_accepted_tokens == 0 < engine.num_draft_tokens
+    assert chained[0] >= 60, chained  # of ~95 decode steps
+    assert max(proposals.values()) <= 8, proposals
+    assert_pool_whole(llm)
+
+
+def test_async_scheduling_keeps_speculating_where_drafts_hold(model_dir, reference):
+    """Async scheduling on: requests whose drafts hold are still proposed for (no step that
+    may propose is launched ahead), and the tokens are transformers' greedy ones."""
+    llm = spec_llm(model_dir, num_blocks=512, async_scheduling=True)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert_matches_reference(reference, PROMPTS, outputs, MAX_TOKENS)
+    assert_accepted_some(llm)
     assert_pool_whole(llm)
