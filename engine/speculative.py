@@ -163,8 +163,12 @@ class _NgramIndex:
         self.sizes = range(max_n, min_n - 1, -1)
         self.starts: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.length = 0  # tokens indexed so far
+        self.scans = 0  # lookups answered by `scan`, before the index was built
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
+        if self.length == 0 and self.scans < _SCAN_LOOKUPS:
+            self.scans += 1
+            return scan(tokens, self.sizes, k)
         length = len(tokens)
         if length < self.length:  # the sequence shrank (never in the engine): start over
             self.starts = {n: {} for n in self.sizes}
@@ -191,6 +195,32 @@ class _NgramIndex:
 # Catch-ups of at most this many tokens run as a Python loop (the zipped slices' setup costs
 # more than a few tuples).
 _SHORT_CATCH_UP = 4
+# A request's first lookups scan its tokens (`scan`) instead of building its index: building
+# it for a 384-token prompt took 290 us on the dev CPU, a scan 35 us. Where drafts fail, dynamic
+# speculation stops proposing for a request after a few fruitless lookups, which then never
+# pay for an index; a request still proposed for after this many gets one.
+_SCAN_LOOKUPS = 8
+
+
+def scan(tokens: list[int], sizes: range, k: int) -> list[int]:
+    """What `_NgramIndex.propose` returns, by a scan: for n in `sizes` (descending), the latest
+    earlier start of the last n tokens, and the k tokens after it. Only positions holding the
+    last token are candidates (few in a large vocabulary); each longer n filters them."""
+    arr = np.asarray(tokens)
+    length = len(arr)
+    candidates = np.flatnonzero(arr[: length - 1] == arr[length - 1]) if length else arr
+    for n in sizes:
+        if n > length - 1:
+            continue
+        ends = candidates[candidates >= n - 1]  # n-grams ending there start at end - n + 1
+        for j in range(1, n):
+            if not len(ends):
+                break
+            ends = ends[arr[ends - j] == arr[length - 1 - j]]
+        if len(ends):
+            start = int(ends[-1]) + 1  # the token after the latest match
+            return tokens[start : start + k]
+    return []
 
 
 # Dynamic speculation per step: choose k from the batch size and the measured acceptance.

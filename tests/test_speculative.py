@@ -120,6 +120,24 @@ def test_ngram_index_proposes_what_a_full_scan_does_as_sequences_grow():
         assert set(proposer._indexes) == {"r1"}
 
 
+def test_first_lookups_scan_then_the_index_is_built():
+    """`scan` answers as `propose` does (random sequences over small vocabularies, the empty
+    and one-token ones included); a request's first _SCAN_LOOKUPS lookups scan, the next one
+    builds its index."""
+    from engine.speculative import _SCAN_LOOKUPS, _NgramIndex, scan
+
+    gen = torch.Generator().manual_seed(1)
+    proposer = NgramProposer(SpeculativeConfig(prompt_lookup_min=1, prompt_lookup_max=4))
+    for _ in range(2000):
+        length, vocab, k = (int(x) for x in torch.randint(1, 40, (3,), generator=gen))
+        tokens = torch.randint(0, 1 + vocab % 5, (length - 1,), generator=gen).tolist()
+        assert scan(tokens, range(4, 0, -1), k) == proposer.propose(tokens, k), tokens
+    index, tokens = _NgramIndex(1, 4), [5, 6, 7, 5, 6]
+    for _ in range(_SCAN_LOOKUPS):
+        assert index.propose(tokens, 2) == [7, 5] and index.length == 0
+    assert index.propose(tokens, 2) == [7, 5] and index.length == len(tokens)
+
+
 class _Tokens:
     def __init__(self, request_id: str, token_ids: list[int]):
         self.request_id, self.all_token_ids, self.spec_token_ids = request_id, token_ids, []
