@@ -473,6 +473,7 @@ class LLMEngine:
         proposed = self._propose_for(gated, [r.spec_gate.num_drafts(k_step) for r in gated])
         if not proposed:
             return
+        first = first or getattr(self.proposer, "num_built", 0) > 0  # n-gram indexes built
         drafts: list[int] = []
         for request in proposed:
             if request.spec_token_ids:
@@ -556,9 +557,10 @@ class LLMEngine:
         """Feed the cost meter a pure-decode step's duration, proposing included: a plain step
         if the proposer did no work in it, else a speculative one (lookups that found nothing
         included: they are part of what speculating costs). A speculative step that paid a
-        one-off cost beside its own is left out: a request's first proposal (the n-gram index
-        of its whole sequence, the draft model's prefill), or a draft model catching a request
-        up on more than one step's tokens (the tokens of steps that did not speculate)."""
+        one-off cost beside its own is left out: a request's first proposal (the draft model's
+        prefill), the lookup that built a request's n-gram index (of its whole sequence), or a
+        draft model catching a request up on more than one step's tokens (the tokens of steps
+        that did not speculate)."""
         seconds = time.perf_counter() - self._cycle_start
         if self._last_choice is None:
             self.step_cost.observe_plain(batch_size, seconds)

@@ -136,6 +136,13 @@ def test_first_lookups_scan_then_the_index_is_built():
     for _ in range(_SCAN_LOOKUPS):
         assert index.propose(tokens, 2) == [7, 5] and index.length == 0
     assert index.propose(tokens, 2) == [7, 5] and index.length == len(tokens)
+    # The proposer counts the indexes a call built (the step cost meter leaves that step out).
+    request = _Tokens("r", tokens)
+    built = []
+    for _ in range(_SCAN_LOOKUPS + 2):
+        proposer.propose_batch([request], [2])
+        built.append(proposer.num_built)
+    assert built == [0] * _SCAN_LOOKUPS + [1, 0]
 
 
 class _Tokens:
