@@ -42,6 +42,7 @@ def build_app(
     router: Router, api_key: str | None = None, max_request_bytes: int = 4 << 20
 ) -> FastAPI:
     app = FastAPI(title="Baton", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_InternalErrors)  # innermost of ours: sees what no handler took
     app.add_middleware(_LimitBody, max_bytes=max_request_bytes)
     if api_key:  # added last: runs first, before any body is read
         app.add_middleware(_RequireApiKey, api_key=api_key)
@@ -255,6 +256,36 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
         return await api_error(request, APIError(e.status_code, str(e.detail), type=kind))
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no handler took (a bug) becomes a 500 in the API's error
+    shape, logged here. Left to Starlette, the 500 is sent and the exception re-raised to the
+    server, which then closes the connection: a client's next request on that keep-alive
+    connection was reset (the openai client, CI 2026-11-26)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as e:
+            if started:
+                raise  # too late for an error response: the server ends the connection
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            error = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+            await JSONResponse(error.body, status_code=error.status)(scope, receive, send)
 
 
 class _LimitBody:
