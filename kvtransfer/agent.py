@@ -49,6 +49,14 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 24 * 3600.0
 
 
+def _notify(action) -> None:
+    """One store write telling others of a broken pair; best effort (the store may be gone)."""
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - the store may be gone too
+        log.debug("notifying of a broken pair failed: %s", e)
+
+
 class TransferState(enum.Enum):
     PENDING = "pending"
     TRANSFERRING = "transferring"
@@ -331,9 +339,16 @@ class KVTransferAgent:
             failed = list(pair.in_flight)
             pair.in_flight.clear()
             pair.send_order.clear()
+        base = pair_base(*self._ids(pair.peer_id))
         for handle in failed:
             # NOTE: buffers stay until finish_send: the step thread may be inside send_layer.
             handle.state = TransferState.FAILED
+        # NOTE: the hello is marked broken before any waiter wakes: a woken thread may reconnect
+        # at once, and the peer's `connect` must not find the stale hello and take the pair for
+        # live (it returned without a handshake and ours timed out: a test's reconnect in CI,
+        # 2026-11-26). compare_set: a newer handshake of this side may already own the key.
+        _notify(lambda: self._store.compare_set(f"{base}/hello/{self.role}", pair.hello, "broken"))
+        for handle in failed:
             handle._ready.set()  # a send_layer waiting for the preparation returns
         if pair.pusher is not None:
             pair.pusher.stop()
@@ -343,18 +358,9 @@ class KVTransferAgent:
             pair.generation,
             reason,
         )
-        base = pair_base(*self._ids(pair.peer_id))
+        # wakes the decode side's receiver thread (ours on decode, the peer's on prefill)
         notice = Header(BROKEN if self.role == PREFILL else CLOSE).encode()
-        for action in (
-            # compare_set: a newer handshake of this side may already own the key
-            lambda: self._store.compare_set(f"{base}/hello/{self.role}", pair.hello, "broken"),
-            # wakes the decode side's receiver thread (ours on decode, the peer's on prefill)
-            lambda: pair.client.queue_push(pair.queue_key, notice),
-        ):
-            try:
-                action()
-            except Exception as e:  # noqa: BLE001 - the store may be gone too
-                log.debug("notifying of a broken pair failed: %s", e)
+        _notify(lambda: pair.client.queue_push(pair.queue_key, notice))
         abort_group(pair.group)
         with self._lock:
             self._retired.append(pair.group)

@@ -16,7 +16,7 @@ import torch
 
 import kvtransfer.receiver
 from kvtransfer import KVTransferAgent, TransferState, start_store
-from kvtransfer.pair import wait_work
+from kvtransfer.pair import read_hello, wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
 from kvtransfer.receiver import _segments
 from kvtransfer.store import connect_store
@@ -400,7 +400,14 @@ def connect_both(prefill: KVTransferAgent, decode: KVTransferAgent) -> None:
 
     thread = threading.Thread(target=run)
     thread.start()
-    prefill.connect(decode.worker_id)
+    try:
+        prefill.connect(decode.worker_id)
+    except Exception as e:
+        thread.join()
+        # NOTE: say what the decode side did too: a reconnect once timed out on the prefill
+        # side in CI (test_failed_header_push_..., 2026-11-26) with no trace of the other side.
+        e.add_note(f"decode side's connect: {errors or 'returned'}")
+        raise
     thread.join()
     assert not errors
 
@@ -562,14 +569,29 @@ def check_failed_header_push(prefill, decode, monkeypatch) -> None:
         def queue_push(self, key, value):
             raise ConnectionError("store gone")
 
+    class SlowToMark:  # the agent's store connection, slow to mark a hello broken
+        def __init__(self, store):
+            self.store = store
+
+        def compare_set(self, *args):
+            time.sleep(0.3)
+            return self.store.compare_set(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
     monkeypatch.setattr(prefill._pairs["d-push"], "client", Refusing())
+    monkeypatch.setattr(prefill, "_store", SlowToMark(prefill._store))
     decode.expect(1, "p-push", [10, 11])
     handle = prefill.start_send(1, "d-push", [0, 1])  # returns at once: the header is pushed later
     for layer in range(NUM_LAYERS):
         prefill.send_layer(handle, layer)
     assert prefill.finish_send(handle) is FAILED  # within the timeout, not hanging
     assert prefill.generation("d-push") is None
+    # Before the step thread learnt of the break, the store did: the decode side's `connect`
+    # must not take the old hello for a live pair (it skipped the handshake, ours timed out).
     monkeypatch.undo()
+    assert read_hello(prefill._store, "baton/pair/p-push/d-push/hello/prefill") is None
     decode.cancel(1)
     connect_both(prefill, decode)
     decode.expect(2, "p-push", [12])
