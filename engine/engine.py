@@ -163,8 +163,9 @@ class LLMEngine:
         self._probe_every = _PROBE_STEPS
         self._probing = False  # the step just chosen is a probe
         # The last step's proposal, for the cost meter: (batch size, modeled relative cost,
-        # whether some request had its first proposal); None: no proposer work (a plain step).
-        self._last_choice: tuple[int, float, bool] | None = None
+        # whether some request had its first proposal, seconds of n-gram learning lookups);
+        # None: no proposer work (a plain step).
+        self._last_choice: tuple[int, float, bool, float] | None = None
         self._cycle_start = 0.0  # when the last step began proposing (the cost meter's clock)
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
@@ -473,7 +474,6 @@ class LLMEngine:
         proposed = self._propose_for(gated, [r.spec_gate.num_drafts(k_step) for r in gated])
         if not proposed:
             return
-        first = first or getattr(self.proposer, "num_built", 0) > 0  # n-gram indexes built
         drafts: list[int] = []
         for request in proposed:
             if request.spec_token_ids:
@@ -491,7 +491,8 @@ class LLMEngine:
                     request.spec_token_ids = []
                 drafts = []
         modeled = relative_step_cost(batch_size, drafts, cost, saturation)
-        self._last_choice = (batch_size, modeled, first)
+        learning_s = getattr(self.proposer, "one_off_s", 0.0)
+        self._last_choice = (batch_size, modeled, first, learning_s)
 
     def _propose_for(self, requests: list[Request], counts: list[int]) -> list[Request]:
         """Propose up to `counts` drafts for `requests`, cut to what max_tokens and the context
@@ -558,14 +559,15 @@ class LLMEngine:
         if the proposer did no work in it, else a speculative one (lookups that found nothing
         included: they are part of what speculating costs). A speculative step that paid a
         one-off cost beside its own is left out: a request's first proposal (the draft model's
-        prefill), the lookup that built a request's n-gram index (of its whole sequence), or a
-        draft model catching a request up on more than one step's tokens (the tokens of steps
-        that did not speculate)."""
+        prefill), or a draft model catching a request up on more than one step's tokens (the
+        tokens of steps that did not speculate). The n-gram lookups of requests that have no
+        index yet (scans, the build) are learning: their time is taken off the step's."""
         seconds = time.perf_counter() - self._cycle_start
         if self._last_choice is None:
             self.step_cost.observe_plain(batch_size, seconds)
             return
-        chosen_batch, modeled, first = self._last_choice
+        chosen_batch, modeled, first, learning_s = self._last_choice
+        seconds -= learning_s
         steady = not first and (
             self.drafter is None
             or self.drafter.last_catch_up <= self.speculative.num_speculative_tokens + 1

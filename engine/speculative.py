@@ -19,6 +19,7 @@ to the rejection rule). How many drafts a step proposes is `choose_num_drafts` (
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +120,10 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
         self._indexes: dict[str, _NgramIndex] = {}
-        # Indexes the last `propose_batch` built (a one-off cost the step cost meter must not
-        # take for what speculating costs, as a request's first proposal).
-        self.num_built = 0
+        # Seconds the last `propose_batch` spent on requests without an index yet (their first
+        # lookups' scans, the lookup that builds it): learning, not what a step of speculation
+        # costs once it runs, so the step cost meter leaves it out.
+        self.one_off_s = 0.0
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         tokens = np.asarray(token_ids)
@@ -137,14 +139,17 @@ class NgramProposer:
 
     def propose_batch(self, requests: list, num_drafts: list[int]) -> None:
         """Set each request's `spec_token_ids` (up to its count of drafts)."""
-        self.num_built = 0
+        self.one_off_s = 0.0
         for request, k in zip(requests, num_drafts):
             index = self._indexes.get(request.request_id)
             if index is None:
                 index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
-            cold = index.length == 0
+            if index.length:
+                request.spec_token_ids = index.propose(request.all_token_ids, k)
+                continue
+            start = time.perf_counter()
             request.spec_token_ids = index.propose(request.all_token_ids, k)
-            self.num_built += cold and index.length > 0
+            self.one_off_s += time.perf_counter() - start
 
     def retain(self, running_ids: set[str]) -> None:
         """Drop the indexes of requests no longer running."""
