@@ -112,13 +112,15 @@ class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens and
     propose the tokens that followed it (n from `prompt_lookup_max` down to the minimum).
 
-    `propose` searches a token list from scratch; `propose_batch` keeps, per running request,
-    an index of its n-grams (`_NgramIndex`) that each step extends by the tokens appended since
-    the last one, so a lookup costs a few dict probes instead of a scan of the whole sequence
-    (a numpy scan took ~170 us a request on an H100 host: 11 ms a step at batch 64)."""
+    `propose` searches a token list from scratch (`scan`); `propose_batch` keeps, per running
+    request, an index of its n-grams (`_NgramIndex`) that each step extends by the tokens
+    appended since the last one, so a lookup costs a few dict probes instead of a scan of the
+    whole sequence (a numpy scan took ~170 us a request on an H100 host: 11 ms a step at batch
+    64); a request's first lookups still scan (see _SCAN_LOOKUPS)."""
 
     def __init__(self, config: SpeculativeConfig):
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
+        self.sizes = range(self.max_n, self.min_n - 1, -1)
         self._indexes: dict[str, _NgramIndex] = {}
         # Seconds the last `propose_batch` spent on requests without an index yet (their first
         # lookups' scans, the lookup that builds it): learning, not what a step of speculation
@@ -126,16 +128,7 @@ class NgramProposer:
         self.one_off_s = 0.0
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
-        tokens = np.asarray(token_ids)
-        length = len(tokens)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # Windows starting at 0 .. length-n-1, i.e. every n-gram but the suffix itself.
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n  # the token after the latest match
-                return tokens[start : start + k].tolist()
-        return []
+        return scan(token_ids, self.sizes, k)
 
     def propose_batch(self, requests: list, num_drafts: list[int]) -> None:
         """Set each request's `spec_token_ids` (up to its count of drafts)."""
@@ -144,12 +137,11 @@ class NgramProposer:
             index = self._indexes.get(request.request_id)
             if index is None:
                 index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
-            if index.length:
-                request.spec_token_ids = index.propose(request.all_token_ids, k)
-                continue
-            start = time.perf_counter()
+            learning = index.length == 0
+            start = time.perf_counter() if learning else 0.0
             request.spec_token_ids = index.propose(request.all_token_ids, k)
-            self.one_off_s += time.perf_counter() - start
+            if learning:
+                self.one_off_s += time.perf_counter() - start
 
     def retain(self, running_ids: set[str]) -> None:
         """Drop the indexes of requests no longer running."""

@@ -4,6 +4,7 @@ to the pool; it works on the decode side of a handoff."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,8 +98,22 @@ def test_ngram_proposer():
     assert proposer.propose([7], 3) == []
 
 
+def full_scan(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Prompt lookup the plain way, the reference: every window of every n compared."""
+    array = np.asarray(tokens)
+    length = len(array)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        # Windows starting at 0 .. length-n-1, i.e. every n-gram but the suffix itself.
+        windows = np.lib.stride_tricks.sliding_window_view(array[:-1], n)
+        hits = np.flatnonzero((windows == array[length - n :]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n  # the token after the latest match
+            return array[start : start + k].tolist()
+    return []
+
+
 def test_ngram_index_proposes_what_a_full_scan_does_as_sequences_grow():
-    """`propose_batch`'s per-request index against `propose`'s scan, on random sequences over
+    """`propose_batch`'s per-request index against `full_scan`, on random sequences over
     small vocabularies (many repeats), grown by 1-4 tokens a step; `retain` drops finished
     requests' indexes."""
     gen = torch.Generator().manual_seed(0)
@@ -114,14 +129,15 @@ def test_ngram_index_proposes_what_a_full_scan_does_as_sequences_grow():
             ks = [draw(5)[0] + 1 for _ in requests]
             proposer.propose_batch(requests, ks)
             for request, k in zip(requests, ks):
-                assert request.spec_token_ids == proposer.propose(request.all_token_ids, k)
+                expected = full_scan(request.all_token_ids, lookup_min, lookup_max, k)
+                assert request.spec_token_ids == expected
                 request.all_token_ids += draw(2 + int(request.request_id[1:]), draw(4)[0] + 1)
         proposer.retain({"r1"})
         assert set(proposer._indexes) == {"r1"}
 
 
 def test_first_lookups_scan_then_the_index_is_built():
-    """`scan` answers as `propose` does (random sequences over small vocabularies, the empty
+    """`scan` answers as `full_scan` does (random sequences over small vocabularies, the empty
     and one-token ones included); a request's first _SCAN_LOOKUPS lookups scan, the next one
     builds its index."""
     from engine.speculative import _SCAN_LOOKUPS, _NgramIndex, scan
@@ -131,7 +147,7 @@ def test_first_lookups_scan_then_the_index_is_built():
     for _ in range(2000):
         length, vocab, k = (int(x) for x in torch.randint(1, 40, (3,), generator=gen))
         tokens = torch.randint(0, 1 + vocab % 5, (length - 1,), generator=gen).tolist()
-        assert scan(tokens, range(4, 0, -1), k) == proposer.propose(tokens, k), tokens
+        assert scan(tokens, range(4, 0, -1), k) == full_scan(tokens, 1, 4, k), tokens
     index, tokens = _NgramIndex(1, 4), [5, 6, 7, 5, 6]
     for _ in range(_SCAN_LOOKUPS):
         assert index.propose(tokens, 2) == [7, 5] and index.length == 0
