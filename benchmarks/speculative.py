@@ -20,7 +20,9 @@ timed run pays the rule's learning phase as a new server does. Reported: each en
 tokens/s and the speculative ones' speed-up over plain, then static/dynamic: the acceptance rate
 (accepted / drafted), the drafts a request verified per step it was in, the tokens it gained
 per step, and (dynamic) the rule's measured cost factor at the end (`StepCostMeter`: ~1 when a
-speculative step costs what the roofline says).
+speculative step costs what the roofline says). "paired": per repeat, plain's time over the
+engine's in that repeat (runs back to back, so host drift between repeats cancels): the median
+over the repeats and its range. Read "not slower than plain" from it, not from the best runs.
 
     python -m benchmarks.speculative                              # CPU, small shapes
     python -m benchmarks.speculative --methods draft ngram --dtype bfloat16 --hidden-size 2048 \
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -81,8 +84,9 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
     """Time a plain engine and one per speculative config on the same prompts, alternating runs
     so that drift in the machine's load hits all alike, in an order rotated each repeat (on a
     2-core CPU the dynamic engine's decode steps ran ~10% slower right after static
-    speculation's run than first); the best run of each counts. Returns
-    (total tokens, [(tok/s, drafted, accepted, cost factor) per engine, plain first])."""
+    speculation's run than first); the best run of each counts. Returns (total tokens,
+    [(tok/s, drafted, accepted, cost factor) per engine, plain first], [per repeat: each
+    speculative engine's time over plain's in that repeat, the pairs run back to back])."""
     llms = [
         LLM(
             model_dir,
@@ -99,9 +103,11 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
     best = [float("inf")] * len(llms)
     tokens = [None] * len(llms)
     counts = [(0, 0, 1.0)] * len(llms)
+    paired = []
     for llm in llms:  # kernels compiled and tuned for these shapes, allocators warm
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for repeat in range(repeats):
+        times = [0.0] * len(llms)
         for i in [(repeat + j) % len(llms) for j in range(len(llms))]:
             llm = llms[i]
             engine = llm.engine
@@ -111,11 +117,13 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
             outputs = llm.generate(prompts, params)
             _sync(engine)
             elapsed = time.perf_counter() - start
+            times[i] = elapsed
             if elapsed < best[i]:
                 best[i] = elapsed
                 drafted, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
                 counts[i] = (drafted, accepted, engine.step_cost.factor)
             tokens[i] = [o.token_ids for o in outputs]
+        paired.append([times[0] / t for t in times[1:]])
     for i in range(1, len(llms)):
         if tokens[i] == tokens[0]:
             continue
@@ -126,7 +134,7 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
         assert llms[0].engine.dtype != torch.float32, message + f"{len(tokens[0])} requests"
         print(f"  ({message}{len(tokens[0])} requests: {llms[0].engine.dtype} rounding)")
     total = sum(map(len, tokens[0]))
-    return total, [(total / t, *c) for t, c in zip(best, counts)]
+    return total, [(total / t, *c) for t, c in zip(best, counts)], paired
 
 
 def _sync(engine) -> None:
@@ -227,7 +235,7 @@ def main() -> None:
     print(
         f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
         f"{'static tok/s':>19}{'dynamic tok/s':>20}{'accept s/d':>12}{'drafts/step s/d':>17}"
-        f"{'tok/step s/d':>14}{'cost x':>8}"
+        f"{'tok/step s/d':>14}{'cost x':>8}{'static paired':>22}{'dynamic paired':>22}"
     )
     root = Path(tempfile.mkdtemp(prefix="baton-spec-"))
     for method, model, workload, model_dir, prompts, spec in cells(args, root):
@@ -236,7 +244,7 @@ def main() -> None:
             static = {**common, "adaptive": False}
             dynamic = {**common, "adaptive": True}
             num_prompts = max(batch, 2)
-            total, rows = run(
+            total, rows, paired = run(
                 model_dir,
                 prompts[:num_prompts],
                 batch,
@@ -256,9 +264,16 @@ def main() -> None:
             dynamic_col = f"{dyn:.1f} ({dyn / base:.2f}x)"
             print(
                 f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>12.1f}{static_col:>19}"
-                f"{dynamic_col:>20}{accept:>12}{drafts:>17}{per_step:>14}{factor:>8.2f}",
+                f"{dynamic_col:>20}{accept:>12}{drafts:>17}{per_step:>14}{factor:>8.2f}"
+                f"{_spread([r[0] for r in paired]):>22}{_spread([r[1] for r in paired]):>22}",
                 flush=True,
             )
+
+
+def _spread(ratios: list[float]) -> str:
+    """The median speed-up over plain of runs paired within a repeat, and its range."""
+    ordered = sorted(ratios)
+    return f"{statistics.median(ordered):.2f} [{ordered[0]:.2f}-{ordered[-1]:.2f}]"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Dynamic speculation: with acceptance too low for any drafts, probe with one every this many
+# Dynamic speculation with a draft model (n-gram lookup learns from shadow lookups instead,
+# below): with acceptance too low for any drafts, probe with one every this many
 # steps, so that the measured acceptance can recover; each probe that does not bring
 # speculation back doubles the interval, up to _MAX_PROBE_STEPS (a probe step costs more than a
 # plain one: on a GPU it runs outside the decode CUDA graphs).
@@ -47,6 +48,18 @@ _MAX_PROBE_STEPS = 1024
 # of 384 tokens at once took 20-40 ms of host time, several plain steps on an H100.
 _LEARN_OUTCOMES = 16
 _MAX_NEW_PER_STEP = 8
+# Dynamic n-gram speculation learns in the shadow of plain steps instead (no probes, no learning
+# verify steps): while a step runs on the device, up to _SHADOW_PER_STEP requests whose gates
+# are open are looked up, and their drafts are kept, not verified. Once the request has decoded
+# the tokens the drafts predicted, they are scored as verification would have scored them: the
+# matched prefix is what the rule accepts (greedy: exactly; sampling: a point-mass draft d is
+# accepted with probability p(d), the chance that the token sampled there is d, and after an
+# acceptance both go on from the same prefix). The hit rate, the acceptance and each request's
+# gate are then measured without a verify step, and a step that does not speculate never waits
+# for its predecessor's tokens to propose (async scheduling keeps chaining). Speculation starts
+# once _SHADOW_LEARN_OUTCOMES drafts were scored.
+_SHADOW_PER_STEP = 4
+_SHADOW_LEARN_OUTCOMES = 8
 
 
 @dataclass
@@ -148,6 +161,10 @@ class LLMEngine:
             )
         elif self.speculative:
             self.proposer = NgramProposer(self.speculative)
+        # Dynamic n-gram speculation learns from shadow lookups (_SHADOW_PER_STEP).
+        self._shadow_learning = bool(
+            self.speculative and self.drafter is None and self.speculative.adaptive
+        )
         # Async scheduling: the step launched ahead and not yet processed, with its schedule.
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         self.reset_speculation()
@@ -156,7 +173,9 @@ class LLMEngine:
         """Forget what dynamic speculation measured (acceptance, step costs, probes) and the
         draft totals, as in a new engine. Benchmarks call it after a warm-up, so that a timed
         run pays the rule's learning phase as a fresh server would."""
-        self.acceptance = AcceptanceMeter()
+        # Shadow lookups measure before any verify step, so their meter starts from a
+        # pessimistic prior (a wrong guess costs verify steps, not lost drafts).
+        self.acceptance = AcceptanceMeter(prior=0.0 if self._shadow_learning else 0.7)
         self.hits = HitMeter()
         self.step_cost = StepCostMeter()
         self._num_steps = 0
@@ -167,6 +186,10 @@ class LLMEngine:
         # None: no proposer work (a plain step).
         self._last_choice: tuple[int, float, bool, float] | None = None
         self._cycle_start = 0.0  # when the last step began proposing (the cost meter's clock)
+        # Shadow lookups awaiting their tokens: request id -> (request, its length at the
+        # lookup, the drafts); and where the next step's lookups start in the running list.
+        self._shadows: dict[str, tuple[Request, int, list[int]]] = {}
+        self._shadow_cursor = 0
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -329,11 +352,14 @@ class LLMEngine:
                     raise RuntimeError("scheduler made no progress with requests pending")
                 return []
             step_start = time.perf_counter()  # the step's duration: from its launch
-            if not self.config.async_scheduling:  # (tests wrap `execute` to see the logits)
+            if not self.config.async_scheduling and not self._shadow_learning:
+                # (tests wrap `execute` to see the logits)
                 return self._complete(sched, self.runner.execute(sched), step_start)
             pending = self.runner.launch(sched)
         if self.config.async_scheduling:
             self._in_flight = self._launch_ahead(sched, pending)
+        if self._shadow_learning and not any(s.spec_token_ids for s in sched.scheduled):
+            self._shadow_lookups()  # while the step runs on the device
         return self._complete(sched, pending, step_start)
 
     def _launch_ahead(self, sched: SchedulerOutput, pending: PendingStep):
@@ -418,6 +444,8 @@ class LLMEngine:
                 self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
                 finished.add(rid)
             outputs.append(self._output(request, finished=rid in finished))
+        if self._shadows:
+            self._score_shadows()
         self._retain_proposals()
         return outputs
 
@@ -431,6 +459,63 @@ class LLMEngine:
             accepted = len(result.sampled[request.request_id]) - 1
             verified.append((len(s.spec_token_ids), accepted))
             request.spec_gate.observe(len(s.spec_token_ids), accepted, request.num_tokens)
+        self.acceptance.update(verified)
+
+    def _shadow_lookups(self) -> None:
+        """Dynamic n-gram speculation: look up drafts for up to _SHADOW_PER_STEP running
+        requests whose gates are open (taking turns), without verifying them; a lookup that
+        finds none is a fruitless proposal at once, the others wait for `_score_shadows`."""
+        running = self.scheduler.running
+        num_running = len(running)
+        if not num_running or num_running > self.speculative.max_batch_size:
+            return
+        k = self.speculative.num_speculative_tokens
+        max_len = self.scheduler.max_len
+        tried = hits = 0
+        start = self._shadow_cursor % num_running
+        for i in range(num_running):
+            if tried == _SHADOW_PER_STEP:
+                break
+            request = running[(start + i) % num_running]
+            num_tokens = request.num_tokens
+            if (
+                request.request_id in self._shadows
+                or not request.output_token_ids  # prefilling
+                or not request.spec_gate.is_open(num_tokens)
+                or request.sampling_params.max_tokens - request.num_output_tokens <= k
+                or max_len - num_tokens <= k
+            ):
+                continue
+            self._shadow_cursor = start + i + 1
+            tried += 1
+            request.spec_gate.started = True
+            drafts = self.proposer.lookup(request, k)
+            if drafts:
+                hits += 1
+                self._shadows[request.request_id] = (request, num_tokens, drafts)
+            else:
+                request.spec_gate.observe(0, 0, num_tokens)
+        if tried:
+            self.hits.update(hits, tried)
+
+    def _score_shadows(self) -> None:
+        """Score the shadow lookups whose requests have decoded the tokens their drafts
+        predicted: the drafts matched before the first miss count as accepted, as the
+        rejection rule would have accepted them (`_SHADOW_PER_STEP`)."""
+        verified = []
+        for rid, (request, position, drafts) in list(self._shadows.items()):
+            if request.is_finished:
+                del self._shadows[rid]
+                continue
+            if request.num_tokens - position < len(drafts):
+                continue
+            del self._shadows[rid]
+            actual = request.all_token_ids[position : position + len(drafts)]
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == actual[accepted]:
+                accepted += 1
+            verified.append((len(drafts), accepted))
+            request.spec_gate.observe(len(drafts), accepted, request.num_tokens)
         self.acceptance.update(verified)
 
     def wait_in_flight(self) -> None:
@@ -448,8 +533,9 @@ class LLMEngine:
         Static (`adaptive` off): k drafts for every request. Dynamic: only requests whose
         `DraftGate` is open (not paused after fruitless proposals), as many as the step's k
         (`speculative.choose_num_drafts` over those requests; when acceptance alone rules
-        speculation out, one draft every _PROBE_STEPS steps keeps measuring it) and each
-        request's acceptance allow. A step whose k is 0 does no proposer work: it is a plain
+        speculation out, n-gram shadow lookups (`_shadow_lookups`) keep measuring it, and with
+        a draft model one draft every _PROBE_STEPS steps does) and each request's acceptance
+        allow. A step whose k is 0 does no proposer work: it is a plain
         step. N-gram drafts, found for some requests only, are verified only if they are worth
         the verify step (`speculative.speed_up`); otherwise the step runs plain. Either way at
         most what max_tokens and the context leave."""
@@ -541,6 +627,12 @@ class LLMEngine:
         m = (batch_size if num_open is None else num_open) * self.hits.rate
         k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m)
         num_steps, probe_every = self._num_steps + 1, self._probe_every
+        if self._shadow_learning:  # shadow lookups measure it: no probes (_SHADOW_PER_STEP)
+            if self.acceptance.num_outcomes < _SHADOW_LEARN_OUTCOMES:
+                k = 0
+            if k > 0 and self.step_cost.needs_plain(batch_size):
+                k = 0  # first a plain step at this batch size
+            return k, (num_steps, probe_every, False)
         if k > 0:
             probe_every = _PROBE_STEPS  # speculation pays again
         elif self._probing:  # the last probe did not bring it back: probe less often
@@ -580,6 +672,8 @@ class LLMEngine:
         KV, the n-gram indexes)."""
         if self.proposer is not None:
             self.proposer.retain({r.request_id for r in self.scheduler.running})
+        for rid in [rid for rid, shadow in self._shadows.items() if shadow[0].is_finished]:
+            del self._shadows[rid]
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id

@@ -134,14 +134,20 @@ class NgramProposer:
         """Set each request's `spec_token_ids` (up to its count of drafts)."""
         self.one_off_s = 0.0
         for request, k in zip(requests, num_drafts):
-            index = self._indexes.get(request.request_id)
-            if index is None:
-                index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
-            learning = index.length == 0
-            start = time.perf_counter() if learning else 0.0
-            request.spec_token_ids = index.propose(request.all_token_ids, k)
-            if learning:
-                self.one_off_s += time.perf_counter() - start
+            request.spec_token_ids = self.lookup(request, k)
+
+    def lookup(self, request, k: int) -> list[int]:
+        """Up to k drafts for `request` from its index (its first lookups: scans). The time of
+        a lookup of a request without an index yet is added to `one_off_s`."""
+        index = self._indexes.get(request.request_id)
+        if index is None:
+            index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
+        if index.length:
+            return index.propose(request.all_token_ids, k)
+        start = time.perf_counter()
+        drafts = index.propose(request.all_token_ids, k)
+        self.one_off_s += time.perf_counter() - start
+        return drafts
 
     def retain(self, running_ids: set[str]) -> None:
         """Drop the indexes of requests no longer running."""

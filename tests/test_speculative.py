@@ -43,8 +43,10 @@ def prompts_16() -> list[list[int]]:
 PROMPTS = prompts_16()
 
 
-def spec_llm(model_dir, **kwargs) -> LLM:
-    return price_by_model(LLM(model_dir, speculative=NGRAM, **kwargs))
+def spec_llm(model_dir, adaptive: bool = True, **kwargs) -> LLM:
+    """adaptive=False: k drafts every step (no rule deciding whether it pays)."""
+    speculative = {**NGRAM, "adaptive": adaptive}
+    return price_by_model(LLM(model_dir, speculative=speculative, **kwargs))
 
 
 def price_by_model(llm: LLM) -> LLM:
@@ -189,9 +191,15 @@ def test_config_errors(model_dir, bad, message):
 
 
 def test_greedy_identical_chunked_prefill(model_dir, reference):
+    """Static k: with chunks of 32 tokens few steps are pure decode, which dynamic speculation
+    needs to price plain steps before it speculates."""
     plain = LLM(model_dir, max_num_batched_tokens=32, num_blocks=512, enable_prefix_caching=False)
     spec = spec_llm(
-        model_dir, max_num_batched_tokens=32, num_blocks=512, enable_prefix_caching=False
+        model_dir,
+        adaptive=False,
+        max_num_batched_tokens=32,
+        num_blocks=512,
+        enable_prefix_caching=False,
     )
     expected = plain.generate(PROMPTS, GREEDY)
     outputs = spec.generate(PROMPTS, GREEDY)
@@ -269,7 +277,7 @@ def test_seeded_sampling_valid_and_reproducible(model_dir):
 
 
 def test_metrics_count_drafts(model_dir):
-    spec = spec_llm(model_dir, num_blocks=256)
+    spec = spec_llm(model_dir, adaptive=False, num_blocks=256)
     metrics = EngineMetrics("t", "decode", "d0")
     for i, prompt in enumerate(PROMPTS[-4:]):
         spec.engine.add_request(f"r{i}", prompt, GREEDY)
@@ -373,18 +381,36 @@ def test_few_drafts_do_not_pay_for_a_verify_step():
     assert choose_num_drafts(64, 0.9, 4, 0.0, 256, num_speculating=0) == 0
 
 
-def test_dynamic_stops_proposing_where_drafts_fail(model_dir):
+def test_dynamic_never_verifies_where_drafts_fail(model_dir):
     """Every draft wrong (each request's proposer offers the token after the right one),
     verification priced as on a GPU (where the rule speculates at this batch if drafts held):
-    the engine verifies drafts in its first few decode steps, then only in probes that come
-    ever further apart, and proposes for each request a bounded number of times; the tokens
-    are plain decoding's and every block returns to the pool."""
+    the shadow lookups score the drafts against the decoded tokens, so the engine learns that
+    they fail without a single verify step, and looks each request up a bounded number of
+    times; the tokens are plain decoding's and every block returns to the pool."""
     prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
     params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
     llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
-    engine, proposals = llm.engine, {}
-    _wrong_drafts(engine, prompts, expected, proposals)
+    engine, lookups = llm.engine, {}
+    _drafts_off_by(1, engine, prompts, expected, lookups)
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.num_draft_tokens == 0
+    assert engine.acceptance.num_outcomes >= 8 and engine.acceptance.acceptance < 0.2
+    assert len(lookups) == len(prompts) and max(lookups.values()) <= 8, lookups
+    assert not engine._shadows
+    assert_pool_whole(llm)
+
+
+def test_dynamic_speculates_once_shadow_lookups_find_drafts_hold(model_dir):
+    """Every draft right: a few plain steps of shadow lookups measure it, then the engine
+    verifies drafts and accepts them all; tokens are plain decoding's."""
+    prompts = random_prompts([40 + 7 * i for i in range(8)], seed=22)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
+    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=8)
+    engine, lookups = llm.engine, {}
+    _drafts_off_by(0, engine, prompts, expected, lookups)
     verify_steps, step = [], 0
     step_once = engine.step
 
@@ -399,50 +425,62 @@ def test_dynamic_stops_proposing_where_drafts_fail(model_dir):
     engine.step = counted_step
     outputs = llm.generate(prompts, params)
     assert [o.token_ids for o in outputs] == expected
-    assert engine.num_accepted_tokens == 0 < engine.num_draft_tokens
-    # A handful of learning steps, then probes at least 16 steps apart, further each time.
-    learning = [s for s in verify_steps if s <= verify_steps[0] + 8]
-    probes = verify_steps[len(learning) :]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert len(learning) <= 4 and len(probes) <= 4, verify_steps
-    assert all(gap >= 16 for gap in gaps) and gaps == sorted(gaps), verify_steps
-    assert max(proposals.values()) <= 8, proposals  # of ~96 decode steps each
+    assert 0 < engine.num_accepted_tokens == engine.num_draft_tokens
+    assert verify_steps and verify_steps[0] <= 12, verify_steps  # prefill, learning, one plain
     assert_pool_whole(llm)
 
 
-def _wrong_drafts(engine, prompts, expected, proposals):
-    """Replace the proposer: each request is offered the token after the right one."""
+def _drafts_off_by(offset, engine, prompts, expected, lookups):
+    """Replace the n-gram lookup: each request is offered its next tokens plus `offset`."""
     vocab = engine.model_config.vocab_size
 
-    def propose_batch(requests, counts):
-        for request, k in zip(requests, counts):
-            i = int(request.request_id.split("-")[1]) % len(prompts)
-            right = expected[i][request.num_output_tokens]
-            request.spec_token_ids = [(right + 1) % vocab] * k
-            proposals[i] = proposals.get(i, 0) + 1
+    def lookup(request, k):
+        i = int(request.request_id.split("-")[1]) % len(prompts)
+        done = request.num_output_tokens
+        lookups[i] = lookups.get(i, 0) + 1
+        return [(t + offset) % vocab for t in expected[i][done : done + k]]
 
-    engine.proposer.propose_batch = propose_batch
+    engine.proposer.lookup = lookup
+
+
+def test_score_shadows_counts_the_matched_prefix(model_dir):
+    """A shadow lookup is scored once the request holds the tokens its drafts predicted: the
+    drafts before the first miss are accepted, as greedy verification would accept them."""
+    llm = spec_llm(model_dir, num_blocks=64)
+    engine = llm.engine
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    request = engine.scheduler.waiting[0]
+    request.all_token_ids += [7, 8]
+    engine._shadows["a"] = (request, 4, [8, 9, 10])  # predicted tokens 4..6; 8 is right
+    engine._score_shadows()
+    assert "a" in engine._shadows  # token 5 not decoded yet
+    request.all_token_ids += [9, 11]
+    before = engine.acceptance.num_outcomes
+    engine._score_shadows()
+    assert not engine._shadows
+    assert engine.acceptance.num_outcomes - before == 3  # two accepted, one rejected
+    assert request.spec_gate.acceptance < 1.0 and request.spec_gate.fruitless == 0
 
 
 def test_async_scheduling_chains_the_steps_dynamic_speculation_leaves_plain(model_dir):
-    """With async scheduling a step the rule would leave plain (k = 0) is launched before the
-    previous step's tokens are read, as without speculation: where every draft fails most
-    decode steps chain, drafts are still verified only while learning and in probes, the tokens
-    are plain decoding's and every block returns."""
+    """With async scheduling a step the rule leaves plain (k = 0) is launched before the
+    previous step's tokens are read, as without speculation: where every draft fails, the
+    shadow lookups learn it without breaking the chain, nearly every decode step chains, no
+    draft is verified, the tokens are plain decoding's and every block returns."""
     from tests.test_async_scheduling import count_chained
 
     prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
     params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
     llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16, async_scheduling=True)
-    engine, proposals = llm.engine, {}
-    _wrong_drafts(engine, prompts, expected, proposals)
+    engine, lookups = llm.engine, {}
+    _drafts_off_by(1, engine, prompts, expected, lookups)
     chained = count_chained(llm)
     outputs = llm.generate(prompts, params)
     assert [o.token_ids for o in outputs] == expected
-    assert engine.num_accepted_tokens == 0 < engine.num_draft_tokens
-    assert chained[0] >= 60, chained  # of ~95 decode steps
-    assert max(proposals.values()) <= 8, proposals
+    assert engine.num_draft_tokens == 0
+    assert chained[0] >= 85, chained  # of ~95 decode steps
+    assert max(lookups.values()) <= 8, lookups
     assert_pool_whole(llm)
 
 
