@@ -58,8 +58,17 @@ _MAX_NEW_PER_STEP = 8
 # gate are then measured without a verify step, and a step that does not speculate never waits
 # for its predecessor's tokens to propose (async scheduling keeps chaining). Speculation starts
 # once _SHADOW_LEARN_OUTCOMES drafts were scored.
+#
+# Lookups are host work (and so is finding whom to look up: _SHADOW_CANDIDATES requests are
+# considered a step), and a decode step of a small model at a large batch is host-bound (an
+# H100 at batch 64 waits on the host), so they are paid from a time budget: the seconds the
+# host waited for the device's tokens (free time), plus _SHADOW_SHARE of the wall time, up to
+# _SHADOW_MAX_CREDIT saved. Where drafts fail, learning that costs at most that share.
 _SHADOW_PER_STEP = 4
+_SHADOW_CANDIDATES = 16
 _SHADOW_LEARN_OUTCOMES = 8
+_SHADOW_SHARE = 0.01
+_SHADOW_MAX_CREDIT = 0.002
 
 
 @dataclass
@@ -190,6 +199,9 @@ class LLMEngine:
         # lookup, the drafts); and where the next step's lookups start in the running list.
         self._shadows: dict[str, tuple[Request, int, list[int]]] = {}
         self._shadow_cursor = 0
+        # The lookups' time budget (_SHADOW_SHARE): seconds left, and when it was last topped up.
+        self._shadow_credit = 0.0
+        self._shadow_clock = time.perf_counter()
         # Totals since start: draft tokens verified and accepted (acceptance = accepted / draft).
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -393,6 +405,9 @@ class LLMEngine:
             return ()
         if not spec.adaptive:
             return None
+        k, state = self._plan_num_drafts(len(running))  # as if every request's gate were open
+        if k == 0:  # (the usual case where drafts fail: no need to count the open gates)
+            return state
         # After the current step each request holds one more token.
         num_open = sum(r.spec_gate.is_open(r.num_tokens + 1) for r in running)
         k, state = self._plan_num_drafts(len(running), num_open)
@@ -406,7 +421,13 @@ class LLMEngine:
         ahead are skipped."""
         scheduled = [s for s in sched.scheduled if not s.request.is_finished]
         context = [s.seq_len for s in scheduled]
-        result = pending if isinstance(pending, RunnerOutput) else self.runner.finish(pending)
+        if isinstance(pending, RunnerOutput):
+            result = pending
+        else:
+            waited = time.perf_counter()
+            result = self.runner.finish(pending)
+            if self._shadow_learning:  # the host had nothing to do: free time for lookups
+                self._shadow_credit += time.perf_counter() - waited
         # A decode verifying drafts counts as one decode (its batch slot), not as prefill.
         decodes = [s for s in scheduled if s.num_tokens == 1 or s.spec_token_ids]
         spec = [s for s in scheduled if s.spec_token_ids]
@@ -462,31 +483,34 @@ class LLMEngine:
         self.acceptance.update(verified)
 
     def _shadow_lookups(self) -> None:
-        """Dynamic n-gram speculation: look up drafts for up to _SHADOW_PER_STEP running
-        requests whose gates are open (taking turns), without verifying them; a lookup that
-        finds none is a fruitless proposal at once, the others wait for `_score_shadows`."""
+        """Dynamic n-gram speculation: look up drafts for up to _SHADOW_PER_STEP of the next
+        _SHADOW_CANDIDATES running requests (taking turns) whose gates are open, without
+        verifying them, while the time budget lasts (_SHADOW_SHARE); a lookup that finds none
+        is a fruitless proposal at once, the others wait for `_score_shadows`."""
+        began = time.perf_counter()
+        credit = self._shadow_credit + _SHADOW_SHARE * (began - self._shadow_clock)
+        self._shadow_credit = credit = min(credit, _SHADOW_MAX_CREDIT)
+        self._shadow_clock = began
         running = self.scheduler.running
         num_running = len(running)
-        if not num_running or num_running > self.speculative.max_batch_size:
+        if credit <= 0 or not num_running or num_running > self.speculative.max_batch_size:
             return
         k = self.speculative.num_speculative_tokens
         max_len = self.scheduler.max_len
         tried = hits = 0
         start = self._shadow_cursor % num_running
-        for i in range(num_running):
-            if tried == _SHADOW_PER_STEP:
-                break
+        for i in range(min(num_running, _SHADOW_CANDIDATES)):
+            self._shadow_cursor = start + i + 1
             request = running[(start + i) % num_running]
             num_tokens = request.num_tokens
             if (
-                request.request_id in self._shadows
+                not request.spec_gate.is_open(num_tokens)
+                or request.request_id in self._shadows
                 or not request.output_token_ids  # prefilling
-                or not request.spec_gate.is_open(num_tokens)
                 or request.sampling_params.max_tokens - request.num_output_tokens <= k
                 or max_len - num_tokens <= k
             ):
                 continue
-            self._shadow_cursor = start + i + 1
             tried += 1
             request.spec_gate.started = True
             drafts = self.proposer.lookup(request, k)
@@ -495,6 +519,9 @@ class LLMEngine:
                 self._shadows[request.request_id] = (request, num_tokens, drafts)
             else:
                 request.spec_gate.observe(0, 0, num_tokens)
+            if tried == _SHADOW_PER_STEP or time.perf_counter() - began >= credit:
+                break
+        self._shadow_credit = credit - (time.perf_counter() - began)
         if tried:
             self.hits.update(hits, tried)
 
@@ -620,6 +647,8 @@ class LLMEngine:
         """`_step_num_drafts` without changing anything: (k, the rule's state after the step:
         steps counted, probe interval, whether the step is a probe)."""
         spec = self.speculative
+        if self._shadow_learning and self.acceptance.num_outcomes < _SHADOW_LEARN_OUTCOMES:
+            return 0, (self._num_steps + 1, self._probe_every, False)  # still learning
         saturation, cost = self._saturation_tokens(), self._draft_cost()
         k_max = spec.num_speculative_tokens
         overhead = self.step_cost.factor
@@ -628,8 +657,6 @@ class LLMEngine:
         k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m)
         num_steps, probe_every = self._num_steps + 1, self._probe_every
         if self._shadow_learning:  # shadow lookups measure it: no probes (_SHADOW_PER_STEP)
-            if self.acceptance.num_outcomes < _SHADOW_LEARN_OUTCOMES:
-                k = 0
             if k > 0 and self.step_cost.needs_plain(batch_size):
                 k = 0  # first a plain step at this batch size
             return k, (num_steps, probe_every, False)

@@ -4,10 +4,13 @@ to the pool; it works on the decode side of a handoff."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
+import engine.engine as engine_module
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
@@ -41,6 +44,14 @@ def prompts_16() -> list[list[int]]:
 
 
 PROMPTS = prompts_16()
+
+
+@pytest.fixture(autouse=True)
+def unbudgeted_shadow_lookups(monkeypatch):
+    """Shadow lookups as often as _SHADOW_PER_STEP allows: with 1% of a tiny CPU model's
+    steps as their time budget, a 24-token run would learn too little to speculate. The budget
+    has its own test (`test_shadow_lookups_keep_to_their_time_budget`)."""
+    monkeypatch.setattr(engine_module, "_SHADOW_SHARE", 1.0)
 
 
 def spec_llm(model_dir, adaptive: bool = True, **kwargs) -> LLM:
@@ -460,6 +471,38 @@ def test_score_shadows_counts_the_matched_prefix(model_dir):
     assert not engine._shadows
     assert engine.acceptance.num_outcomes - before == 3  # two accepted, one rejected
     assert request.spec_gate.acceptance < 1.0 and request.spec_gate.fruitless == 0
+
+
+def test_shadow_lookups_keep_to_their_time_budget(model_dir, monkeypatch):
+    """The lookups' time stays within _SHADOW_SHARE of the run's wall time (on CPU the host
+    never waits for a device, so the share is all the budget), give or take one lookup and the
+    credit saved."""
+    monkeypatch.setattr(engine_module, "_SHADOW_SHARE", 0.01)
+    prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
+    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
+    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
+    proposer = llm.engine.proposer
+    lookup, spent, longest, calls = proposer.lookup, [0.0], [0.0], [0]
+
+    def timed(request, k):
+        start = time.perf_counter()
+        drafts = lookup(request, k)
+        # A slow proposer: 1 ms more a lookup, a good share of a step here, so the budget binds.
+        time.sleep(0.001)
+        took = time.perf_counter() - start
+        spent[0] += took
+        longest[0] = max(longest[0], took)
+        calls[0] += 1
+        return drafts
+
+    proposer.lookup = timed
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    assert calls[0] > 0
+    allowed = 0.01 * wall + longest[0] + engine_module._SHADOW_MAX_CREDIT
+    assert spent[0] <= allowed, (spent[0], wall, calls[0])
+    assert_pool_whole(llm)
 
 
 def test_async_scheduling_chains_the_steps_dynamic_speculation_leaves_plain(model_dir):
