@@ -17,3 +17,13 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(model_dir):
     return Reference(model_dir)
+
+
+@pytest.fixture
+def unbudgeted_shadow_lookups(monkeypatch):
+    """Dynamic n-gram speculation's shadow lookups as often as _SHADOW_PER_STEP allows: with
+    1% of a tiny CPU model's steps as their time budget, a short run learns too little to
+    speculate. The budget has its own test (`test_shadow_lookups_keep_to_their_time_budget`)."""
+    import engine.engine
+
+    monkeypatch.setattr(engine.engine, "_SHADOW_SHARE", 1.0)

@@ -27,6 +27,7 @@ from tests.helpers import random_prompts
 from tests.test_correctness import assert_matches_reference, assert_pool_whole
 from tests.test_handoff_engine import CopyConnector
 
+pytestmark = pytest.mark.usefixtures("unbudgeted_shadow_lookups")
 MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 # saturation_tokens: verification priced as on a GPU, so the step rule lets these batches
@@ -44,14 +45,6 @@ def prompts_16() -> list[list[int]]:
 
 
 PROMPTS = prompts_16()
-
-
-@pytest.fixture(autouse=True)
-def unbudgeted_shadow_lookups(monkeypatch):
-    """Shadow lookups as often as _SHADOW_PER_STEP allows: with 1% of a tiny CPU model's
-    steps as their time budget, a 24-token run would learn too little to speculate. The budget
-    has its own test (`test_shadow_lookups_keep_to_their_time_budget`)."""
-    monkeypatch.setattr(engine_module, "_SHADOW_SHARE", 1.0)
 
 
 def spec_llm(model_dir, adaptive: bool = True, **kwargs) -> LLM:

@@ -29,6 +29,7 @@ from tests.test_correctness import assert_pool_whole
 from tests.test_sliding_window import run_checked, set_config
 from tests.test_speculative import price_by_model
 
+pytestmark = pytest.mark.usefixtures("unbudgeted_shadow_lookups")
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
