@@ -61,14 +61,21 @@ _MAX_NEW_PER_STEP = 8
 #
 # Lookups are host work (and so is finding whom to look up: _SHADOW_CANDIDATES requests are
 # considered a step), and a decode step of a small model at a large batch is host-bound (an
-# H100 at batch 64 waits on the host), so they are paid from a time budget: the seconds the
-# host waited for the device's tokens (free time), plus _SHADOW_SHARE of the wall time, up to
-# _SHADOW_MAX_CREDIT saved. Where drafts fail, learning that costs at most that share.
+# H100 or H200 at batch 64 waits on the host), so they are paid from a time budget:
+# _SHADOW_SHARE of the wall time, up to _SHADOW_MAX_CREDIT saved. Where drafts fail, learning
+# that costs at most that share. (Crediting the time the host waited for the device's tokens
+# as free was tried: on an H200 at batch 64 steps with lookups still ran ~0.2 ms, 8%, longer.)
 _SHADOW_PER_STEP = 4
 _SHADOW_CANDIDATES = 16
 _SHADOW_LEARN_OUTCOMES = 8
 _SHADOW_SHARE = 0.01
 _SHADOW_MAX_CREDIT = 0.002
+# Async scheduling: a step launched ahead must be plain, so a rule that might speculate in the
+# next step breaks the chain of launches (~1 ms of a ~1.5 ms step at batch 64 on an H200). Near
+# the rule's break-even its choice flips with each measurement; it breaks the chain only when
+# speculation beats plain decoding by _AHEAD_MIN_GAIN (the step itself still chooses by
+# `speculative._MIN_GAIN`).
+_AHEAD_MIN_GAIN = 1.2
 
 
 @dataclass
@@ -405,12 +412,13 @@ class LLMEngine:
             return ()
         if not spec.adaptive:
             return None
-        k, state = self._plan_num_drafts(len(running))  # as if every request's gate were open
-        if k == 0:  # (the usual case where drafts fail: no need to count the open gates)
+        # As if every request's gate were open first: where drafts fail, k is 0 already.
+        k, state = self._plan_num_drafts(len(running), min_gain=_AHEAD_MIN_GAIN)
+        if k == 0:
             return state
         # After the current step each request holds one more token.
         num_open = sum(r.spec_gate.is_open(r.num_tokens + 1) for r in running)
-        k, state = self._plan_num_drafts(len(running), num_open)
+        k, state = self._plan_num_drafts(len(running), num_open, _AHEAD_MIN_GAIN)
         return state if k == 0 else None
 
     def _complete(
@@ -421,13 +429,7 @@ class LLMEngine:
         ahead are skipped."""
         scheduled = [s for s in sched.scheduled if not s.request.is_finished]
         context = [s.seq_len for s in scheduled]
-        if isinstance(pending, RunnerOutput):
-            result = pending
-        else:
-            waited = time.perf_counter()
-            result = self.runner.finish(pending)
-            if self._shadow_learning:  # the host had nothing to do: free time for lookups
-                self._shadow_credit += time.perf_counter() - waited
+        result = pending if isinstance(pending, RunnerOutput) else self.runner.finish(pending)
         # A decode verifying drafts counts as one decode (its batch slot), not as prefill.
         decodes = [s for s in scheduled if s.num_tokens == 1 or s.spec_token_ids]
         spec = [s for s in scheduled if s.spec_token_ids]
@@ -642,10 +644,11 @@ class LLMEngine:
         return k
 
     def _plan_num_drafts(
-        self, batch_size: int, num_open: int | None = None
+        self, batch_size: int, num_open: int | None = None, min_gain: float | None = None
     ) -> tuple[int, tuple[int, int, bool]]:
         """`_step_num_drafts` without changing anything: (k, the rule's state after the step:
-        steps counted, probe interval, whether the step is a probe)."""
+        steps counted, probe interval, whether the step is a probe). `min_gain`: the speed-up
+        speculation must promise (default: `choose_num_drafts`'s)."""
         spec = self.speculative
         if self._shadow_learning and self.acceptance.num_outcomes < _SHADOW_LEARN_OUTCOMES:
             return 0, (self._num_steps + 1, self._probe_every, False)  # still learning
@@ -654,7 +657,8 @@ class LLMEngine:
         overhead = self.step_cost.factor
         acceptance = self.acceptance.acceptance
         m = (batch_size if num_open is None else num_open) * self.hits.rate
-        k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m)
+        gain = {} if min_gain is None else {"min_gain": min_gain}
+        k = choose_num_drafts(batch_size, acceptance, k_max, cost, saturation, overhead, m, **gain)
         num_steps, probe_every = self._num_steps + 1, self._probe_every
         if self._shadow_learning:  # shadow lookups measure it: no probes (_SHADOW_PER_STEP)
             if k > 0 and self.step_cost.needs_plain(batch_size):

@@ -305,13 +305,14 @@ def choose_num_drafts(
     saturation_tokens: int,
     overhead: float = 1.0,
     num_speculating: float | None = None,
+    min_gain: float = _MIN_GAIN,
 ) -> int:
     """The step's draft count by the rule above (0: no speculation this step). `overhead`
     multiplies the modeled cost of a speculative step (`StepCostMeter.factor`);
     `num_speculating` (m, default all of `batch_size`; a float: an expected count) requests
-    would get the drafts."""
+    would get the drafts; `min_gain`: the speed-up a k must beat."""
     m = batch_size if num_speculating is None else num_speculating
-    best_k, best = 0, _MIN_GAIN
+    best_k, best = 0, min_gain
     for k in range(1, k_max + 1):
         tokens = batch_size + m * (expected_tokens(acceptance, k) - 1)
         cost = _step_cost(batch_size, m * k, k, m, draft_cost, saturation_tokens)
@@ -348,6 +349,11 @@ class StepCostMeter:
         self.plain_s: dict[int, float] = {}  # bucket -> average plain decode step, seconds
         self._since_plain: dict[int, int] = {}  # bucket -> speculative steps priced since
         self._warm = False  # the first, untimed, plain step ran
+        # The factor is a decayed average of the measured ratios with the model's 1.0 as a
+        # prior worth one observation: the first verify step moves it halfway (an average
+        # that started at 1.0 with weight decay / (1 - decay) took ~8 steps to reach a
+        # measured 2.7 in async decode on an H200, each of them a loss).
+        self._ratio_sum, self._weight = 1.0, 1.0
         self.factor = 1.0
 
     @staticmethod
@@ -373,7 +379,9 @@ class StepCostMeter:
         if plain is None or modeled_cost <= 0:
             return  # nothing to compare with yet
         ratio = seconds / (plain * modeled_cost)
-        self.factor = self.decay * self.factor + (1 - self.decay) * ratio
+        self._ratio_sum = self.decay * self._ratio_sum + ratio
+        self._weight = self.decay * self._weight + 1.0
+        self.factor = self._ratio_sum / self._weight
         self._since_plain[key] += 1
 
 

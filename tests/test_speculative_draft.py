@@ -292,6 +292,7 @@ def test_acceptance_meter_estimates_per_draft_probability():
     assert meter.acceptance == pytest.approx(0.6, abs=0.06)
 
 
+@pytest.mark.usefixtures("unbudgeted_shadow_lookups")
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_dynamic_off_for_large_batch(pair, method):
     """Priced as on CPU (saturation 8 tokens), 16 decoding requests make verification cost
