@@ -157,6 +157,9 @@ def test_first_lookups_scan_then_the_index_is_built():
     index, tokens = _NgramIndex(1, 4), [5, 6, 7, 5, 6]
     for _ in range(_SCAN_LOOKUPS):
         assert index.propose(tokens, 2) == [7, 5] and index.length == 0
+    shrunk = _NgramIndex(1, 4)  # the scans' array copy follows a sequence that shrinks
+    assert shrunk.propose([1, 2, 3, 1, 2, 9, 1], 2) == [2, 9]
+    assert shrunk.propose([1, 2, 3, 1], 2) == [2, 3]
     assert index.propose(tokens, 2) == [7, 5] and index.length == len(tokens)
     # The proposer times the lookups of a request without an index (scans, the build): the
     # step cost meter takes them off the step's time.
