@@ -110,6 +110,13 @@ def plan_and_apply(args, plan_main) -> int:
     if not args.target:
         print("baton: error: --apply needs --target HOST:PORT", file=sys.stderr)
         return 2
+    if len(args.profile) > 1:
+        print(
+            "baton: error: --apply sizes one tier's pools; a plan over several GPU types says "
+            "which pools to run where: set their counts in the config",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory() as scratch:
         if not args.output:
             args.output = os.path.join(scratch, "plan.json")

@@ -292,7 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     prof.set_defaults(func=cmd_profile)
 
     pl = sub.add_parser("plan", help="choose prefill/decode instance counts by simulation")
-    pl.add_argument("--profile", required=True, help="from `baton profile`")
+    pl.add_argument(
+        "--profile",
+        required=True,
+        action="append",
+        help="from `baton profile`; TYPE=FILE, repeated, for pools on several GPU types",
+    )
+    pl.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        help="TYPE=DOLLARS: a GPU type's cost per instance-hour (ranks plans per dollar)",
+    )
+    pl.add_argument(
+        "--config", default=None, help="a deployment config: its pools' gpu_type cost_per_hour"
+    )
     pl.add_argument("--input-len", type=int, default=512)
     pl.add_argument("--output-len", type=int, default=128)
     pl.add_argument("--range-ratio", type=float, default=0.5)

@@ -17,6 +17,12 @@ within them. A profile without a token budget runs one whole prompt per step.
 For each split (prefill, decode) within the GPU budget it finds the highest rate with ≥ 90%
 attainment (binary search), and recommends the split with the best rate per GPU — or, given a
 target rate, the cheapest split that sustains it.
+
+GPU types: given a profile per type (`GpuType`: its latency models, measured on that card, and
+its cost per hour), the search also chooses each pool's type — the prefill pool's type sets the
+prefill steps, the request overhead and the transfer time (the sender's profile measured it),
+the decode pool's sets the decode steps — and ranks splits by requests per dollar when every
+type has a cost (per GPU otherwise); with a target rate, the split of least cost per hour.
 """
 
 from __future__ import annotations
@@ -97,6 +103,16 @@ class PrefillInstance:
                 done[self.queue.popleft()[0]] = self.clock
 
 
+@dataclass
+class GpuType:
+    """A kind of GPU a pool may run on: the latency models of an instance on it (its profile)
+    and what one costs per hour (0: unknown)."""
+
+    name: str
+    model: InstanceModel
+    cost_per_hour: float = 0.0
+
+
 def simulate(
     model: InstanceModel,
     num_prefill: int,
@@ -106,8 +122,12 @@ def simulate(
     slo: tuple[float, float],
     kv_bytes_per_token: int = 0,
     seed: int = 0,
+    decode_model: InstanceModel | None = None,
 ) -> float:
-    """SLO attainment (share of requests meeting TTFT and TPOT) of one simulated run."""
+    """SLO attainment (share of requests meeting TTFT and TPOT) of one simulated run. `model`
+    prices prefill, the request overhead and the transfer; `decode_model` (default `model`)
+    the decode steps, when the decode pool runs on another GPU type."""
+    decode_model = decode_model or model
     rng = random.Random(seed)
     requests = workload.sample(rate, rng)
     instances = [PrefillInstance(model) for _ in range(num_prefill)]
@@ -143,7 +163,7 @@ def simulate(
             batches[d][i] = [length + 1, out_len - 1, clocks[d]]
             continue
         batch = batches[d]
-        step = model.decode_step(len(batch), sum(v[0] for v in batch.values()))
+        step = decode_model.decode_step(len(batch), sum(v[0] for v in batch.values()))
         clocks[d] += step
         for i in list(batch):
             entry = batch[i]
@@ -165,6 +185,7 @@ def max_rate(
     kv_bytes_per_token=0,
     high: float = 256.0,
     iterations: int = 14,
+    decode_model=None,
 ) -> float:
     """Highest rate with ≥ 90% attainment in the simulation (binary search)."""
     # No split sustains more than its prefill instances serve: search below that. A prompt
@@ -177,7 +198,10 @@ def max_rate(
     low = 0.0
     for _ in range(iterations):
         mid = (low + high) / 2
-        if simulate(model, num_prefill, num_decode, mid, workload, slo, kv_bytes_per_token) >= 0.9:
+        attainment = simulate(
+            model, num_prefill, num_decode, mid, workload, slo, kv_bytes_per_token, 0, decode_model
+        )
+        if attainment >= 0.9:
             low = mid
         else:
             high = mid
@@ -192,40 +216,113 @@ def _least_prefill_cost(model: InstanceModel, length: int) -> float:
 
 
 def plan(
-    model,
+    types: InstanceModel | list[GpuType],
     workload,
     slo,
     max_gpus: int,
     target_rate: float | None = None,
     kv_bytes_per_token: int = 0,
 ) -> list[dict]:
-    """Every split within the budget, best first."""
+    """Every split within the budget, best first: each pool's GPU type among `types` (one
+    InstanceModel: a single, unnamed type) and the instance counts."""
+    if isinstance(types, InstanceModel):
+        types = [GpuType("gpu", types)]
+    priced = all(t.cost_per_hour > 0 for t in types)
     rows = []
-    for num_prefill in range(1, max_gpus):
-        for num_decode in range(1, max_gpus - num_prefill + 1):
-            rate = max_rate(model, num_prefill, num_decode, workload, slo, kv_bytes_per_token)
-            gpus = num_prefill + num_decode
-            rows.append(
-                {
-                    "prefill": num_prefill,
-                    "decode": num_decode,
-                    "gpus": gpus,
-                    "max_rate": rate,
-                    "per_gpu": rate / gpus,
-                }
-            )
+    for p_type in types:
+        for d_type in types:
+            for num_prefill in range(1, max_gpus):
+                for num_decode in range(1, max_gpus - num_prefill + 1):
+                    rate = max_rate(
+                        p_type.model,
+                        num_prefill,
+                        num_decode,
+                        workload,
+                        slo,
+                        kv_bytes_per_token,
+                        decode_model=d_type.model,
+                    )
+                    gpus = num_prefill + num_decode
+                    cost = num_prefill * p_type.cost_per_hour + num_decode * d_type.cost_per_hour
+                    rows.append(
+                        {
+                            "prefill_type": p_type.name,
+                            "decode_type": d_type.name,
+                            "prefill": num_prefill,
+                            "decode": num_decode,
+                            "gpus": gpus,
+                            "cost_per_hour": cost,
+                            "max_rate": rate,
+                            "per_gpu": rate / gpus,
+                            # Requests served per dollar at the max rate.
+                            "per_dollar": rate * 3600 / cost if priced else None,
+                        }
+                    )
+    by_name = {t.name: t for t in types}
     if target_rate is not None:
         ok = [r for r in rows if r["max_rate"] >= target_rate]
         for r in ok:
-            r["attainment_at_target"] = simulate(
-                model, r["prefill"], r["decode"], target_rate, workload, slo, kv_bytes_per_token
+            r["attainment_at_target"] = attainment_of(
+                r, by_name, target_rate, workload, slo, kv_bytes_per_token
             )
-        return sorted(ok, key=lambda r: (r["gpus"], -r["max_rate"]))
+        cheapest = (lambda r: r["cost_per_hour"]) if priced else (lambda r: r["gpus"])
+        return sorted(ok, key=lambda r: (cheapest(r), -r["max_rate"]))
+    if priced:
+        return sorted(rows, key=lambda r: (-r["per_dollar"], r["gpus"]))
     return sorted(rows, key=lambda r: (-r["per_gpu"], r["gpus"]))
 
 
+def attainment_of(row: dict, types: dict[str, GpuType], rate, workload, slo, kv_bytes_per_token):
+    """The simulated attainment of a `plan` row at `rate`."""
+    return simulate(
+        types[row["prefill_type"]].model,
+        row["prefill"],
+        row["decode"],
+        rate,
+        workload,
+        slo,
+        kv_bytes_per_token,
+        decode_model=types[row["decode_type"]].model,
+    )
+
+
+def gpu_types(profiles: list[str], costs: list[str], config: str | None) -> list[GpuType]:
+    """`baton plan`'s --profile [TYPE=]FILE arguments as GPU types, priced by --cost TYPE=$ and
+    by the pools of --config (their gpu_type and cost_per_hour)."""
+    prices: dict[str, float] = {}
+    if config:
+        from deploy.config import BatonConfig
+
+        for pool in BatonConfig.load(config).pools:
+            if pool.cost_per_hour > 0:
+                prices.setdefault(pool.gpu_type, pool.cost_per_hour)
+    for item in costs:
+        name, _, value = item.partition("=")
+        try:
+            prices[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--cost {item!r}: expected TYPE=DOLLARS_PER_HOUR") from None
+    types = []
+    for item in profiles:
+        name, _, path = item.rpartition("=")
+        name = name or "gpu"
+        if any(t.name == name for t in types):
+            raise ValueError(f"--profile: GPU type {name!r} given twice")
+        types.append(GpuType(name, new_instance_model(load_profile(path)), prices.get(name, 0.0)))
+    if len(types) > 1 and any(t.name == "gpu" for t in types):
+        raise ValueError("--profile: with several profiles, name each one's GPU type (TYPE=FILE)")
+    return types
+
+
 def main(args) -> int:
-    model = new_instance_model(load_profile(args.profile))
+    profiles = args.profile if isinstance(args.profile, list) else [args.profile]
+    try:
+        types = gpu_types(
+            profiles, getattr(args, "cost", None) or [], getattr(args, "config", None)
+        )
+    except (ValueError, OSError) as e:
+        print(f"baton plan: {e}")
+        return 2
     workload = Workload(
         args.input_len,
         args.output_len,
@@ -235,22 +332,36 @@ def main(args) -> int:
         args.min_duration_s,
     )
     slo = (args.ttft_slo_ms / 1e3, args.tpot_slo_ms / 1e3)
-    rows = plan(model, workload, slo, args.max_gpus, args.rate, args.kv_bytes_per_token)
+    rows = plan(types, workload, slo, args.max_gpus, args.rate, args.kv_bytes_per_token)
     if not rows or (not args.rate and rows[0]["max_rate"] <= 0):
         wanted = f"{args.rate} req/s" if args.rate else "any rate"
         print(f"no split within {args.max_gpus} GPUs sustains {wanted} at the SLOs")
         return 1
     best = rows[0]
-    print(f"{'prefill':>7} {'decode':>6} {'max rate':>9} {'per GPU':>8}")
+    typed = len(types) > 1
+    priced = best["per_dollar"] is not None
+    print(
+        (f"{'prefill on':>12} {'decode on':>12} " if typed else "")
+        + f"{'prefill':>7} {'decode':>6} {'max rate':>9} {'per GPU':>8}"
+        + (f" {'$/hour':>8} {'req/$':>8}" if priced else "")
+    )
     for r in rows[:8]:
-        print(f"{r['prefill']:7d} {r['decode']:6d} {r['max_rate']:9.2f} {r['per_gpu']:8.3f}")
+        print(
+            (f"{r['prefill_type']:>12} {r['decode_type']:>12} " if typed else "")
+            + f"{r['prefill']:7d} {r['decode']:6d} {r['max_rate']:9.2f} {r['per_gpu']:8.3f}"
+            + (f" {r['cost_per_hour']:8.2f} {r['per_dollar']:8.0f}" if priced else "")
+        )
     rate = args.rate or best["max_rate"]
-    attainment = simulate(
-        model, best["prefill"], best["decode"], rate, workload, slo, args.kv_bytes_per_token
+    by_name = {t.name: t for t in types}
+    attainment = attainment_of(best, by_name, rate, workload, slo, args.kv_bytes_per_token)
+    where = f" ({best['prefill_type']} / {best['decode_type']})" if typed else ""
+    cost = (
+        f", ${best['cost_per_hour'] / rate / 3600 * 1000:.4f} per 1000 requests" if priced else ""
     )
     print(
-        f"plan: {best['prefill']} prefill + {best['decode']} decode; predicted SLO attainment "
-        f"{attainment:.0%} at {rate:.2f} req/s ({rate / best['gpus']:.3f} req/s per GPU)"
+        f"plan: {best['prefill']} prefill + {best['decode']} decode{where}; predicted SLO "
+        f"attainment {attainment:.0%} at {rate:.2f} req/s ({rate / best['gpus']:.3f} req/s per "
+        f"GPU{cost})"
     )
     if args.output:
         with open(args.output, "w") as f:

@@ -120,3 +120,95 @@ def test_cli_plan_says_so_when_no_split_meets_the_slos(tmp_path, capsys):
     args = ["plan", "--profile", str(profile), "--ttft-slo-ms", "100", "--max-gpus", "2"]
     assert main([*args, "--num-requests", "20", "--min-duration-s", "1"]) == 1
     assert "no split within 2 GPUs sustains any rate at the SLOs" in capsys.readouterr().out
+
+
+# -- GPU types -----------------------------------------------------------------------------------
+
+# A fast, dear card and a slow, cheap one: prefill 4x slower on the cheap one, decode (bound by
+# memory bandwidth, closer between cards) 1.2x.
+FAST = {"prefill": [0.0, 1e-3, 0.0], "decode": [0.01, 1e-3, 0.0], "transfer": [0.0, 0.0, 0.0]}
+CHEAP = {"prefill": [0.0, 4e-3, 0.0], "decode": [0.012, 1.2e-3, 0.0], "transfer": [0.0, 0.0, 0.0]}
+
+
+def gpu_type_pair(fast_cost: float = 4.0, cheap_cost: float = 1.0):
+    from deploy.planner import GpuType
+
+    return [
+        GpuType("fast", new_instance_model(FAST), fast_cost),
+        GpuType("cheap", new_instance_model(CHEAP), cheap_cost),
+    ]
+
+
+def test_decode_on_another_gpu_type_prices_decode_steps_by_its_model():
+    """The prefill pool's model prices prefill, the decode pool's the decode steps: a decode
+    model too slow for the TPOT SLO fails every request however fast prefill is."""
+    slow_decode = new_instance_model(
+        {"prefill": [0.0, 1e-3, 0.0], "decode": [0.06, 0.0, 0.0], "transfer": [0.0, 0.0, 0.0]}
+    )
+    assert simulate(MODEL, 1, 1, 1.0, WORK, SLO) == 1.0
+    assert simulate(MODEL, 1, 1, 1.0, WORK, SLO, decode_model=slow_decode) == 0.0
+    assert simulate(slow_decode, 1, 1, 1.0, WORK, SLO, decode_model=MODEL) == 1.0
+
+
+def test_plan_puts_prefill_on_the_fast_card_and_decode_on_the_cheap_one_per_dollar():
+    """DistServe's case for disaggregation across hardware: the best requests per dollar come
+    from prefill on the card that computes fastest and decode on the cheaper card, whose
+    decode steps are nearly as fast. Every type pairing is searched."""
+    rows = plan(gpu_type_pair(), WORK, SLO, max_gpus=3)
+    pairs = {(r["prefill_type"], r["decode_type"]) for r in rows}
+    assert pairs == {("fast", "fast"), ("fast", "cheap"), ("cheap", "fast"), ("cheap", "cheap")}
+    best = rows[0]
+    assert (best["prefill_type"], best["decode_type"]) == ("fast", "cheap")
+    assert best["per_dollar"] == max(r["per_dollar"] for r in rows)
+    assert best["cost_per_hour"] == best["prefill"] * 4.0 + best["decode"] * 1.0
+    # Without prices the ranking is per GPU, where the fast card everywhere is no worse.
+    unpriced = plan(gpu_type_pair(0.0, 0.0), WORK, SLO, max_gpus=3)
+    assert unpriced[0]["per_dollar"] is None
+    assert unpriced[0]["per_gpu"] == max(r["per_gpu"] for r in unpriced)
+    assert unpriced[0]["prefill_type"] == "fast"
+
+
+def test_plan_for_a_target_rate_is_the_least_cost_per_hour_that_sustains_it():
+    rows = plan(gpu_type_pair(), WORK, SLO, max_gpus=4, target_rate=12.0)
+    assert rows and all(r["max_rate"] >= 12.0 for r in rows)
+    assert rows[0]["cost_per_hour"] == min(r["cost_per_hour"] for r in rows)
+    assert rows[0]["attainment_at_target"] >= 0.9
+    # Two fast prefill instances (10 req/s each) and one cheap decode: $9 an hour.
+    assert (rows[0]["prefill_type"], rows[0]["prefill"]) == ("fast", 2)
+    assert (rows[0]["decode_type"], rows[0]["cost_per_hour"]) == ("cheap", 9.0)
+
+
+def test_cli_plan_over_gpu_types_priced_by_flags_or_the_config(tmp_path, capsys):
+    import json
+
+    from deploy.cli import main
+
+    for name, profile in (("fast", FAST), ("cheap", CHEAP)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(profile))
+    common = ["plan", "--max-gpus", "3", "--input-len", "100", "--output-len", "20"]
+    common += ["--range-ratio", "0", "--num-requests", "200", "--min-duration-s", "20"]
+    common += ["--profile", f"fast={tmp_path / 'fast.json'}"]
+    common += ["--profile", f"cheap={tmp_path / 'cheap.json'}"]
+    out = tmp_path / "plan.json"
+    assert main([*common, "--cost", "fast=4", "--cost", "cheap=1", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(fast / cheap)" in printed and "per 1000 requests" in printed
+    chosen = json.loads(out.read_text())["plan"]
+    assert (chosen["prefill_type"], chosen["decode_type"]) == ("fast", "cheap")
+    # The same prices from a deployment config's pools.
+    config = tmp_path / "baton.yaml"
+    config.write_text(
+        "tiers:\n  small:\n    model: /nonexistent\n"
+        "pools:\n"
+        "  - {tier: small, role: prefill, gpu_type: fast, cost_per_hour: 4.0}\n"
+        "  - {tier: small, role: decode, gpu_type: cheap, cost_per_hour: 1.0}\n"
+    )
+    assert main([*common, "--config", str(config), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["plan"] == chosen
+    # Several profiles need their types named; a type given twice is refused.
+    unnamed = ["--profile", str(tmp_path / "fast.json")]
+    assert main([*common, *unnamed]) == 2
+    assert "name each one's GPU type" in capsys.readouterr().out
+    twice = ["--profile", f"fast={tmp_path / 'cheap.json'}"]
+    assert main([*common, *twice]) == 2
+    assert "given twice" in capsys.readouterr().out
