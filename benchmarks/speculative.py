@@ -36,6 +36,7 @@ over the repeats and its range. Read "not slower than plain" from it, not from t
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import subprocess
@@ -134,7 +135,15 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
         assert llms[0].engine.dtype != torch.float32, message + f"{len(tokens[0])} requests"
         print(f"  ({message}{len(tokens[0])} requests: {llms[0].engine.dtype} rounding)")
     total = sum(map(len, tokens[0]))
+    del llms
+    _free_memory()  # before the next cell's engines (an 8B-shaped target: ~13 GB each)
     return total, [(total / t, *c) for t, c in zip(best, counts)], paired
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _sync(engine) -> None:
@@ -149,10 +158,15 @@ def cells(args, root: Path):
     if "ngram" in args.methods:
         models = make_models(root, args)
         for model, model_dir in models.items():
-            work = {
-                "copy": copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1),
-                "random": random_prompts(max(args.batch_sizes), 256 + args.max_tokens, vocab, 2),
-            }
+            if model not in args.models:
+                continue
+            work = {}
+            if "copy" in args.workloads:
+                work["copy"] = copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1)
+                _free_memory()
+            if "random" in args.workloads:
+                length = 256 + args.max_tokens
+                work["random"] = random_prompts(max(args.batch_sizes), length, vocab, 2)
             for name, prompts in work.items():
                 yield "ngram", model, name, model_dir, prompts, {"method": "ngram", **rule}
     if "draft" in args.methods:
@@ -185,6 +199,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft"])
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=["random", "markov"], help="n-gram cells")
+    ap.add_argument("--workloads", nargs="+", default=["copy", "random"], help="n-gram cells")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)
