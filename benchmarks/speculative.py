@@ -70,8 +70,10 @@ def make_models(root: Path, args) -> dict[str, Path]:
     zeroed, so the next token is a fixed function of the current one (a stand-in for a model
     that continues text it has seen the way it did before; its attention is still computed)."""
     models = {}
-    for name in ("random", "markov"):
+    for name in getattr(args, "models", ("random", "markov")):
         models[name] = write_test_checkpoint(root / name, **model_shape(args), dtype=args.dtype)
+    if "markov" not in models:
+        return models
     weights = models["markov"] / "model.safetensors"
     tensors = load_file(weights)
     for key in tensors:
@@ -158,8 +160,6 @@ def cells(args, root: Path):
     if "ngram" in args.methods:
         models = make_models(root, args)
         for model, model_dir in models.items():
-            if model not in args.models:
-                continue
             work = {}
             if "copy" in args.workloads:
                 work["copy"] = copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1)
