@@ -76,12 +76,6 @@ _SHADOW_MAX_CREDIT = 0.002
 # speculation beats plain decoding by _AHEAD_MIN_GAIN (the step itself still chooses by
 # `speculative._MIN_GAIN`).
 _AHEAD_MIN_GAIN = 1.2
-# N-gram drafts found for some requests are verified only if the rule's speed-up for them beats
-# this (with async scheduling _AHEAD_MIN_GAIN: the step after a verify step cannot be launched
-# ahead either). At break-even the model's error decides: on an H200 with an 8B-like target at
-# batch 64, verify steps of 24-44 drafts predicted at 1.00-1.05x ran ~1.35x a plain step's time
-# for ~1.34x its tokens, about half the verify steps of a run where drafts held only briefly.
-_VERIFY_MIN_GAIN = 1.05
 
 
 @dataclass
@@ -607,8 +601,7 @@ class LLMEngine:
         cost, saturation = self._draft_cost(), self._saturation_tokens()
         if drafts and self.drafter is None and not self._probing:
             acceptance, overhead = self.acceptance.acceptance, self.step_cost.factor
-            wanted = _AHEAD_MIN_GAIN if self.config.async_scheduling else _VERIFY_MIN_GAIN
-            if speed_up(batch_size, drafts, acceptance, cost, saturation, overhead) < wanted:
+            if speed_up(batch_size, drafts, acceptance, cost, saturation, overhead) < 1.0:
                 for request in proposed:  # too few to pay for the verify step
                     request.spec_token_ids = []
                 drafts = []
