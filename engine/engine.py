@@ -703,8 +703,6 @@ class LLMEngine:
         KV, the n-gram indexes)."""
         if self.proposer is not None:
             self.proposer.retain({r.request_id for r in self.scheduler.running})
-        for rid in [rid for rid, shadow in self._shadows.items() if shadow[0].is_finished]:
-            del self._shadows[rid]
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         rid = request.request_id
