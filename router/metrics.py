@@ -114,6 +114,10 @@ class RouterMetrics:
             registry=r,
         )
         self._counts: dict[tuple[str, str], list[int]] = {}
+        # Workers that left (`forget_instance`): a request they served that ends later (a
+        # prefill worker removed while its request decodes elsewhere) must not bring back
+        # their series.
+        self._gone: set[str] = set()
 
     def observe_finished(
         self,
@@ -137,6 +141,8 @@ class RouterMetrics:
             self.tpot.labels(tier).observe(tpot)
         met_ttft, met_tpot = ttft_s <= ttft_slo_s, tpot <= tpot_slo_s
         for role, instance, met in (("prefill", prefill, met_ttft), ("decode", decode, met_tpot)):
+            if instance in self._gone:
+                continue
             self.slo_requests.labels(tier, role, instance).inc()
             if met:
                 self.slo_met.labels(tier, role, instance).inc()
@@ -154,6 +160,7 @@ class RouterMetrics:
 
     def forget_instance(self, tier: str, instance: str) -> None:
         """A worker left the deployment: its per-instance series end (ids are never reused)."""
+        self._gone.add(instance)
         for metric in (self.slo_requests, self.slo_met):
             for role in ("prefill", "decode"):
                 metric.remove(tier, role, instance)

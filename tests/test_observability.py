@@ -144,3 +144,30 @@ def test_metrics_agree_with_the_client(prometheus, load):
     client_p50 = float(np.median([r.ttft for r in results if r.ok]))
     bucket = np.searchsorted(TTFT_BUCKETS, [server_p50, client_p50])
     assert abs(int(bucket[0]) - int(bucket[1])) <= 1, (server_p50, client_p50)
+
+
+def test_a_removed_workers_series_stay_gone_when_its_requests_finish_later():
+    """A prefill worker removed while a request it prefilled still decodes elsewhere: the
+    request's end must not re-create the removed worker's per-instance series (a race the
+    scaling test hit in CI)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from router.metrics import RouterMetrics
+
+    metrics = RouterMetrics(CollectorRegistry())
+    finished = dict(
+        ttft_s=0.1,
+        e2e_s=0.5,
+        num_tokens=5,
+        num_prompt_tokens=10,
+        ttft_slo_s=1.0,
+        tpot_slo_s=1.0,
+        outcome="stop",
+    )
+    metrics.observe_finished("t", "p0", "d0", **finished)
+    assert 'instance="p0"' in generate_latest(metrics.registry).decode()
+    metrics.forget_instance("t", "p0")
+    metrics.observe_finished("t", "p0", "d0", **finished)  # prefilled before the removal
+    text = generate_latest(metrics.registry).decode()
+    assert 'instance="p0"' not in text and 'instance="d0"' in text
+    assert 'baton_goodput_requests_total{tier="t"} 2.0' in text  # tier totals still count it
