@@ -1,0 +1,35 @@
+"""benchmarks/speculative_steps.py: every step of a speculative engine's run, classified."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import speculative_steps as steps
+
+TINY = ["--hidden-size", "64", "--heads", "2", "--kv-heads", "1", "--layers", "2"]
+
+
+@pytest.mark.usefixtures("unbudgeted_shadow_lookups")
+def test_classes_cover_every_step_and_show_verification(capsys):
+    steps.main([*TINY, "--batch", "4", "--max-tokens", "16", "--repeats", "1", "--async-scheduling",
+                "--saturation-tokens", "256"])  # fmt: skip
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"plain", "static", "dynamic"}
+    assert "verify" not in lines["plain"] and "plain+chain" in lines["plain"]
+    assert "verify" in lines["static"] and "0 lookups" not in lines["static"]
+    assert "plain+chain" not in lines["static"]  # every step may propose: none chains
+
+
+def test_trace_run_restores_the_engine(tmp_path):
+    from engine import LLM, SamplingParams
+    from engine.testing import write_test_checkpoint
+
+    model = write_test_checkpoint(tmp_path / "m", with_tokenizer=False)
+    llm = LLM(model, num_blocks=64, speculative={"method": "ngram", "adaptive": False})
+    engine = llm.engine
+    step, lookup = engine.step, engine.proposer.lookup
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    run = steps.trace_run(llm, [[5, 6, 7, 5, 6, 7, 5, 6]] * 2, params)
+    assert sum(count for count, _, _ in run["classes"].values()) >= 7  # one token a step, or more
+    assert engine.step == step and engine.proposer.lookup == lookup
+    assert run["lookups"] > 0 and run["drafted"] > 0
