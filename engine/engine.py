@@ -683,8 +683,8 @@ class LLMEngine:
         included: they are part of what speculating costs). A speculative step that paid a
         one-off cost beside its own is left out: a request's first proposal (the draft model's
         prefill), or a draft model catching a request up on more than one step's tokens (the
-        tokens of steps that did not speculate). The n-gram lookups of requests that have no
-        index yet (scans, the build) are learning: their time is taken off the step's."""
+        tokens of steps that did not speculate). An n-gram lookup that builds a request's index is
+        learning: its time is taken off the step's."""
         seconds = time.perf_counter() - self._cycle_start
         if self._last_choice is None:
             self.step_cost.observe_plain(batch_size, seconds)

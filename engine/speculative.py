@@ -116,15 +116,15 @@ class NgramProposer:
     request, an index of its n-grams (`_NgramIndex`) that each step extends by the tokens
     appended since the last one, so a lookup costs a few dict probes instead of a scan of the
     whole sequence (a numpy scan took ~170 us a request on an H100 host: 11 ms a step at batch
-    64); a request's first lookups still scan (see _SCAN_LOOKUPS)."""
+    64, before the scans kept an array copy of the sequence); a request's first lookups scan
+    (see _SCAN_LOOKUPS)."""
 
     def __init__(self, config: SpeculativeConfig):
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
         self.sizes = range(self.max_n, self.min_n - 1, -1)
         self._indexes: dict[str, _NgramIndex] = {}
-        # Seconds the last `propose_batch` spent on requests without an index yet (their first
-        # lookups' scans, the lookup that builds it): learning, not what a step of speculation
-        # costs once it runs, so the step cost meter leaves it out.
+        # Seconds the last `propose_batch` spent building indexes: a one-off per request, not
+        # what a step of speculation costs, so the step cost meter leaves it out.
         self.one_off_s = 0.0
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
@@ -138,11 +138,11 @@ class NgramProposer:
 
     def lookup(self, request, k: int) -> list[int]:
         """Up to k drafts for `request` from its index (its first lookups: scans). The time of
-        a lookup of a request without an index yet is added to `one_off_s`."""
+        the lookup that builds the index is added to `one_off_s`."""
         index = self._indexes.get(request.request_id)
         if index is None:
             index = self._indexes[request.request_id] = _NgramIndex(self.min_n, self.max_n)
-        if index.length:
+        if not index.builds_next(request.all_token_ids):
             return index.propose(request.all_token_ids, k)
         start = time.perf_counter()
         drafts = index.propose(request.all_token_ids, k)
@@ -178,8 +178,15 @@ class _NgramIndex:
         self._array = np.empty(0, dtype=np.int64)
         self._array_length = 0
 
+    def builds_next(self, tokens: list[int]) -> bool:
+        """Whether the next lookup builds the index (the scans have cost what a build would)."""
+        return self.length == 0 and not self._scans_left(tokens)
+
+    def _scans_left(self, tokens: list[int]) -> bool:
+        return self.scans < max(_SCAN_LOOKUPS, int(len(tokens) * _SCAN_LOOKUPS_PER_TOKEN))
+
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        if self.length == 0 and self.scans < _SCAN_LOOKUPS:
+        if self.length == 0 and self._scans_left(tokens):
             self.scans += 1
             return scan(tokens, self.sizes, k, self._as_array(tokens))
         length = len(tokens)
@@ -221,11 +228,15 @@ class _NgramIndex:
 # Catch-ups of at most this many tokens run as a Python loop (the zipped slices' setup costs
 # more than a few tuples).
 _SHORT_CATCH_UP = 4
-# A request's first lookups scan its tokens (`scan`) instead of building its index: building
-# it for a 384-token prompt took 290 us on the dev CPU, a scan 35 us. Where drafts fail, dynamic
-# speculation stops proposing for a request after a few fruitless lookups, which then never
-# pay for an index; a request still proposed for after this many gets one.
+# A request's lookups scan its tokens (`scan`) until they have cost about what building its
+# index would, then build it (ski rental: never more than twice the better choice in
+# hindsight). Measured on the dev CPU: a scan ~19 us whatever the length (384 to 4000 tokens),
+# an index lookup ~10 us, a build ~0.9 us a token; so a build pays for itself after ~L / 10
+# lookups of an L-token sequence. At least _SCAN_LOOKUPS scans: where drafts fail, dynamic
+# speculation stops proposing for a request after a few fruitless lookups, which then never pay
+# for an index.
 _SCAN_LOOKUPS = 8
+_SCAN_LOOKUPS_PER_TOKEN = 0.1
 
 
 def scan(tokens: list[int], sizes: range, k: int, arr: np.ndarray | None = None) -> list[int]:

@@ -144,8 +144,8 @@ def test_ngram_index_proposes_what_a_full_scan_does_as_sequences_grow():
 
 def test_first_lookups_scan_then_the_index_is_built():
     """`scan` answers as `full_scan` does (random sequences over small vocabularies, the empty
-    and one-token ones included); a request's first _SCAN_LOOKUPS lookups scan, the next one
-    builds its index."""
+    and one-token ones included); a request's first lookups scan (at least _SCAN_LOOKUPS, a
+    tenth of its length if more), the next one builds its index."""
     from engine.speculative import _SCAN_LOOKUPS, _NgramIndex, scan
 
     gen = torch.Generator().manual_seed(1)
@@ -161,14 +161,21 @@ def test_first_lookups_scan_then_the_index_is_built():
     assert shrunk.propose([1, 2, 3, 1, 2, 9, 1], 2) == [2, 9]
     assert shrunk.propose([1, 2, 3, 1], 2) == [2, 3]
     assert index.propose(tokens, 2) == [7, 5] and index.length == len(tokens)
-    # The proposer times the lookups of a request without an index (scans, the build): the
-    # step cost meter takes them off the step's time.
+    # Longer sequences scan longer before a build pays (a tenth of their length in lookups).
+    long = _NgramIndex(1, 4)
+    sequence = [t % 7 for t in range(200)]
+    for _ in range(20):
+        assert not long.builds_next(sequence)
+        long.propose(sequence, 2)
+    assert long.builds_next(sequence) and long.length == 0
+    # The proposer times the lookup that builds a request's index: the step cost meter takes
+    # it off the step's time (scans are what a lookup costs, and stay on it).
     request = _Tokens("r", tokens)
     learning = []
     for _ in range(_SCAN_LOOKUPS + 2):
         proposer.propose_batch([request], [2])
         learning.append(proposer.one_off_s > 0)
-    assert learning == [True] * (_SCAN_LOOKUPS + 1) + [False]
+    assert learning == [False] * _SCAN_LOOKUPS + [True, False]
 
 
 class _Tokens:
