@@ -66,11 +66,12 @@ def random_prompts(num_prompts, length, vocab, seed) -> list[list[int]]:
 
 
 def make_models(root: Path, args) -> dict[str, Path]:
-    """`random`: random weights. `markov`: the same with every attention output projection
-    zeroed, so the next token is a fixed function of the current one (a stand-in for a model
-    that continues text it has seen the way it did before; its attention is still computed)."""
+    """Those of `args.models`: `random`, random weights; `markov`, the same with every
+    attention output projection zeroed, so the next token is a fixed function of the current
+    one (a stand-in for a model that continues text it has seen the way it did before; its
+    attention is still computed)."""
     models = {}
-    for name in getattr(args, "models", ("random", "markov")):
+    for name in args.models:
         models[name] = write_test_checkpoint(root / name, **model_shape(args), dtype=args.dtype)
     if "markov" not in models:
         return models

@@ -315,11 +315,8 @@ def gpu_types(profiles: list[str], costs: list[str], config: str | None) -> list
 
 
 def main(args) -> int:
-    profiles = args.profile if isinstance(args.profile, list) else [args.profile]
     try:
-        types = gpu_types(
-            profiles, getattr(args, "cost", None) or [], getattr(args, "config", None)
-        )
+        types = gpu_types(args.profile, args.cost, args.config)
     except (ValueError, OSError) as e:
         print(f"baton plan: {e}")
         return 2

@@ -383,7 +383,10 @@ class StepCostMeter:
         # that started at 1.0 with weight decay / (1 - decay) took ~8 steps to reach a
         # measured 2.7 in async decode on an H200, each of them a loss).
         self._ratio_sum, self._weight = 1.0, 1.0
-        self.factor = 1.0
+
+    @property
+    def factor(self) -> float:
+        return self._ratio_sum / self._weight
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -410,7 +413,6 @@ class StepCostMeter:
         ratio = seconds / (plain * modeled_cost)
         self._ratio_sum = self.decay * self._ratio_sum + ratio
         self._weight = self.decay * self._weight + 1.0
-        self.factor = self._ratio_sum / self._weight
         self._since_plain[key] += 1
 
 

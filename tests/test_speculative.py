@@ -401,12 +401,8 @@ def test_dynamic_never_verifies_where_drafts_fail(model_dir):
     the shadow lookups score the drafts against the decoded tokens, so the engine learns that
     they fail without a single verify step, and looks each request up a bounded number of
     times; the tokens are plain decoding's and every block returns to the pool."""
-    prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
-    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
-    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
-    engine, lookups = llm.engine, {}
-    _drafts_off_by(1, engine, prompts, expected, lookups)
+    llm, prompts, params, expected, lookups = _planted(model_dir, 1, 16, 96, seed=21)
+    engine = llm.engine
     outputs = llm.generate(prompts, params)
     assert [o.token_ids for o in outputs] == expected
     assert engine.num_draft_tokens == 0
@@ -419,12 +415,8 @@ def test_dynamic_never_verifies_where_drafts_fail(model_dir):
 def test_dynamic_speculates_once_shadow_lookups_find_drafts_hold(model_dir):
     """Every draft right: a few plain steps of shadow lookups measure it, then the engine
     verifies drafts and accepts them all; tokens are plain decoding's."""
-    prompts = random_prompts([40 + 7 * i for i in range(8)], seed=22)
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
-    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=8)
-    engine, lookups = llm.engine, {}
-    _drafts_off_by(0, engine, prompts, expected, lookups)
+    llm, prompts, params, expected, _ = _planted(model_dir, 0, 8, 64, seed=22)
+    engine = llm.engine
     verify_steps, step = [], 0
     step_once = engine.step
 
@@ -444,9 +436,16 @@ def test_dynamic_speculates_once_shadow_lookups_find_drafts_hold(model_dir):
     assert_pool_whole(llm)
 
 
-def _drafts_off_by(offset, engine, prompts, expected, lookups):
-    """Replace the n-gram lookup: each request is offered its next tokens plus `offset`."""
-    vocab = engine.model_config.vocab_size
+def _planted(model_dir, offset: int, num_prompts: int, max_tokens: int, seed: int, **kwargs):
+    """A dynamic speculating engine whose n-gram lookup offers each request its next greedy
+    tokens plus `offset` (0: every draft right; 1: every draft wrong). Returns (llm, prompts,
+    params, the tokens plain decoding gives, {prompt index: lookups made})."""
+    prompts = random_prompts([40 + 7 * i for i in range(num_prompts)], seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
+    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=num_prompts, **kwargs)
+    lookups: dict[int, int] = {}
+    vocab = llm.engine.model_config.vocab_size
 
     def lookup(request, k):
         i = int(request.request_id.split("-")[1]) % len(prompts)
@@ -454,7 +453,8 @@ def _drafts_off_by(offset, engine, prompts, expected, lookups):
         lookups[i] = lookups.get(i, 0) + 1
         return [(t + offset) % vocab for t in expected[i][done : done + k]]
 
-    engine.proposer.lookup = lookup
+    llm.engine.proposer.lookup = lookup
+    return llm, prompts, params, expected, lookups
 
 
 def test_score_shadows_counts_the_matched_prefix(model_dir):
@@ -515,12 +515,10 @@ def test_async_scheduling_chains_the_steps_dynamic_speculation_leaves_plain(mode
     draft is verified, the tokens are plain decoding's and every block returns."""
     from tests.test_async_scheduling import count_chained
 
-    prompts = random_prompts([40 + 7 * i for i in range(16)], seed=21)
-    params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
-    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16, async_scheduling=True)
-    engine, lookups = llm.engine, {}
-    _drafts_off_by(1, engine, prompts, expected, lookups)
+    llm, prompts, params, expected, lookups = _planted(
+        model_dir, 1, 16, 96, seed=21, async_scheduling=True
+    )
+    engine = llm.engine
     chained = count_chained(llm)
     outputs = llm.generate(prompts, params)
     assert [o.token_ids for o in outputs] == expected
