@@ -4,7 +4,8 @@ same run, greedy (so every engine must produce identical tokens).
 Methods and workloads:
 - `ngram` (prompt lookup) on `copy` prompts (a document, the model's own continuation of it,
   and the document again: the answer is already in the prompt, as in code editing or quoting
-  back) and `random` ones, on two models (`make_models`: `random`, and `markov`, whose next
+  back), `brief` ones (the same with only the continuation's first `--copy-tokens`: drafts
+  hold for those, then the lookups find none) and `random` ones, on two models (`make_models`: `random`, and `markov`, whose next
   token depends on the current one only).
 - `draft`: a draft model that is the target's first `--draft-layers` layers with its embedding
   and head (`engine.testing.write_draft_pair`; the target's later layers damped by
@@ -51,13 +52,20 @@ from engine import LLM, SamplingParams
 from engine.testing import write_draft_pair, write_test_checkpoint
 
 
-def copy_workload(model_dir, num_prompts, vocab, args, seed) -> list[list[int]]:
+def copy_workload(
+    model_dir, num_prompts, vocab, args, seed, copy_tokens: int | None = None
+) -> list[list[int]]:
     """Prompts X + C + X, where C is the model's own greedy continuation of X: the answer is
-    already in the prompt, as when editing code or quoting a document back."""
+    already in the prompt, as when editing code or quoting a document back. `copy_tokens`: only
+    C's first that many tokens (the `brief` workload): a continuation that follows C, as the
+    `markov` model's does, then runs past what the prompt holds, so its lookups find drafts for
+    that many tokens, one wrong proposal, then (almost) none: drafts that hold briefly, as when
+    an answer quotes a passage and goes on in its own words."""
     docs = random_prompts(num_prompts, 128, vocab, seed)
     llm = LLM(model_dir, dtype=args.dtype, num_blocks=1024, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    return [x + out.token_ids + x for x, out in zip(docs, llm.generate(docs, params))]
+    outputs = llm.generate(docs, params)
+    return [x + out.token_ids[:copy_tokens] + x for x, out in zip(docs, outputs)]
 
 
 def random_prompts(num_prompts, length, vocab, seed) -> list[list[int]]:
@@ -165,6 +173,11 @@ def cells(args, root: Path):
             if "copy" in args.workloads:
                 work["copy"] = copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1)
                 _free_memory()
+            if "brief" in args.workloads:
+                work["brief"] = copy_workload(
+                    model_dir, max(args.batch_sizes), vocab, args, 1, args.copy_tokens
+                )
+                _free_memory()
             if "random" in args.workloads:
                 length = 256 + args.max_tokens
                 work["random"] = random_prompts(max(args.batch_sizes), length, vocab, 2)
@@ -201,7 +214,19 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft"])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--models", nargs="+", default=["random", "markov"], help="n-gram cells")
-    ap.add_argument("--workloads", nargs="+", default=["copy", "random"], help="n-gram cells")
+    ap.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["copy", "random"],
+        choices=["copy", "brief", "random"],
+        help="n-gram cells",
+    )
+    ap.add_argument(
+        "--copy-tokens",
+        type=int,
+        default=16,
+        help="`brief`: the tokens of the continuation the prompt holds (copy_workload)",
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)

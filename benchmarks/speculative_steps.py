@@ -126,7 +126,8 @@ def report(name: str, run: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="markov", choices=["random", "markov"])
-    ap.add_argument("--workload", default="copy", choices=["copy", "random"])
+    ap.add_argument("--workload", default="copy", choices=["copy", "brief", "random"])
+    ap.add_argument("--copy-tokens", type=int, default=16, help="`brief`: see benchmarks.speculative")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
@@ -146,8 +147,9 @@ def main(argv=None) -> None:
     args.models = [args.model]
     root = Path(tempfile.mkdtemp(prefix="baton-spec-steps-"))
     model_dir = make_models(root, args)[args.model]
-    if args.workload == "copy":
-        prompts = copy_workload(model_dir, args.batch, args.vocab_size, args, seed=1)
+    if args.workload in ("copy", "brief"):
+        copied = args.copy_tokens if args.workload == "brief" else None
+        prompts = copy_workload(model_dir, args.batch, args.vocab_size, args, 1, copied)
     else:
         prompts = random_prompts(args.batch, 256 + args.max_tokens, args.vocab_size, 2)
     rule = {"saturation_tokens": args.saturation_tokens} if args.saturation_tokens else {}

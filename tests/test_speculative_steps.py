@@ -33,3 +33,23 @@ def test_trace_run_restores_the_engine(tmp_path):
     assert sum(count for count, _, _ in run["classes"].values()) >= 7  # one token a step, or more
     assert engine.step == step and engine.proposer.lookup == lookup
     assert run["lookups"] > 0 and run["drafted"] > 0
+
+
+def test_brief_workload_holds_only_the_continuations_first_tokens(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks.speculative import copy_workload
+    from engine import LLM, SamplingParams
+    from engine.testing import write_test_checkpoint
+
+    model = write_test_checkpoint(tmp_path / "m", with_tokenizer=False)
+    args = Namespace(dtype="float32", max_tokens=8)
+    full = copy_workload(model, 2, 512, args, 1)
+    brief = copy_workload(model, 2, 512, args, 1, copy_tokens=3)
+    for whole, short in zip(full, brief):
+        doc = whole[:128]
+        assert len(whole) == 128 + 8 + 128 and whole[-128:] == doc
+        assert short == doc + whole[128:131] + doc  # the document, 3 tokens of C, the document
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    continuation = LLM(model, num_blocks=64).generate([brief[0][:128]], greedy)[0].token_ids
+    assert brief[0][128:131] == continuation
