@@ -19,6 +19,7 @@ to the rejection rule). How many drafts a step proposes is `choose_num_drafts` (
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +327,9 @@ def speed_up(
     return tokens / batch_size / (overhead * cost)
 
 
+# NOTE: evaluated every step with the same inputs until a meter moves (the meters are
+# updated only in steps that look up or verify), so cached.
+@functools.lru_cache(maxsize=1024)
 def choose_num_drafts(
     batch_size: int,
     acceptance: float,
