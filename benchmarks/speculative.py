@@ -5,8 +5,8 @@ Methods and workloads:
 - `ngram` (prompt lookup) on `copy` prompts (a document, the model's own continuation of it,
   and the document again: the answer is already in the prompt, as in code editing or quoting
   back), `brief` ones (the same with only the continuation's first `--copy-tokens`: drafts
-  hold for those, then the lookups find none) and `random` ones, on two models (`make_models`: `random`, and `markov`, whose next
-  token depends on the current one only).
+  hold for those, then the lookups find none) and `random` ones, on two models (`make_models`:
+  `random`, and `markov`, whose next token depends on the current one only).
 - `draft`: a draft model that is the target's first `--draft-layers` layers with its embedding
   and head (`engine.testing.write_draft_pair`; the target's later layers damped by
   `--later-layer-scale`, so the truncation agrees with it as a trained draft would), on random

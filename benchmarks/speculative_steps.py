@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="markov", choices=["random", "markov"])
     ap.add_argument("--workload", default="copy", choices=["copy", "brief", "random"])
-    ap.add_argument("--copy-tokens", type=int, default=16, help="`brief`: see benchmarks.speculative")
+    ap.add_argument("--copy-tokens", type=int, default=16, help="`brief`: benchmarks.speculative")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
