@@ -12,7 +12,8 @@ Methods and workloads:
   `--later-layer-scale`, so the truncation agrees with it as a trained draft would), on random
   prompts of 256 tokens.
 
-Each runs at every `--batch-sizes` (max_num_seqs; as many prompts as the batch, at least 2)
+Each runs at every `--batch-sizes` (max_num_seqs; as many prompts as the batch, at least 2,
+times `--waves`: with several waves, finished requests' places go to waiting ones)
 with three engines: plain, `static` (k drafts every step) and `dynamic` (the step's k from
 the batch size and the measured acceptance: `engine.speculative.choose_num_drafts`), both
 with the `max_batch_size` cap lifted so that the rule alone decides. Every engine first runs
@@ -165,22 +166,21 @@ def _sync(engine) -> None:
 def cells(args, root: Path):
     """(method, model, workload, model dir, prompts, spec config) for every row."""
     vocab = args.vocab_size
+    num = max(args.batch_sizes) * args.waves
     rule = {"saturation_tokens": args.saturation_tokens} if args.saturation_tokens else {}
     if "ngram" in args.methods:
         models = make_models(root, args)
         for model, model_dir in models.items():
             work = {}
             if "copy" in args.workloads:
-                work["copy"] = copy_workload(model_dir, max(args.batch_sizes), vocab, args, seed=1)
+                work["copy"] = copy_workload(model_dir, num, vocab, args, seed=1)
                 _free_memory()
             if "brief" in args.workloads:
-                work["brief"] = copy_workload(
-                    model_dir, max(args.batch_sizes), vocab, args, 1, args.copy_tokens
-                )
+                work["brief"] = copy_workload(model_dir, num, vocab, args, 1, args.copy_tokens)
                 _free_memory()
             if "random" in args.workloads:
                 length = 256 + args.max_tokens
-                work["random"] = random_prompts(max(args.batch_sizes), length, vocab, 2)
+                work["random"] = random_prompts(num, length, vocab, 2)
             for name, prompts in work.items():
                 yield "ngram", model, name, model_dir, prompts, {"method": "ngram", **rule}
     if "draft" in args.methods:
@@ -191,7 +191,7 @@ def cells(args, root: Path):
             **model_shape(args),
             dtype=args.dtype,
         )
-        prompts = random_prompts(max(args.batch_sizes), 256, vocab, 3)
+        prompts = random_prompts(num, 256, vocab, 3)
         spec = {"method": "draft", "model": str(draft), **rule}
         yield "draft", "pair", "random", target, prompts, spec
 
@@ -228,6 +228,14 @@ def main() -> None:
         help="`brief`: the tokens of the continuation the prompt holds (copy_workload)",
     )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="prompts per run: this many times the batch (max_num_seqs), so that continuous "
+        "batching keeps the batch full as requests finish, as in a loaded server; 1: one wave, "
+        "whose last steps run the requests that gained least",
+    )
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -273,6 +281,7 @@ def main() -> None:
         f"{args.later_layer_scale}; {args.max_tokens} output tokens per request, greedy, k={args.k}"
         + (f", saturation_tokens {args.saturation_tokens}" if args.saturation_tokens else "")
         + (", async scheduling" if args.async_scheduling else "")
+        + (f", {args.waves} waves of prompts" if args.waves > 1 else "")
     )
     print(
         f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
@@ -285,7 +294,7 @@ def main() -> None:
             common = {**spec, "num_speculative_tokens": args.k, "max_batch_size": 1 << 16}
             static = {**common, "adaptive": False}
             dynamic = {**common, "adaptive": True}
-            num_prompts = max(batch, 2)
+            num_prompts = max(batch, 2) * args.waves
             total, rows, paired = run(
                 model_dir,
                 prompts[:num_prompts],
