@@ -591,6 +591,16 @@ class LLMEngine:
                 num_open += num_tokens >= r.spec_gate.resume_at
         if not batch_size or batch_size > spec.max_batch_size:
             return
+        if batch_size < len(running) or (
+            self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs
+        ):
+            # The step will hold prompt tokens: the cost meter prices pure decode steps only
+            # (a prompt chunk's share of a step varies), so the rule does not speculate there.
+            # NOTE: with requests arriving all the time (4 waves of 64, an H200) this was half the
+            # steps, and verifying drafts in them at the factor of pure steps ran at 0.75x of
+            # plain decoding.
+            self._step_num_drafts(batch_size, 0)  # counted, as a plain step
+            return
         k_step = self._step_num_drafts(batch_size, num_open)
         if k_step == 0:
             return
@@ -704,9 +714,11 @@ class LLMEngine:
             return
         chosen_batch, modeled, first, learning_s = self._last_choice
         seconds -= learning_s
-        steady = not first and (
-            self.drafter is None
-            or self.drafter.last_catch_up <= self.speculative.num_speculative_tokens + 1
+        # NOTE: a request's first n-gram lookups scan its tokens, which is what they cost until
+        # the index is built (the build is `learning_s`): priced. Leaving every step with a
+        # first proposal out left, with requests arriving all the time, almost none priced.
+        steady = self.drafter is None or (
+            not first and self.drafter.last_catch_up <= self.speculative.num_speculative_tokens + 1
         )
         if steady and chosen_batch == batch_size:
             self.step_cost.observe_speculative(batch_size, modeled, seconds)

@@ -236,7 +236,8 @@ def test_greedy_identical_prefix_cache(model_dir, reference):
 
 def test_greedy_identical_forced_preemption(model_dir, reference):
     # The longest request needs ceil((297 + 24) / 16) = 21 blocks; 24 force preemption.
-    spec = spec_llm(model_dir, max_num_batched_tokens=64, num_blocks=24)
+    # Static: dynamic speculation does not speculate while requests wait to be (re)admitted.
+    spec = spec_llm(model_dir, adaptive=False, max_num_batched_tokens=64, num_blocks=24)
     outputs = spec.generate(PROMPTS, GREEDY)
     assert spec.engine.scheduler.num_preemptions > 0
     assert_matches_reference(reference, PROMPTS, outputs, MAX_TOKENS)
@@ -436,14 +437,45 @@ def test_dynamic_speculates_once_shadow_lookups_find_drafts_hold(model_dir):
     assert_pool_whole(llm)
 
 
-def _planted(model_dir, offset: int, num_prompts: int, max_tokens: int, seed: int, **kwargs):
+def test_dynamic_does_not_speculate_in_steps_holding_prompt_tokens(model_dir):
+    """Requests arriving while others decode (8 requests of different lengths, 4 at a time):
+    the steps that prefill an admitted request verify no drafts (the cost meter prices pure
+    decode steps only), the pure decode steps between them do; tokens are plain decoding's."""
+    max_tokens = [12 + 5 * i for i in range(8)]
+    llm, prompts, params, expected, _ = _planted(model_dir, 0, 8, max_tokens, 24, max_num_seqs=4)
+    engine = llm.engine
+    kinds = []
+    step_once = engine.step
+
+    def classified_step():
+        outputs = step_once()
+        last = engine.last_step
+        if last.num_decode_tokens:
+            kinds.append(("mixed" if last.num_prefill_tokens else "decode", last.num_draft_tokens))
+        return outputs
+
+    engine.step = classified_step
+    outputs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == expected
+    mixed = [drafts for kind, drafts in kinds if kind == "mixed"]
+    assert mixed and not any(mixed), kinds
+    assert any(drafts for kind, drafts in kinds if kind == "decode"), kinds
+    assert_pool_whole(llm)
+
+
+def _planted(
+    model_dir, offset: int, num_prompts: int, max_tokens: int | list[int], seed: int, **kwargs
+):
     """A dynamic speculating engine whose n-gram lookup offers each request its next greedy
-    tokens plus `offset` (0: every draft right; 1: every draft wrong). Returns (llm, prompts,
-    params, the tokens plain decoding gives, {prompt index: lookups made})."""
+    tokens plus `offset` (0: every draft right; 1: every draft wrong). `max_tokens`: for all,
+    or per prompt. Returns (llm, prompts, params, the tokens plain decoding gives, {prompt
+    index: lookups made})."""
     prompts = random_prompts([40 + 7 * i for i in range(num_prompts)], seed=seed)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * num_prompts
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
     expected = [o.token_ids for o in LLM(model_dir, num_blocks=512).generate(prompts, params)]
-    llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=num_prompts, **kwargs)
+    kwargs.setdefault("max_num_seqs", num_prompts)
+    llm = spec_llm(model_dir, num_blocks=512, **kwargs)
     lookups: dict[int, int] = {}
     vocab = llm.engine.model_config.vocab_size
 
@@ -536,3 +568,16 @@ def test_async_scheduling_keeps_speculating_where_drafts_hold(model_dir, referen
     assert_matches_reference(reference, PROMPTS, outputs, MAX_TOKENS)
     assert_accepted_some(llm)
     assert_pool_whole(llm)
+
+
+def test_ngram_steps_with_a_first_proposal_are_priced(model_dir):
+    """A request's first n-gram lookups scan its tokens, which is what a lookup costs until
+    its index is built: a speculative step holding one is priced (only the index build, the
+    proposer's `one_off_s`, is taken off its time)."""
+    engine = LLM(model_dir, num_blocks=64, speculative=NGRAM).engine
+    meter = engine.step_cost
+    meter.plain_s, meter._since_plain = {4: 0.005}, {4: 0}
+    engine._last_choice = (4, 1.0, True, 0.004)  # batch, modeled cost, first, index builds
+    engine._cycle_start = time.perf_counter() - 0.019
+    engine._observe_step_cost(4)
+    assert 1.8 < meter.factor < 2.4  # (1 + ~3) / 2: the ~15 ms left are ~3x a plain step
