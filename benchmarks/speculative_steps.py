@@ -7,6 +7,7 @@ timed on the host and put in a class:
     +shadow    shadow lookups ran while it was on the device (dynamic n-gram speculation)
     proposed   the proposer looked requests up, but no draft was verified
     verify     drafts were verified
+    +prompt    (suffix) the step held prompt tokens too
 
 Per engine and run: tok/s, and per class the steps, their median and total milliseconds; then
 the proposer's time, the cost meter's factor and the measured acceptance. A speculative engine
@@ -77,6 +78,8 @@ def trace_run(llm: LLM, prompts, params) -> dict:
         else:
             kind = "plain" + ("+chain" if delta.get("chained", 0) else "")
             kind += "+shadow" if shadow else ""
+        if engine.last_step.num_prefill_tokens:
+            kind += "+prompt"  # the step held prompt tokens (an admission, a chunk)
         steps.append((kind, seconds))
         return outputs
 
@@ -129,6 +132,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workload", default="copy", choices=["copy", "brief", "random"])
     ap.add_argument("--copy-tokens", type=int, default=16, help="`brief`: benchmarks.speculative")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--waves", type=int, default=1, help="prompts: this many times the batch")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
@@ -147,11 +151,12 @@ def main(argv=None) -> None:
     args.models = [args.model]
     root = Path(tempfile.mkdtemp(prefix="baton-spec-steps-"))
     model_dir = make_models(root, args)[args.model]
+    num = args.batch * args.waves
     if args.workload in ("copy", "brief"):
         copied = args.copy_tokens if args.workload == "brief" else None
-        prompts = copy_workload(model_dir, args.batch, args.vocab_size, args, 1, copied)
+        prompts = copy_workload(model_dir, num, args.vocab_size, args, 1, copied)
     else:
-        prompts = random_prompts(args.batch, 256 + args.max_tokens, args.vocab_size, 2)
+        prompts = random_prompts(num, 256 + args.max_tokens, args.vocab_size, 2)
     rule = {"saturation_tokens": args.saturation_tokens} if args.saturation_tokens else {}
     common = {"method": "ngram", "num_speculative_tokens": args.k, "max_batch_size": 1 << 16}
     specs = {
