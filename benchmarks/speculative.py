@@ -112,7 +112,8 @@ def run(model_dir, prompts, batch_size, max_tokens, specs, repeats, dtype, async
         )
         for s in (None, *specs)
     ]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in counts]
     best = [float("inf")] * len(llms)
     tokens = [None] * len(llms)
     counts = [(0, 0, 1.0)] * len(llms)
@@ -236,6 +237,12 @@ def main() -> None:
         "batching keeps the batch full as requests finish, as in a loaded server; 1: one wave, "
         "whose last steps run the requests that gained least",
     )
+    ap.add_argument(
+        "--length-spread",
+        type=float,
+        default=0.0,
+        help="requests' max_tokens spread over max-tokens x (1 +- this) (output_lengths)",
+    )
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -282,6 +289,7 @@ def main() -> None:
         + (f", saturation_tokens {args.saturation_tokens}" if args.saturation_tokens else "")
         + (", async scheduling" if args.async_scheduling else "")
         + (f", {args.waves} waves of prompts" if args.waves > 1 else "")
+        + (f", output lengths x(1 +- {args.length_spread})" if args.length_spread else "")
     )
     print(
         f"{'method':<7}{'model':<8}{'workload':<9}{'batch':>6}{'plain tok/s':>12}"
@@ -299,7 +307,7 @@ def main() -> None:
                 model_dir,
                 prompts[:num_prompts],
                 batch,
-                args.max_tokens,
+                output_lengths(args.max_tokens, args.length_spread, num_prompts),
                 [static, dynamic],
                 args.repeats,
                 args.dtype,
@@ -319,6 +327,16 @@ def main() -> None:
                 f"{_spread([r[0] for r in paired]):>22}{_spread([r[1] for r in paired]):>22}",
                 flush=True,
             )
+
+
+def output_lengths(max_tokens: int, spread: float, num_prompts: int) -> list[int]:
+    """Each request's max_tokens: `max_tokens` x (1 +- `spread`), spread evenly (golden-ratio
+    steps), so that requests finish at different steps, as in a server; 0: all alike (one
+    wave of equal requests then finishes, and the next is admitted, in lock step)."""
+    return [
+        max(1, round(max_tokens * (1 - spread + 2 * spread * ((i * 0.6180339887) % 1.0))))
+        for i in range(num_prompts)
+    ]
 
 
 def _spread(ratios: list[float]) -> str:
