@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.speculative import copy_workload, make_models, random_prompts
+from benchmarks.speculative import copy_workload, make_models, output_lengths, random_prompts
 from engine import LLM, SamplingParams
 
 
@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--copy-tokens", type=int, default=16, help="`brief`: benchmarks.speculative")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--waves", type=int, default=1, help="prompts: this many times the batch")
+    ap.add_argument("--length-spread", type=float, default=0.0, help="see benchmarks.speculative")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
@@ -176,7 +177,10 @@ def main(argv=None) -> None:
         )
         for name, spec in specs.items()
     }
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        for n in output_lengths(args.max_tokens, args.length_spread, len(prompts))
+    ]
     for llm in llms.values():  # warm-up
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     print(
