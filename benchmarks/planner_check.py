@@ -12,8 +12,11 @@
 
 `--calibrate F`: before measuring, run the workload at F x the predicted max rate, take the
 latency models and request overhead the router fitted online from it (`live_profile`), plan
-the deployed split again with them, and measure at fractions of that plan's max rate; both
-predictions are printed (the profile's and the live models').
+the deployed split again with them, and measure at fractions of that plan's max rate. A third
+prediction keeps the offline profile's forms and takes from the calibration run only the
+request overhead and the prefill steps' measured-over-predicted ratio per kind of step
+(`fit_step_scales`: fresh prompts only, or a continued chunk): "calib pred". All three are
+printed.
 
 The load generator is `baton bench` in a child process, off the router's event loop.
 
@@ -47,7 +50,7 @@ from deploy.launcher import deploy, kv_bytes_per_token
 from deploy.planner import Workload, max_rate, plan, simulate
 from deploy.profile import profile_in_child
 from engine.config import ModelConfig
-from router.latency_model import new_instance_model
+from router.latency_model import fit_step_scales, new_instance_model
 
 
 def engine_args(args) -> dict:
@@ -109,8 +112,12 @@ async def run_rate(deployment, i: int, rate: float, workload, args) -> dict:
     waited_s, queued = (now - before for now, before in zip(_reserve_waits(router), queue_before))
     summary["reserve_wait_ms"] = 1e3 * waited_s / max(queued, 1)
     summary["prefill_steps"] = {}
-    for wid, records in (await _take_step_logs(deployment)).items():
+    logs = await _take_step_logs(deployment)
+    for wid, records in logs.items():
         summary["prefill_steps"][wid] = summarize_steps(records, args.model)
+    summary["prefill_step_scale"] = fit_step_scales(
+        [r for records in logs.values() for r in records], args.model
+    )
     overheads = [
         router.placement._p(w).model.request_overhead for w in router.workers if w.role == "prefill"
     ]
@@ -172,8 +179,29 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
                 flush=True,
             )
             out["live_max_rate"] = live_max
+            # The offline profile with the calibration run's prefill step scales and request
+            # overhead: the profile's form, as serving runs it.
+            calibrated = {
+                **json.loads(Path(profile_path).read_text()),
+                "request_overhead_s": live["request_overhead_s"],
+                "prefill_step_scale": out["calibration"]["prefill_step_scale"],
+            }
+            out["calibrated_profile"] = calibrated
+            calibrated_model = new_instance_model(calibrated)
+            calibrated_max = max_rate(
+                calibrated_model, *split, workload, slo, args.kv_bytes_per_token
+            )
+            print(
+                f"calibrated profile: prefill step scale {calibrated['prefill_step_scale']}; "
+                f"max rate {calibrated_max:.2f} req/s",
+                flush=True,
+            )
+            out["calibrated_max_rate"] = calibrated_max
             out["rates"] = rates = [f * live_max for f in args.fraction_list]
             out["live_predicted"] = predict(live_model, split, rates, workload, slo, args)
+            out["calibrated_predicted"] = predict(
+                calibrated_model, split, rates, workload, slo, args
+            )
         for i, rate in enumerate(rates):
             out["summaries"].append(await run_rate(deployment, i, rate, workload, args))
         return out
@@ -297,13 +325,16 @@ def main() -> None:
     )
     print(f"profile: prefill {profile['prefill']}, decode {profile['decode']}")
     print(f"plan: {split[0]} prefill + {split[1]} decode")
-    live = result.get("live_predicted")
+    live, calibrated = result.get("live_predicted"), result.get("calibrated_predicted")
     header = f"{'rate':>7} {'predicted':>9} {'measured':>9} {'diff pts':>9}"
-    print(header + (f" {'live pred':>9} {'diff pts':>9}" if live else ""))
+    if live:
+        header += f" {'live pred':>9} {'diff pts':>9} {'calib pred':>10} {'diff pts':>9}"
+    print(header)
     for k, (rate, pred, meas) in enumerate(zip(rates, predicted, measured)):
         line = f"{rate:7.2f} {pred:9.0%} {meas:9.0%} {100 * (meas - pred):+9.0f}"
         if live:
             line += f" {live[k]:9.0%} {100 * (meas - live[k]):+9.0f}"
+            line += f" {calibrated[k]:10.0%} {100 * (meas - calibrated[k]):+9.0f}"
         print(line)
     if args.output:
         Path(args.output).write_text(

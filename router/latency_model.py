@@ -14,6 +14,13 @@ seed decides instead of a split toward zero that mispredicts every other size. O
 multiplicative correction learnt from the measured error of whole predictions (predicted TTFT
 vs measured) absorbs what the features miss (queueing jitter, contention).
 
+A profile may also scale the prefill form per kind of step (`prefill_step_scale`, the planner's
+steps only): steps of fresh prompts, and steps where a chunk continues a prompt's cached part.
+Serving measured the two off the same fitted form in opposite directions (2x H200, an 8B shape:
+fresh 0.91x, continued 1.07x at half load), and a loaded prefill worker runs continued steps
+almost only, which is where the planner's knee is decided; `fit_step_scales` measures both
+from a deployment's prefill steps.
+
 Beside the forms, each prefill instance's model keeps the request overhead: what a request's
 first-token path spends outside the prefill worker (placement, the decode reservation, the
 calls' round trips), measured by the router per request (median of the last 256). The planner
@@ -112,6 +119,12 @@ class InstanceModel:
     # The prefill engine's token budget per step (max_num_batched_tokens) the forms were
     # measured at; 0: unknown (the planner then runs one whole prompt per step).
     max_num_batched_tokens: int = 0
+    # The prefill form's measured-over-predicted ratio per kind of step (`fit_step_scales`):
+    # the planner's simulated steps are priced with it (the router's predictions are not: their
+    # correction learns from whole TTFTs).
+    prefill_step_scale: dict[str, float] = field(
+        default_factory=lambda: {"fresh": 1.0, "continued": 1.0}
+    )
     _overheads: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def prefill_time(self, new_tokens: int, context_tokens: int) -> float:
@@ -123,7 +136,8 @@ class InstanceModel:
         at): the form on the step's totals, as the engine measures a step."""
         tokens = sum(n for n, _ in chunks)
         pairs = sum(prefill_pairs(n, context) for n, context in chunks)
-        return max(self.prefill.predict(tokens, pairs), 0.0)
+        kind = "continued" if any(context > n for n, context in chunks) else "fresh"
+        return max(self.prefill.predict(tokens, pairs), 0.0) * self.prefill_step_scale[kind]
 
     def decode_step(self, batch: int, context: int) -> float:
         return max(self.decode.predict(batch, context), 0.0)
@@ -165,6 +179,7 @@ def new_instance_model(profile: dict | None = None) -> InstanceModel:
         ),
         request_overhead=float(coefs.get("request_overhead_s", 0.0)),
         max_num_batched_tokens=int(coefs.get("max_num_batched_tokens", 0)),
+        prefill_step_scale={"fresh": 1.0, "continued": 1.0, **coefs.get("prefill_step_scale", {})},
     )
 
 
@@ -176,4 +191,34 @@ def load_profile(path: str | Path) -> dict:
     for key in ("prefill", "decode", "transfer"):
         if len(data.get(key, [])) != 3:
             raise ValueError(f"{path}: profile needs 3 coefficients for {key!r}")
+    scale = data.get("prefill_step_scale", {})
+    if not isinstance(scale, dict) or set(scale) - {"fresh", "continued"}:
+        raise ValueError(f"{path}: prefill_step_scale takes 'fresh' and 'continued' only")
+    if not all(isinstance(v, (int, float)) and v > 0 for v in scale.values()):
+        raise ValueError(f"{path}: prefill_step_scale values must be positive numbers")
     return data
+
+
+# A kind of step needs this many steps measured before `fit_step_scales` scales it.
+MIN_SCALE_STEPS = 20
+
+
+def fit_step_scales(steps, model: InstanceModel) -> dict[str, float]:
+    """Measured over predicted prefill step time, median per kind of step, from a deployment's
+    prefill steps (`PrefillWorker.take_step_log` records: `seconds`, `num_prefill_tokens`,
+    `attention_pairs`, `num_context_tokens`): a profile's `prefill_step_scale`. A step holds a
+    continued chunk when it attends over more tokens than it computes. A kind with fewer than
+    MIN_SCALE_STEPS steps keeps 1.0."""
+    ratios: dict[str, list[float]] = {"fresh": [], "continued": []}
+    for step in steps:
+        if not step.num_prefill_tokens:
+            continue
+        predicted = model.prefill.predict(step.num_prefill_tokens, step.attention_pairs)
+        if predicted <= 0:
+            continue
+        kind = "continued" if step.num_context_tokens > step.num_prefill_tokens else "fresh"
+        ratios[kind].append(step.seconds / predicted)
+    return {
+        kind: float(np.median(values)) if len(values) >= MIN_SCALE_STEPS else 1.0
+        for kind, values in ratios.items()
+    }

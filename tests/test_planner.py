@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -212,3 +213,40 @@ def test_cli_plan_over_gpu_types_priced_by_flags_or_the_config(tmp_path, capsys)
     twice = ["--profile", f"fast={tmp_path / 'cheap.json'}"]
     assert main([*common, *twice]) == 2
     assert "given twice" in capsys.readouterr().out
+
+
+def test_prefill_step_scale_prices_fresh_and_continued_steps_apart():
+    model = step_model(budget=1000, fixed=0.0, per_pair=1e-6)
+    model.prefill_step_scale = {"fresh": 0.5, "continued": 2.0}
+    first = 1000 * 1000 * 1e-6 * 0.5  # fresh
+    second = (500 * 1500 + 200 * 200) * 1e-6 * 2.0  # holds a continued chunk
+    assert finish_times(model, [1500, 200]) == pytest.approx([first + second] * 2)
+
+
+def test_slower_continued_steps_lower_the_attainment_at_the_knee():
+    """Prompts longer than the budget: every step holds a continued chunk, so their scale is
+    what a loaded prefill worker runs at."""
+    work = Workload(input_len=1500, output_len=4, range_ratio=0.5, num_requests=300)
+    base = step_model(budget=1000, fixed=0.01)
+    knee = max_rate(base, 1, 1, work, (1.0, 0.1))
+    slower = step_model(budget=1000, fixed=0.01)
+    slower.prefill_step_scale = {"fresh": 1.0, "continued": 1.1}
+    assert max_rate(slower, 1, 1, work, (1.0, 0.1)) < 0.97 * knee
+    assert simulate(slower, 1, 1, knee, work, (1.0, 0.1)) < simulate(
+        base, 1, 1, knee, work, (1.0, 0.1)
+    )
+
+
+def test_profiles_carry_the_step_scale(tmp_path):
+    from router.latency_model import load_profile
+
+    coefs = {"prefill": [0, 1e-3, 0], "decode": [0, 0, 0], "transfer": [0, 0, 0]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({**coefs, "prefill_step_scale": {"continued": 1.08}}))
+    model = new_instance_model(load_profile(path))
+    assert model.prefill_step_scale == {"fresh": 1.0, "continued": 1.08}
+    assert new_instance_model(coefs).prefill_step_scale == {"fresh": 1.0, "continued": 1.0}
+    for bad in ({"decode": 1.1}, {"fresh": 0}, [1.1]):
+        path.write_text(json.dumps({**coefs, "prefill_step_scale": bad}))
+        with pytest.raises(ValueError, match="prefill_step_scale"):
+            load_profile(path)

@@ -78,3 +78,16 @@ def test_prefill_worker_logs_its_steps_and_times_a_call_from_its_arrival(model_d
     finally:
         worker.shutdown()
         del store
+
+
+def test_fit_step_scales_per_kind_of_step():
+    from router.latency_model import MIN_SCALE_STEPS, fit_step_scales
+
+    fresh = StepRecord(1.0, 0.018, 1, 100, 10_000, 100, 0)  # 0.9x the model's 20 ms
+    continued = StepRecord(1.0, 0.066, 2, 500, 50_000, 600, 0)  # 1.1x its 60 ms
+    decode = StepRecord(1.0, 0.5, 1, 0, 0, 50, 0)  # not a prefill step
+    scales = fit_step_scales([fresh] * MIN_SCALE_STEPS + [continued] * 25 + [decode], MODEL)
+    assert scales == {"fresh": pytest.approx(0.9), "continued": pytest.approx(1.1)}
+    # Too few of a kind to tell: it keeps 1.0.
+    few = fit_step_scales([fresh] * 3 + [continued] * 25, MODEL)
+    assert few == {"fresh": 1.0, "continued": pytest.approx(1.1)}
