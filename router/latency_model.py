@@ -17,7 +17,7 @@ vs measured) absorbs what the features miss (queueing jitter, contention).
 A profile may also scale the prefill form per kind of step (`prefill_step_scale`, the planner's
 steps only): steps of fresh prompts, and steps where a chunk continues a prompt's cached part.
 Serving measured the two off the same fitted form in opposite directions (2x H200, an 8B shape:
-fresh 0.91x, continued 1.07x at half load), and a loaded prefill worker runs continued steps
+fresh 0.91x, continued 1.09x at half load), and a loaded prefill worker runs continued steps
 almost only, which is where the planner's knee is decided; `fit_step_scales` measures both
 from a deployment's prefill steps.
 
