@@ -582,7 +582,7 @@ class LLMEngine:
             return
         # NOTE: this runs every step, and where the rule says k = 0 it is all the step pays for
         # speculation: one pass without lists or properties (a batch-64 decode step of a small
-        # model is ~3 ms of host work on an H100 host; the lists cost ~2% of it).
+        # model is ~3 ms of host work on an H100 host).
         batch_size = num_open = 0
         for r in running:
             num_tokens = len(r.all_token_ids)
@@ -596,9 +596,8 @@ class LLMEngine:
         ):
             # The step will hold prompt tokens: the cost meter prices pure decode steps only
             # (a prompt chunk's share of a step varies), so the rule does not speculate there.
-            # NOTE: with requests arriving all the time (4 waves of 64, an H200) this was half the
-            # steps, and verifying drafts in them at the factor of pure steps ran at 0.75x of
-            # plain decoding.
+            # NOTE: with requests arriving all the time that is a quarter of the steps (a trace
+            # of 4 waves of 64 on an H200), eager ones, where a verify step's cost is unknown.
             self._step_num_drafts(batch_size, 0)  # counted, as a plain step
             return
         k_step = self._step_num_drafts(batch_size, num_open)
