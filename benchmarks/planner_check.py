@@ -12,7 +12,8 @@
 
 `--calibrate F`: before measuring, run the workload at F x the predicted max rate, take the
 latency models and request overhead the router fitted online from it (`live_profile`), plan
-the deployed split again with them, and measure at fractions of that plan's max rate. A third
+the deployed split again with them, and measure at fractions of that plan's max rate (or, with
+`--fractions-of calibrated`, of the calibrated prediction's max rate, below). A third
 prediction keeps the offline profile's forms and takes from the calibration run only the
 request overhead and the prefill steps' measured-over-predicted ratio per kind of step
 (`fit_step_scales`: fresh prompts only, or a continued chunk): "calib pred". All three are
@@ -197,7 +198,8 @@ async def measure(model_dir, profile_path, split, rates, workload, slo, args) ->
                 flush=True,
             )
             out["calibrated_max_rate"] = calibrated_max
-            out["rates"] = rates = [f * live_max for f in args.fraction_list]
+            base = calibrated_max if args.fractions_of == "calibrated" else live_max
+            out["rates"] = rates = [f * base for f in args.fraction_list]
             out["live_predicted"] = predict(live_model, split, rates, workload, slo, args)
             out["calibrated_predicted"] = predict(
                 calibrated_model, split, rates, workload, slo, args
@@ -238,6 +240,13 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="a short CPU smoke run")
     p.add_argument("--max-devices", type=int, default=2, help="the plan's budget")
     p.add_argument("--fractions", default=None, help="of the predicted max rate")
+    p.add_argument(
+        "--fractions-of",
+        choices=["live", "calibrated"],
+        default="live",
+        help="with --calibrate: measure at fractions of the live models' max rate, or of the "
+        "calibrated profile's (the highest rate that plan would be recommended for)",
+    )
     p.add_argument(
         "--calibrate",
         type=float,
