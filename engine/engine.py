@@ -603,8 +603,11 @@ class LLMEngine:
         k_step = self._step_num_drafts(batch_size, num_open)
         if k_step == 0:
             return
-        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        gated = [r for r in decoding if r.spec_gate.is_open(r.num_tokens)]
+        gated = [
+            r
+            for r in running
+            if r.num_tokens - r.num_computed_tokens == 1 and r.spec_gate.is_open(r.num_tokens)
+        ]
         if self._probing or self.acceptance.num_outcomes < _LEARN_OUTCOMES:
             gated = _few_new(gated)
         first = any(not r.spec_gate.started for r in gated)

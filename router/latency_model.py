@@ -105,6 +105,10 @@ def prefill_pairs(new_tokens: int, context_tokens: int) -> int:
     return new_tokens * context_tokens
 
 
+# The kinds of prefill step a profile may scale apart (`InstanceModel.prefill_step_scale`).
+STEP_KINDS = ("fresh", "continued")
+
+
 @dataclass
 class InstanceModel:
     """Everything the router predicts about one worker."""
@@ -123,7 +127,7 @@ class InstanceModel:
     # the planner's simulated steps are priced with it (the router's predictions are not: their
     # correction learns from whole TTFTs).
     prefill_step_scale: dict[str, float] = field(
-        default_factory=lambda: {"fresh": 1.0, "continued": 1.0}
+        default_factory=lambda: dict.fromkeys(STEP_KINDS, 1.0)
     )
     _overheads: deque = field(default_factory=lambda: deque(maxlen=256))
 
@@ -179,7 +183,10 @@ def new_instance_model(profile: dict | None = None) -> InstanceModel:
         ),
         request_overhead=float(coefs.get("request_overhead_s", 0.0)),
         max_num_batched_tokens=int(coefs.get("max_num_batched_tokens", 0)),
-        prefill_step_scale={"fresh": 1.0, "continued": 1.0, **coefs.get("prefill_step_scale", {})},
+        prefill_step_scale={
+            **dict.fromkeys(STEP_KINDS, 1.0),
+            **coefs.get("prefill_step_scale", {}),
+        },
     )
 
 
@@ -192,7 +199,7 @@ def load_profile(path: str | Path) -> dict:
         if len(data.get(key, [])) != 3:
             raise ValueError(f"{path}: profile needs 3 coefficients for {key!r}")
     scale = data.get("prefill_step_scale", {})
-    if not isinstance(scale, dict) or set(scale) - {"fresh", "continued"}:
+    if not isinstance(scale, dict) or set(scale) - set(STEP_KINDS):
         raise ValueError(f"{path}: prefill_step_scale takes 'fresh' and 'continued' only")
     if not all(isinstance(v, (int, float)) and v > 0 for v in scale.values()):
         raise ValueError(f"{path}: prefill_step_scale values must be positive numbers")
@@ -209,7 +216,7 @@ def fit_step_scales(steps, model: InstanceModel) -> dict[str, float]:
     `attention_pairs`, `num_context_tokens`): a profile's `prefill_step_scale`. A step holds a
     continued chunk when it attends over more tokens than it computes. A kind with fewer than
     MIN_SCALE_STEPS steps keeps 1.0."""
-    ratios: dict[str, list[float]] = {"fresh": [], "continued": []}
+    ratios: dict[str, list[float]] = {kind: [] for kind in STEP_KINDS}
     for step in steps:
         if not step.num_prefill_tokens:
             continue
