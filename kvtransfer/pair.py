@@ -45,16 +45,6 @@ _HANDSHAKE_POLL_S = 0.005
 # tens of microseconds of the previous one, so the spin phase covers the common case.
 _POLL_SPIN_S, _POLL_MAX_S = 2e-3, 200e-6
 _env_lock = threading.Lock()
-# NCCL settings for KV pairs, set before a process builds its first NCCL group (both are read
-# once per process), as defaults: a value in the environment wins.
-# - TORCH_NCCL_TRACE_BUFFER_SIZE=0: no flight recorder. It records every send and receive with
-#   the Python stack that posted it, host time on the step thread for every message; a pair's
-#   waits are bounded by the agent's own timeouts instead of a hang dump.
-# - NCCL_P2P_NVL_CHUNKSIZE: point-to-point messages move over NVLink in chunks of this size
-#   (NCCL's default 512 KiB). KV messages are 8-64 MiB.
-# Measured on 2x H200 (2026-11-27, RESULTS.md): 16 MiB messages 0.58-0.66 of raw bandwidth
-# at 2048 tokens with NCCL's defaults, 0.72 without the recorder, 0.76-0.77 with 2 MiB chunks.
-NCCL_ENV_DEFAULTS = {"TORCH_NCCL_TRACE_BUFFER_SIZE": "0", "NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)}
 
 
 def pair_base(prefill_id: str, decode_id: str) -> str:
@@ -136,9 +126,6 @@ def new_group(store: TCPStore, prefix: str, rank: int, backend: str, timeout_s: 
     prefixed = PrefixStore(prefix, store)
     if backend == "gloo":
         return torch.distributed.ProcessGroupGloo(prefixed, rank, 2, timedelta(seconds=timeout_s))
-    with _env_lock:
-        for key, value in NCCL_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
     options = torch.distributed.ProcessGroupNCCL.Options()
     options._timeout = NCCL_GROUP_TIMEOUT
     options.is_high_priority_stream = True  # KV sends overlap compute; let them start first
