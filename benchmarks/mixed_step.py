@@ -174,7 +174,12 @@ def main(argv=None) -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--eager", action="store_true", help="no decode CUDA graphs")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs at all")
+    p.add_argument(
+        "--no-prefill-graphs",
+        action="store_true",
+        help="steps with prompt tokens eagerly (decode steps keep their graphs)",
+    )
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as root:
@@ -191,11 +196,15 @@ def main(argv=None) -> None:
             dtype=args.dtype,
         )
         extra = {"enforce_eager": True} if args.eager else {}
+        if args.no_prefill_graphs:
+            extra["prefill_graphs"] = False
         llm = LLM(str(model_dir), dtype=args.dtype, enable_prefix_caching=False, **extra)
         device = llm.engine.runner.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+        graphs = "piecewise graphs" if llm.engine.runner.prefill_graphs else "eager"
         print(
-            f"batch {args.batch}, prompt {args.prompt_len}, context {args.context_len}; "
+            f"batch {args.batch}, prompt {args.prompt_len}, context {args.context_len}, "
+            f"steps with prompts: {graphs}; "
             f"{args.layers} layers x {args.hidden_size}, {args.dtype}, {device} ({name}), "
             f"torch {torch.__version__}"
         )

@@ -75,6 +75,7 @@ POOL_ENGINE_ARGS = frozenset(
         "max_num_seqs",
         "max_num_batched_tokens",
         "enforce_eager",
+        "prefill_graphs",
         "async_scheduling",
     }
 )

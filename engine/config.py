@@ -285,7 +285,10 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (debugging, profiling)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (debugging, profiling)
+    # CUDA: steps with prompt tokens replay graphs of everything but attention
+    # (engine/prefill_graphs.py); False: they run eagerly (decode steps keep their graphs).
+    prefill_graphs: bool = True
     # Launch a greedy decode step before the previous one's tokens reach the host, so the host
     # work of a step overlaps the device's (LLMEngine.step; Scheduler.schedule_ahead).
     async_scheduling: bool = False

@@ -9,8 +9,9 @@ and a request with drafts in a step that also prefills is packed as those rows t
 
 On CUDA: attention runs on the Triton backend, a step's index tensors reach the GPU in one
 non-blocking copy from a pinned buffer, and decode-rows steps (plain decodes and verification)
-replay CUDA graphs captured per row-count bucket (`DecodeGraphs`; `EngineConfig.enforce_eager`
-turns them off).
+replay CUDA graphs captured per row-count bucket (`DecodeGraphs`); steps with prompt tokens replay
+graphs of everything but attention, per token-count bucket (`engine.prefill_graphs`).
+`EngineConfig.enforce_eager` turns both off, `prefill_graphs=False` the second.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from engine.kv_cache import quant
 from engine.kv_connector import KVConnector
 from engine.loader import load_model
 from engine.models.llama import LlamaForCausalLM, rope_inv_freq
+from engine.prefill_graphs import PrefillGraphs, prefill_graph_sizes
+from engine.prefill_graphs import supports as supports_prefill_graphs
 from engine.quantization.linear import check_supported, quantize_model
 from engine.sampler import Sampler, SamplerOutput, all_plain_greedy
 from engine.scheduler import SchedulerOutput
@@ -173,6 +176,15 @@ class ModelRunner:
                 self.model, self.backend, self.kv_caches, graph_sizes(max_rows),
                 self.block_size, self.max_model_len,
             )  # fmt: skip
+        self.prefill_graphs = None
+        quantized = config.quantization is not None
+        if (
+            use_graphs
+            and config.prefill_graphs
+            and supports_prefill_graphs(self.model, self.backend, quantized)
+        ):
+            sizes = prefill_graph_sizes(config.max_num_batched_tokens)
+            self.prefill_graphs = PrefillGraphs(self.model, self.backend, sizes, self.device)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -243,7 +255,11 @@ class ModelRunner:
                 logits, tokens = logits[sample_rows], tokens[sample_rows]
         else:
             self.backend.prepare(meta)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
+            pieces = self.prefill_graphs
+            if pieces is not None and pieces.size_for(input_ids.shape[0]) is not None:
+                hidden = pieces.forward(input_ids, positions, self.kv_caches, meta, layer_done)
+            else:
+                hidden = self.model(input_ids, positions, self.kv_caches, meta, layer_done)
             logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
         end_step = None if connector is None else (lambda: connector.on_step_end(sched))
         ids = [r.request_id for r in sample_requests]

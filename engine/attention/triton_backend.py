@@ -230,13 +230,14 @@ class TritonAttentionBackend(AttentionBackend):
                 )
         meta.backend_data = (decodes, prefills)
 
-    def forward(self, query, key, value, kv_cache, meta, layer=None):
+    def forward(self, query, key, value, kv_cache, meta, layer=None, out=None):
+        """Attention of `query`'s rows; into `out` (shaped like `query`) when given."""
         spec = self.spec
         window = spec.window_of(layer)
         if key is not None:  # None: a CLA layer reading the cache its group's first wrote
             self.write(key, value, kv_cache, meta.slot_mapping)
         decodes, prefills = meta.backend_data
-        out = torch.empty_like(query)
+        out = torch.empty_like(query) if out is None else out
         if decodes is not None:
             tk.paged_decode(
                 query,

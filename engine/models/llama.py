@@ -153,6 +153,12 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
     def _fused_forward(self, positions, x, kv_cache, meta):
+        q, k, v = self.fused_qkv(positions, x)
+        out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def fused_qkv(self, positions, x):
+        """The fused path up to attention: q [T, H, D], k and v [T, KV, D], rotated."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -162,8 +168,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if not self._backend.applies_rope:  # attention sinks: the backend rotates in-cache
             self._ops.rope_(q, k, positions, self._rotary[0].cos_sin)
-        out = self._backend.forward(q, k, v, kv_cache, meta, self.layer)
-        return self.o_proj(out.reshape(-1, q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -229,14 +234,22 @@ class DecoderLayer(nn.Module):
     def fused_forward(self, ops, positions, x, residual, kv_cache, meta):
         """The same layer with each add-then-norm as one kernel. The hidden state is carried as
         (x, residual) with the true value x + residual; `residual` is updated in place."""
-        eps = self.input_layernorm.eps
-        if residual is None:  # first layer: x is the embedding
-            residual, h = x, ops.rms_norm(x, self.input_layernorm.weight, eps)
-        else:
-            h = ops.rms_norm(x, self.input_layernorm.weight, eps, residual)
+        h, residual = self.fused_input_norm(ops, x, residual)
         h = self.self_attn(positions, h, kv_cache, meta)
-        h = ops.rms_norm(h, self.post_attention_layernorm.weight, eps, residual)
-        return self.mlp(h), residual
+        return self.fused_after_attention(ops, h, residual), residual
+
+    def fused_input_norm(self, ops, x, residual):
+        """(the attention's input, residual): add-then-norm, or at the first layer (residual
+        None, x the embedding) the norm alone."""
+        weight, eps = self.input_layernorm.weight, self.input_layernorm.eps
+        if residual is None:
+            return ops.rms_norm(x, weight, eps), x
+        return ops.rms_norm(x, weight, eps, residual), residual
+
+    def fused_after_attention(self, ops, h, residual):
+        """From the attention's projected output `h` to the layer's x (`residual` in place)."""
+        norm = self.post_attention_layernorm
+        return self.mlp(ops.rms_norm(h, norm.weight, norm.eps, residual))
 
 
 class DecoderModel(nn.Module):
@@ -298,7 +311,10 @@ class LlamaForCausalLM(nn.Module):
                 layer_done(self.config.kv_layer(i))
         if ops is None:
             return self.model.norm(x)
-        return ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps, residual)
+        return self.fused_final_norm(x, residual)
+
+    def fused_final_norm(self, x, residual):
+        return self._ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = (
