@@ -114,7 +114,10 @@ class DecodeWorker(EngineHost):
 
         def fn(engine: LLMEngine) -> bool:
             block_ids = engine.reserve(
-                request_id, prompt_token_ids, dataclasses.replace(params, stop=[])
+                request_id,
+                prompt_token_ids,
+                dataclasses.replace(params, stop=[]),
+                output_kind="delta",  # what _publish_outputs sends; no copies of the whole
             )
             if block_ids is None:
                 return False

@@ -46,7 +46,7 @@ class LLM:
                 f"got {len(sampling_params)} sampling params for {len(prompts)} prompts"
             )
         made = [
-            self.engine.make_request(f"offline-{next(self._ids)}", p, sp)
+            self.engine.make_request(f"offline-{next(self._ids)}", p, sp, output_kind="final")
             for p, sp in zip(prompts, sampling_params)
         ]
         order = {req.request_id: i for i, (req, _) in enumerate(made)}

@@ -22,6 +22,7 @@ class TextStream:
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
     stop_hit: str | None = field(default=None)
+    output_kind: str = "cumulative"  # the engine's outputs for it (engine.engine.OUTPUT_KINDS)
 
     def append(self, new_token_ids: list[int]) -> None:
         if self.detokenizer is None:
