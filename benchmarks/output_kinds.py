@@ -6,8 +6,9 @@ output's length; a delta output holds only what is new (`engine.engine.OUTPUT_KI
 worker streams deltas; `LLM.generate` reads only final outputs.
 
 One engine per kind (a 1-layer model on CPU, so that nothing but the host's work differs),
-`--batch` greedy requests decoding `--tokens` tokens each, `LLMEngine._output` timed per step
-over the last tenth of the run (median).
+`--batch` greedy requests decoding `--tokens` tokens each, `LLMEngine._output` and the whole
+step timed over the last tenth of the run (medians). "delta, ids": delta outputs without
+detokenizing (a decode worker's requests: its router detokenizes).
 
     python -m benchmarks.output_kinds                      # 64 requests, 2000 tokens, logprobs 0
 """
@@ -25,8 +26,15 @@ import torch
 from engine import LLM, SamplingParams
 from engine.testing import write_test_checkpoint
 
+VARIANTS = {  # name: (output kind, detokenize)
+    "cumulative": ("cumulative", True),
+    "delta": ("delta", True),
+    "delta, ids": ("delta", False),  # a decode worker's: the router detokenizes
+}
 
-def output_ms_per_step(model_dir: str, kind: str, args) -> float:
+
+def output_ms_per_step(model_dir: str, variant: str, args) -> tuple[float, float]:
+    """(ms building outputs, ms the whole step), medians over the run's last tenth."""
     llm = LLM(model_dir, dtype="float32", num_blocks=args.batch * (args.tokens // 16 + 2),
               max_num_seqs=args.batch)  # fmt: skip
     engine = llm.engine
@@ -42,16 +50,22 @@ def output_ms_per_step(model_dir: str, kind: str, args) -> float:
     params = SamplingParams(
         max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=args.logprobs
     )
+    kind, detokenize = VARIANTS[variant]
     for i in range(args.batch):
-        engine.add_request(str(i), [5 + i % 100, 6, 7, 8], params, output_kind=kind)
-    per_step, step = [], 0
+        request, state = engine.make_request(
+            str(i), [5 + i % 100, 6, 7, 8], params, kind, detokenize
+        )
+        engine.enqueue(request, state)
+    outputs, steps, step = [], [], 0
     while engine.has_unfinished_requests():
         spent[0] = 0.0
+        start = time.perf_counter()
         engine.step()
         step += 1
         if step > 0.9 * args.tokens:
-            per_step.append(spent[0])
-    return 1e3 * statistics.median(per_step)
+            steps.append(time.perf_counter() - start)
+            outputs.append(spent[0])
+    return 1e3 * statistics.median(outputs), 1e3 * statistics.median(steps)
 
 
 def main(argv=None) -> None:
@@ -78,9 +92,12 @@ def main(argv=None) -> None:
         )
         print(f"{args.batch} requests x {args.tokens} tokens, logprobs {args.logprobs}, CPU")
         for _ in range(args.repeats):
-            for kind in ("cumulative", "delta"):
-                ms = output_ms_per_step(model_dir, kind, args)
-                print(f"{kind:10s} building outputs: {ms:.2f} ms a step (last tenth, median)")
+            for variant in VARIANTS:
+                outputs, step = output_ms_per_step(model_dir, variant, args)
+                print(
+                    f"{variant:10s}  building outputs {outputs:.2f} ms, whole step {step:.2f} ms "
+                    "(last tenth, medians)"
+                )
 
 
 if __name__ == "__main__":

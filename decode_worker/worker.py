@@ -118,6 +118,7 @@ class DecodeWorker(EngineHost):
                 prompt_token_ids,
                 dataclasses.replace(params, stop=[]),
                 output_kind="delta",  # what _publish_outputs sends; no copies of the whole
+                detokenize=False,  # the router detokenizes and checks stop strings
             )
             if block_ids is None:
                 return False

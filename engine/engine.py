@@ -231,11 +231,15 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         output_kind: str = "cumulative",
+        detokenize: bool = True,
     ) -> tuple[Request, TextStream]:
         """Validate and tokenize one prompt; changes nothing in the engine. `output_kind`: see
-        OUTPUT_KINDS."""
+        OUTPUT_KINDS. `detokenize` False: outputs carry token ids and no text (a decode worker,
+        whose router detokenizes and checks stop strings: two decodes a token saved)."""
         if output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {OUTPUT_KINDS}, got {output_kind!r}")
+        if params.stop and not detokenize:
+            raise ValueError("stop strings need the output detokenized")
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text_prompt = prompt if isinstance(prompt, str) else None
@@ -275,7 +279,7 @@ class LLMEngine:
             request.grammar = self._grammar_for(params, token_ids)
         detok = (
             IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-            if self.tokenizer
+            if self.tokenizer and detokenize
             else None
         )
         state = TextStream(text_prompt, detok, params.stop, params.include_stop_str_in_output)
@@ -333,9 +337,12 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         output_kind: str = "cumulative",
+        detokenize: bool = True,
     ) -> list[int] | None:
         """Validate the request and hold blocks for its prompt KV; None if none are free now."""
-        request, state = self.make_request(request_id, prompt_token_ids, params, output_kind)
+        request, state = self.make_request(
+            request_id, prompt_token_ids, params, output_kind, detokenize
+        )
         # NOTE: a KV receive writes the blocks from its own stream; a step in flight may still
         # write blocks freed meanwhile (a finished request's wasted slot).
         self.wait_in_flight()

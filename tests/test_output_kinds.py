@@ -57,3 +57,18 @@ def test_output_kinds_benchmark_runs():
     from benchmarks import output_kinds
 
     output_kinds.main(["--batch", "2", "--tokens", "20", "--repeats", "1"])
+
+
+def test_without_detokenizing_outputs_carry_tokens_only(llm):
+    engine = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with pytest.raises(ValueError, match="stop strings"):
+        engine.make_request("s", "Hello", SamplingParams(stop=["x"]), detokenize=False)
+    request, state = engine.make_request("t", "The quick brown fox", params, "delta", False)
+    engine.enqueue(request, state)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert all(o.text == "" for o in outputs)
+    expected = run(llm, "cumulative", params)[-1].token_ids  # the same prompt, detokenized
+    assert [t for o in outputs for t in o.token_ids] == expected
