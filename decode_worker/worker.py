@@ -64,6 +64,10 @@ class DecodeWorker(EngineHost):
             torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.reservation_ttl_s = reservation_ttl_s
+        if not colocated:
+            # Requests arrive prefilled: only a preempted one is recomputed here, too rarely
+            # for the piecewise prefill graphs' capture and memory (the pool may still ask).
+            engine_args = {"prefill_graphs": False, **engine_args}
         self.engine = LLMEngine(EngineConfig(**engine_args))
         self.agent = None
         if not colocated:
