@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.speculative import model_shape
 from engine import LLM, SamplingParams
 from engine.testing import write_test_checkpoint
 
@@ -183,18 +184,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as root:
-        model_dir = write_test_checkpoint(
-            Path(root) / "model",
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            intermediate_size=3 * args.hidden_size,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            max_position_embeddings=4096,
-            with_tokenizer=False,
-            dtype=args.dtype,
-        )
+        shape = {**model_shape(args), "max_position_embeddings": 4096}
+        model_dir = write_test_checkpoint(Path(root) / "model", **shape, dtype=args.dtype)
         extra = {"enforce_eager": True} if args.eager else {}
         if args.no_prefill_graphs:
             extra["prefill_graphs"] = False

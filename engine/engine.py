@@ -773,15 +773,12 @@ class LLMEngine:
         new_text = state.take_delta(finished)
         new_tokens = request.output_token_ids[state.num_emitted_tokens :]
         state.num_emitted_tokens = request.num_output_tokens
-        logprobs = None
         if state.output_kind == "delta":
             token_ids, text = new_tokens, new_text
-            if request.sampling_params.logprobs is not None:
-                logprobs = request.logprobs[len(request.logprobs) - len(new_tokens) :]
+            logprobs = request.logprobs[len(request.logprobs) - len(new_tokens) :]
         else:
             token_ids, text = list(request.output_token_ids), state.text[: state.num_emitted_chars]
-            if request.sampling_params.logprobs is not None:
-                logprobs = list(request.logprobs)
+            logprobs = list(request.logprobs)
         return RequestOutput(
             request_id=rid,
             prompt=state.prompt,
@@ -793,7 +790,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason,
-            logprobs=logprobs,
+            logprobs=logprobs if request.sampling_params.logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens,
         )
 
