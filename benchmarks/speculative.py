@@ -243,6 +243,14 @@ def main() -> None:
         default=0.0,
         help="requests' max_tokens spread over max-tokens x (1 +- this) (output_lengths)",
     )
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["static", "dynamic"],
+        choices=["static", "dynamic"],
+        help="the speculative engines timed against plain (leaving static out halves a "
+        "many-repeat run of dynamic's paired ratio)",
+    )
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--hidden-size", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -300,33 +308,54 @@ def main() -> None:
     for method, model, workload, model_dir, prompts, spec in cells(args, root):
         for batch in args.batch_sizes:
             common = {**spec, "num_speculative_tokens": args.k, "max_batch_size": 1 << 16}
-            static = {**common, "adaptive": False}
-            dynamic = {**common, "adaptive": True}
+            specs = {
+                "static": {**common, "adaptive": False},
+                "dynamic": {**common, "adaptive": True},
+            }
+            names = [name for name in specs if name in args.engines]
             num_prompts = max(batch, 2) * args.waves
             total, rows, paired = run(
                 model_dir,
                 prompts[:num_prompts],
                 batch,
                 output_lengths(args.max_tokens, args.length_spread, num_prompts),
-                [static, dynamic],
+                [specs[name] for name in names],
                 args.repeats,
                 args.dtype,
                 args.async_scheduling,
             )
-            (base, _, _, _), (fast, d1, a1, _), (dyn, d2, a2, factor) = rows
-            # A request gains its accepted drafts plus one target token per step it runs, so
-            # it ran (total - accepted) request-steps.
-            accept = f"{a1 / max(d1, 1):.2f}/{a2 / max(d2, 1):.2f}"
-            drafts = f"{d1 / (total - a1):.2f}/{d2 / (total - a2):.2f}"
-            per_step = f"{total / (total - a1):.2f}/{total / (total - a2):.2f}"
-            static_col = f"{fast:.1f} ({fast / base:.2f}x)"
-            dynamic_col = f"{dyn:.1f} ({dyn / base:.2f}x)"
+            base = rows[0][0]
+            cols = {name: _engine_columns(total, base, rows[1 + i], [r[i] for r in paired])
+                    for i, name in enumerate(names)}  # fmt: skip
+            none = {"tok": "-", "accept": "-", "drafts": "-", "per_step": "-", "paired": "-"}
+            st, dy = cols.get("static", none), cols.get("dynamic", none)
+            factor = f"{rows[-1][3]:.2f}" if "dynamic" in cols else "-"
             print(
-                f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>12.1f}{static_col:>19}"
-                f"{dynamic_col:>20}{accept:>12}{drafts:>17}{per_step:>14}{factor:>8.2f}"
-                f"{_spread([r[0] for r in paired]):>22}{_spread([r[1] for r in paired]):>22}",
+                f"{method:<7}{model:<8}{workload:<9}{batch:>6}{base:>12.1f}{st['tok']:>19}"
+                f"{dy['tok']:>20}{st['accept'] + '/' + dy['accept']:>12}"
+                f"{st['drafts'] + '/' + dy['drafts']:>17}"
+                f"{st['per_step'] + '/' + dy['per_step']:>14}{factor:>8}"
+                f"{st['paired']:>22}{dy['paired']:>22}",
                 flush=True,
             )
+            for i, name in enumerate(names):  # every pair, for whoever tests the median
+                pairs = [r[i] for r in paired]
+                listed = " ".join(f"{x:.3f}" for x in pairs)
+                print(f"  {name} pairs (mean {statistics.fmean(pairs):.3f}): {listed}")
+
+
+def _engine_columns(total: int, base: float, row, paired: list[float]) -> dict[str, str]:
+    """One speculative engine's report columns. A request gains its accepted drafts plus one
+    target token per step it runs, so it ran (total - accepted) request-steps."""
+    tok_s, drafted, accepted, _ = row
+    steps = total - accepted
+    return {
+        "tok": f"{tok_s:.1f} ({tok_s / base:.2f}x)",
+        "accept": f"{accepted / max(drafted, 1):.2f}",
+        "drafts": f"{drafted / steps:.2f}",
+        "per_step": f"{total / steps:.2f}",
+        "paired": _spread(paired),
+    }
 
 
 def output_lengths(max_tokens: int, spread: float, num_prompts: int) -> list[int]:
