@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.speculative import copy_workload, make_models, output_lengths, random_prompts
+from benchmarks.speculative import (
+    copy_workload,
+    make_models,
+    output_lengths,
+    random_prompts,
+    shuffled,
+)
 from engine import LLM, SamplingParams
 
 
@@ -135,8 +141,14 @@ def main(argv=None) -> None:
     ap.add_argument("--waves", type=int, default=1, help="prompts: this many times the batch")
     ap.add_argument("--length-spread", type=float, default=0.0, help="see benchmarks.speculative")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument(
+        "--shuffle-lengths", action="store_true", help="see benchmarks.speculative.shuffled"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument(
+        "--engines", nargs="+", default=["static", "dynamic"], choices=["static", "dynamic"]
+    )
     ap.add_argument("--async-scheduling", action="store_true")
     ap.add_argument("--saturation-tokens", type=int, default=None)
     ap.add_argument("--hidden-size", type=int, default=512)
@@ -165,6 +177,7 @@ def main(argv=None) -> None:
         "static": {**common, **rule, "adaptive": False},
         "dynamic": {**common, **rule, "adaptive": True},
     }
+    specs = {name: spec for name, spec in specs.items() if name in ("plain", *args.engines)}
     llms = {
         name: LLM(
             model_dir,
@@ -177,10 +190,7 @@ def main(argv=None) -> None:
         )
         for name, spec in specs.items()
     }
-    params = [
-        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        for n in output_lengths(args.max_tokens, args.length_spread, len(prompts))
-    ]
+    lengths = output_lengths(args.max_tokens, args.length_spread, len(prompts))
     for llm in llms.values():  # warm-up
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     print(
@@ -189,6 +199,8 @@ def main(argv=None) -> None:
         f"{args.hidden_size}, {args.dtype}, {llms['plain'].engine.runner.device}"
     )
     for repeat in range(args.repeats):
+        order = shuffled(lengths, repeat) if args.shuffle_lengths else lengths
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in order]
         for name, llm in llms.items():
             llm.engine.reset_speculation()
             print(f"[{repeat}] " + report(name, trace_run(llm, prompts, params)), flush=True)
