@@ -284,11 +284,13 @@ def test_dead_sender_fails_within_timeout_then_reconnects(port):
     decode.close()
 
 
-def big_caches(device: str) -> list[torch.Tensor]:
+def big_caches(device: str, seed: int = 0) -> list[torch.Tensor]:
     """4 layers of 16-token blocks of 8 heads x 128 (bf16): 32 KiB per K or V block. On GPU,
     512 blocks: sending 256 is 64 MiB, more than NCCL buffers for a receiver that is gone."""
     num_blocks = 512 if device.startswith("cuda") else 64
-    return [torch.randn(2, num_blocks, 16, 8, 128, device=device).bfloat16() for _ in range(4)]
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, num_blocks, 16, 8, 128)
+    return [torch.randn(shape, generator=g).bfloat16().to(device) for _ in range(4)]
 
 
 def failures_prefill(port: int, device: str, run: str, out) -> None:
@@ -384,6 +386,109 @@ def test_stall_reconnect_and_dead_receiver_between_processes(port, devices):
     # must hold is that it returns within its timeout; the decode side's poll() is the truth.
     allowed = {"failed"} if devices[0] == "cpu" else {"failed", "done"}
     assert prefill["receiver_gone"] in allowed and prefill["receiver_gone_s"] < 3 + 3
+
+
+def stall_prefill(port: int, device: str, run: str, out) -> None:
+    _debuggable(device)
+    store = connect_store("127.0.0.1", port, 60)
+    agent = KVTransferAgent(
+        "sp", big_caches(device, seed=1), "127.0.0.1", port,
+        timeout_s=3, min_message_bytes=0, role="prefill",
+    )  # fmt: skip
+    meet(store, run, "prefill", "decode")
+    agent.connect("sd")
+    blocks = list(range(agent.kv_caches[0].shape[1] // 2))
+    report = {}
+    store.wait([f"{run}/ready1"])
+    report["first"] = send_all(agent, 1, "sd", blocks).value
+    # The sender stalls after two of its four messages were received.
+    store.wait([f"{run}/ready2"])
+    handle = agent.start_send(2, "sd", blocks)
+    agent.send_layer(handle, 0)
+    agent.send_layer(handle, 1)
+    store.wait([f"{run}/failed2"])
+    report["abandoned"] = agent.finish_send(handle).value
+    start = time.monotonic()
+    agent.connect("sd")
+    report["reconnect_s"] = time.monotonic() - start
+    store.wait([f"{run}/ready3"])
+    report["after_reconnect"] = send_all(agent, 3, "sd", blocks[::-1]).value
+    store.wait([f"{run}/finished"])
+    agent.close()
+    out.put(("prefill", report))
+
+
+def stall_decode(port: int, device: str, run: str, out) -> None:
+    _debuggable(device)
+    store = connect_store("127.0.0.1", port, 60)
+    caches = big_caches(device, seed=2)
+    agent = KVTransferAgent("sd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    meet(store, run, "decode", "prefill")
+    agent.connect("sp")
+    half = caches[0].shape[1] // 2
+    report = {}
+    agent.expect(1, "sp", list(range(half, 2 * half)))
+    store.set(f"{run}/ready1", "1")
+    report["first"] = wait_for(agent, {1}, timeout_s=15).get(1, TransferState.PENDING).value
+    agent.expect(2, "sp", list(range(half, 2 * half)))
+    store.set(f"{run}/ready2", "1")
+    start = time.monotonic()
+    report["stalled"] = wait_for(agent, {2}, timeout_s=15).get(2, TransferState.PENDING).value
+    report["stalled_s"] = time.monotonic() - start
+    store.set(f"{run}/failed2", "1")
+    start = time.monotonic()
+    agent.connect("sp")
+    report["reconnect_s"] = time.monotonic() - start
+    dst = list(range(half, 2 * half))
+    agent.expect(3, "sp", dst)
+    store.set(f"{run}/ready3", "1")
+    report["after_reconnect"] = wait_for(agent, {3}, timeout_s=15).get(3, "pending").value
+    src = big_caches("cpu", seed=1)  # the sender's caches
+    report["exact"] = all(
+        torch.equal(c[:, dst].cpu(), s[:, list(range(half))[::-1]]) for c, s in zip(caches, src)
+    )
+    store.set(f"{run}/finished", "1")
+    agent.close()
+    out.put(("decode", report))
+
+
+def _debuggable(device: str) -> None:
+    """In a test's child process: kvtransfer's log lines, and every thread's stack on stderr if
+    the process is still running after 45 s (a hang shows where it hangs)."""
+    import faulthandler
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(process)d %(name)s: %(message)s")
+    faulthandler.dump_traceback_later(45, exit=False)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "devices",
+    [
+        ("cpu", "cpu"),
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
+    ],
+)
+def test_sender_stalling_after_received_messages_fails_and_the_pair_rebuilds(port, devices):
+    """The stall comes after the receiver got messages of the transfer (16 MiB each on GPU, a
+    layer per message): both sides fail it within their timeouts, reconnect, and the next
+    transfer lands. (Session 9 saw the NCCL reconnect time out after such a stall.)"""
+    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    run = f"stall-later/{devices[0]}"
+    reports = run_processes(
+        [(stall_prefill, port, devices[0], run), (stall_decode, port, devices[1], run)], 90
+    )
+    prefill, decode = reports["prefill"], reports["decode"]
+    assert prefill["first"] == decode["first"] == "done"
+    assert decode["stalled"] == "failed" and decode["stalled_s"] < 3 + 3
+    assert prefill["abandoned"] == "failed"
+    assert prefill["reconnect_s"] < 3 and decode["reconnect_s"] < 3
+    assert prefill["after_reconnect"] == decode["after_reconnect"] == "done"
+    assert decode["exact"]
 
 
 # ---------------------------------------------------------------- threads, one process
