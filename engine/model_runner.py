@@ -256,11 +256,8 @@ class ModelRunner:
         else:
             self.backend.prepare(meta)
             pieces = self.prefill_graphs
-            # NOTE: not with a KV connector yet (a prefill worker sending KV layer by layer):
-            # `PrefillGraphs.forward` calls `layer_done` between pieces, but that path has not
-            # run over NCCL on GPUs (the disaggregated identity test), so it stays eager.
-            if layer_done is not None:
-                pieces = None
+            # A prefill worker's KV connector sends each layer from `layer_done`, which the
+            # pieces call after the layer's attention (its KV written), between graph replays.
             if pieces is not None and pieces.size_for(input_ids.shape[0]) is not None:
                 hidden = pieces.forward(input_ids, positions, self.kv_caches, meta, layer_done)
             else:

@@ -163,9 +163,6 @@ class PrefillWorker(EngineHost):
         # NOTE: a tier's speculative decoding runs on its decode workers; a prefill worker
         # samples only token 1, so it loads no draft model (the decode side prefills the draft).
         engine_args = {k: v for k, v in engine_args.items() if k != "speculative"}
-        # Steps that send KV layer by layer run eagerly for now (ModelRunner.launch): no use
-        # capturing the piecewise prefill graphs.
-        engine_args = {"prefill_graphs": False, **engine_args}
         self.engine = LLMEngine(EngineConfig(**engine_args))
         self.agent = KVTransferAgent(
             worker_id,

@@ -443,7 +443,7 @@ def stall_decode(port: int, device: str, run: str, out) -> None:
     agent.expect(3, "sp", dst)
     store.set(f"{run}/ready3", "1")
     report["after_reconnect"] = wait_for(agent, {3}, timeout_s=15).get(3, "pending").value
-    src = big_caches("cpu", seed=1)  # the sender's caches
+    src = [c.cpu() for c in big_caches(device, seed=1)]  # the sender's caches
     report["exact"] = all(
         torch.equal(c[:, dst].cpu(), s[:, list(range(half))[::-1]]) for c, s in zip(caches, src)
     )
