@@ -27,3 +27,4 @@ def unbudgeted_shadow_lookups(monkeypatch):
     import engine.engine
 
     monkeypatch.setattr(engine.engine, "_SHADOW_SHARE", 1.0)
+    monkeypatch.setattr(engine.engine, "_SHADOW_MIN_SCALE", 1.0)

@@ -28,6 +28,7 @@ from tests.test_correctness import assert_matches_reference, assert_pool_whole
 from tests.test_handoff_engine import CopyConnector
 
 pytestmark = pytest.mark.usefixtures("unbudgeted_shadow_lookups")
+SHADOW_MIN_SCALE = engine_module._SHADOW_MIN_SCALE  # before any test patches it
 MAX_TOKENS = 24
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
 # saturation_tokens: verification priced as on a GPU, so the step rule lets these batches
@@ -538,6 +539,41 @@ def test_shadow_lookups_keep_to_their_time_budget(model_dir, monkeypatch):
     allowed = 0.01 * wall + longest[0] + engine_module._SHADOW_MAX_CREDIT
     assert spent[0] <= allowed, (spent[0], wall, calls[0])
     assert_pool_whole(llm)
+
+
+def test_shadow_lookups_that_find_nothing_shrink_their_budget(model_dir, monkeypatch):
+    """Where no lookup finds drafts the measured hit rate falls, and the lookups' budget with
+    it, to _SHADOW_MIN_SCALE of _SHADOW_SHARE: learning that drafts still fail costs a fraction
+    of what learning costs where they hold."""
+    monkeypatch.setattr(engine_module, "_SHADOW_SHARE", 0.02)
+    # Requests keep arriving: each new one's gate is open, so lookups are what the budget allows.
+    prompts = random_prompts([40 + 7 * (i % 16) for i in range(256)], seed=22)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    spent = {}
+    floor = SHADOW_MIN_SCALE  # (this module's tests run with it at 1.0)
+    for scale in (1.0, floor):
+        monkeypatch.setattr(engine_module, "_SHADOW_MIN_SCALE", scale)
+        llm = spec_llm(model_dir, num_blocks=512, max_num_seqs=16)
+        calls, took = [0], [0.0]
+
+        def fruitless(request, k, calls=calls, took=took):
+            start = time.perf_counter()
+            time.sleep(0.001)  # a slow proposer, so that the budget binds
+            took[0] += time.perf_counter() - start
+            calls[0] += 1
+            return []
+
+        llm.engine.proposer.lookup = fruitless
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        wall = time.perf_counter() - start
+        spent[scale] = took[0] / wall
+        assert calls[0] > 0 and llm.engine.hits.rate < 0.2
+        assert llm.engine.num_draft_tokens == 0
+        assert_pool_whole(llm)
+    # Measured 0.27-0.29 of it (dev CPU): 1/8 once the rate fell, the first credit and the
+    # lookups before the rate fell on top, in a run of ~1.5 s.
+    assert spent[floor] < 0.5 * spent[1.0], spent
 
 
 def test_async_scheduling_chains_the_steps_dynamic_speculation_leaves_plain(model_dir):
