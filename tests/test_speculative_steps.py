@@ -1,4 +1,5 @@
-"""benchmarks/speculative_steps.py: every step of a speculative engine's run, classified."""
+"""benchmarks/speculative_steps.py: every step of a speculative engine's run, classified;
+benchmarks/speculative_bookkeeping.py: what the speculation methods cost a step."""
 
 from __future__ import annotations
 
@@ -53,3 +54,14 @@ def test_brief_workload_holds_only_the_continuations_first_tokens(tmp_path):
     greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     continuation = LLM(model, num_blocks=64).generate([brief[0][:128]], greedy)[0].token_ids
     assert brief[0][128:131] == continuation
+
+
+def test_bookkeeping_times_each_method_and_restores_the_engine(capsys):
+    from benchmarks import speculative_bookkeeping as book
+
+    book.main([*TINY, "--vocab-size", "512", "--batch", "4", "--waves", "2", "--max-tokens", "8"])
+    out = capsys.readouterr().out.splitlines()
+    assert "steps" in out[0]
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert set(rows) == {*book.ENGINE_METHODS, "lookup", "all"}
+    assert int(rows["_propose"].split()[1]) > 0  # once a step
