@@ -72,8 +72,8 @@ _SHADOW_SHARE = 0.01
 _SHADOW_MAX_CREDIT = 0.002
 # The share is scaled by the measured share of lookups that find drafts (`HitMeter`), down to
 # _SHADOW_MIN_SCALE of it: where drafts fail, learning that they still fail costs 1/8 of the
-# budget (the full 1% was ~1% of the time of a batch-64 run on an H200, 2026-11-27, where
-# dynamic speculation measured 0.98x plain decoding with no draft found). One hit raises it.
+# budget. (At batch 64 on an H200, where no draft was ever found, dynamic speculation measured
+# 0.98x plain decoding with the full 1% spent; 2026-11-27.) One hit raises the rate again.
 _SHADOW_MIN_SCALE = 0.125
 # Async scheduling: a step launched ahead must be plain, so a rule that might speculate in the
 # next step breaks the chain of launches (~1 ms of a ~1.5 ms step at batch 64 on an H200). Near
