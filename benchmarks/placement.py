@@ -135,14 +135,14 @@ def engine_args(args) -> dict:
 
 
 def config(model_dir: str, profile_path: str | None, args):
-    # Prefill workers never decode: no decode CUDA graphs to capture (faster start).
+    # (Prefill workers capture no decode CUDA graphs: they never decode. PrefillWorker's default.)
     return bench_config(
         model_dir,
         profile_path,
         args.gpu,
         engine_args(args),
         (2, 2),
-        prefill_args={"num_blocks": args.prefill_blocks, "enforce_eager": True},
+        prefill_args={"num_blocks": args.prefill_blocks},
         max_tokens_limit=span(args.output_len)[1],
         slo_ms=(args.ttft_slo_ms, args.tpot_slo_ms),
         placement="goodput",

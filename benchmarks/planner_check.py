@@ -80,14 +80,14 @@ def measure_profile(model_dir: str, args) -> dict:
 
 
 def config(model_dir: str, profile_path: str, split: tuple[int, int], args):
-    # Prefill workers never decode: no decode CUDA graphs to capture (faster start).
+    # (Prefill workers capture no decode CUDA graphs: they never decode. PrefillWorker's default.)
     return bench_config(
         model_dir,
         profile_path,
         args.gpu,
         engine_args(args),
         split,
-        prefill_args={"enforce_eager": True} if args.gpu else {},
+        prefill_args={},
         max_tokens_limit=2 * args.output_len,
         slo_ms=(args.ttft_slo_ms, args.tpot_slo_ms),
         worker_call_timeout_s=120.0,

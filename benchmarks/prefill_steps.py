@@ -650,8 +650,9 @@ def main(argv=None) -> dict:
         if args.reference_prefill:
             reference = [float(c) for c in args.reference_prefill.split(",")]
             models["reference"] = new_instance_model({**fitted, "prefill": reference})
-        # The prefill pool's engine: prefix caching on (the default), no decode graphs.
-        engine = LLMEngine(EngineConfig(**base, enforce_eager=True))
+        # The prefill pool's engine: prefix caching on (the default), no decode graphs, the
+        # piecewise prefill graphs (PrefillWorker's defaults).
+        engine = LLMEngine(EngineConfig(**base, decode_graphs=False))
         passes = run_passes(engine, models, vocab, args)
     result = {
         "bench": "prefill_steps",

@@ -76,6 +76,7 @@ POOL_ENGINE_ARGS = frozenset(
         "max_num_batched_tokens",
         "enforce_eager",
         "prefill_graphs",
+        "decode_graphs",
         "async_scheduling",
     }
 )

@@ -289,6 +289,10 @@ class EngineConfig:
     # CUDA: steps with prompt tokens replay graphs of everything but attention
     # (engine/prefill_graphs.py); False: they run eagerly (decode steps keep their graphs).
     prefill_graphs: bool = True
+    # CUDA: decode steps replay CUDA graphs (engine/decode_graphs.py); False: they run eagerly
+    # and none is captured (a prefill worker never decodes: every request leaves after its
+    # first token). `enforce_eager` turns off both kinds.
+    decode_graphs: bool = True
     # Launch a greedy decode step before the previous one's tokens reach the host, so the host
     # work of a step overlaps the device's (LLMEngine.step; Scheduler.schedule_ahead).
     async_scheduling: bool = False

@@ -11,7 +11,8 @@ On CUDA: attention runs on the Triton backend, a step's index tensors reach the 
 non-blocking copy from a pinned buffer, and decode-rows steps (plain decodes and verification)
 replay CUDA graphs captured per row-count bucket (`DecodeGraphs`); steps with prompt tokens replay
 graphs of everything but attention, per token-count bucket (`engine.prefill_graphs`).
-`EngineConfig.enforce_eager` turns both off, `prefill_graphs=False` the second.
+`EngineConfig.enforce_eager` turns both off, `decode_graphs=False` the first,
+`prefill_graphs=False` the second.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class ModelRunner:
         self.stager = Stager(self.device)
         self.token_reader = TokenReader(self.device)
         self.graphs = None
-        if use_graphs:
+        if use_graphs and config.decode_graphs:
             # Buckets up to max_num_seqs rows, and with speculation up to a verify step's rows.
             max_rows = config.max_num_seqs
             if config.speculative is not None:

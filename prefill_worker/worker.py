@@ -163,6 +163,9 @@ class PrefillWorker(EngineHost):
         # NOTE: a tier's speculative decoding runs on its decode workers; a prefill worker
         # samples only token 1, so it loads no draft model (the decode side prefills the draft).
         engine_args = {k: v for k, v in engine_args.items() if k != "speculative"}
+        # Every request leaves after its first token: no decode step, no decode graphs to
+        # capture (their memory and start-up time); prompt steps replay the prefill graphs.
+        engine_args = {"decode_graphs": False, **engine_args}
         self.engine = LLMEngine(EngineConfig(**engine_args))
         self.agent = KVTransferAgent(
             worker_id,
