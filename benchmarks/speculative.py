@@ -129,7 +129,7 @@ def run(
     best = [float("inf")] * len(llms)
     tokens = [None] * len(llms)
     counts = [(0, 0, 1.0)] * len(llms)
-    paired = []
+    paired, differing = [], []
     for llm in llms:  # kernels compiled and tuned for these shapes, allocators warm
         llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for repeat in range(repeats):
@@ -151,24 +151,33 @@ def run(
                 drafted, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
                 counts[i] = (drafted, accepted, engine.step_cost.factor)
             tokens[i] = [o.token_ids for o in outputs]
-        _check_same_tokens(llms, tokens)
+        differing.append(_count_differing(llms, tokens))
         paired.append([times[0] / t for t in times[1:]])
+    if any(differing):
+        print(
+            f"  (speculative greedy output differed from plain in up to {max(differing)} of "
+            f"{len(prompts)} requests, in {sum(map(bool, differing))} of {repeats} repeats: "
+            f"{llms[0].engine.dtype} rounding)"
+        )
     total = sum(map(len, tokens[0]))
     del llms
     _free_memory()  # before the next cell's engines (an 8B-shaped target: ~13 GB each)
     return total, [(total / t, *c) for t, c in zip(best, counts)], paired
 
 
-def _check_same_tokens(llms, tokens) -> None:
+def _count_differing(llms, tokens) -> int:
+    """Requests whose greedy output differs between plain and a speculative engine (the most
+    over the engines). In float32 a difference is a bug. In bf16/fp16 a verify pass (k + 1
+    positions, other kernels) may round a near-tie differently from k + 1 single steps."""
+    worst = 0
     for i in range(1, len(llms)):
-        if tokens[i] == tokens[0]:
-            continue
-        # NOTE: in float32 a difference is a bug. In bf16/fp16 a verify pass (k + 1 positions,
-        # other kernels) may round a near-tie differently from k + 1 single steps: report it.
-        same = sum(a == b for a, b in zip(tokens[i], tokens[0]))
-        message = f"speculative greedy output differs from plain in {len(tokens[0]) - same} of "
-        assert llms[0].engine.dtype != torch.float32, message + f"{len(tokens[0])} requests"
-        print(f"  ({message}{len(tokens[0])} requests: {llms[0].engine.dtype} rounding)")
+        differ = sum(a != b for a, b in zip(tokens[i], tokens[0]))
+        assert differ == 0 or llms[0].engine.dtype != torch.float32, (
+            f"speculative greedy output differs from plain in {differ} of {len(tokens[0])} "
+            "requests in float32"
+        )
+        worst = max(worst, differ)
+    return worst
 
 
 def _free_memory() -> None:
@@ -228,7 +237,7 @@ def model_shape(args) -> dict:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft"])
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -303,7 +312,7 @@ def main() -> None:
         help="every engine (plain included) launches a greedy decode step before the previous "
         "one's tokens are read; dynamic speculation does so for steps its rule leaves plain",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     commit = subprocess.run(

@@ -1,5 +1,6 @@
 """benchmarks/speculative_steps.py: every step of a speculative engine's run, classified;
-benchmarks/speculative_bookkeeping.py: what the speculation methods cost a step."""
+benchmarks/speculative_bookkeeping.py: what the speculation methods cost a step;
+benchmarks/speculative.py: paired repeats, one engine, lengths in a new order each repeat."""
 
 from __future__ import annotations
 
@@ -65,3 +66,20 @@ def test_bookkeeping_times_each_method_and_restores_the_engine(capsys):
     rows = {line.split()[0]: line for line in out[1:]}
     assert set(rows) == {*book.ENGINE_METHODS, "lookup", "all"}
     assert int(rows["_propose"].split()[1]) > 0  # once a step
+
+
+def test_paired_repeats_of_one_engine_with_shuffled_lengths(capsys):
+    from benchmarks import speculative
+
+    lengths = speculative.output_lengths(16, 0.5, 8)
+    assert sorted(speculative.shuffled(lengths, 1)) == sorted(lengths)
+    assert speculative.shuffled(lengths, 1) != speculative.shuffled(lengths, 2)
+    speculative.main([*TINY, "--methods", "ngram", "--models", "markov", "--workloads", "brief",
+                      "--batch-sizes", "4", "--waves", "2", "--max-tokens", "16",
+                      "--length-spread", "0.5", "--shuffle-lengths", "--repeats", "2",
+                      "--engines", "dynamic"])  # fmt: skip
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith("ngram")]
+    assert row.split()[5] == "-"  # static left out
+    [pairs] = [line for line in out.splitlines() if "dynamic pairs" in line]
+    assert len(pairs.split(":")[1].split()) == 2  # one ratio a repeat
