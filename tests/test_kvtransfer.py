@@ -426,11 +426,12 @@ def stall_decode(port: int, device: str, run: str, out) -> None:
     meet(store, run, "decode", "prefill")
     agent.connect("sp")
     half = caches[0].shape[1] // 2
+    dst = list(range(half, 2 * half))
     report = {}
-    agent.expect(1, "sp", list(range(half, 2 * half)))
+    agent.expect(1, "sp", dst)
     store.set(f"{run}/ready1", "1")
     report["first"] = wait_for(agent, {1}, timeout_s=15).get(1, TransferState.PENDING).value
-    agent.expect(2, "sp", list(range(half, 2 * half)))
+    agent.expect(2, "sp", dst)
     store.set(f"{run}/ready2", "1")
     start = time.monotonic()
     report["stalled"] = wait_for(agent, {2}, timeout_s=15).get(2, TransferState.PENDING).value
@@ -439,10 +440,10 @@ def stall_decode(port: int, device: str, run: str, out) -> None:
     start = time.monotonic()
     agent.connect("sp")
     report["reconnect_s"] = time.monotonic() - start
-    dst = list(range(half, 2 * half))
     agent.expect(3, "sp", dst)
     store.set(f"{run}/ready3", "1")
-    report["after_reconnect"] = wait_for(agent, {3}, timeout_s=15).get(3, "pending").value
+    done = wait_for(agent, {3}, timeout_s=15)
+    report["after_reconnect"] = done.get(3, TransferState.PENDING).value
     src = [c.cpu() for c in big_caches(device, seed=1)]  # the sender's caches
     report["exact"] = all(
         torch.equal(c[:, dst].cpu(), s[:, list(range(half))[::-1]]) for c, s in zip(caches, src)
