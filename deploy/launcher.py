@@ -9,6 +9,7 @@ started with `ray up deploy/cluster.yaml` prefill workers land on nodes that adv
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import uuid
@@ -28,7 +29,13 @@ from router.scaling import PoolScaler
 from router.server import start_grpc_server
 from router.supervisor import SupervisorOptions
 from router.tiers import TierCost, TierSelector
-from router.workers import CONCURRENCY_GROUPS, RayWorkerClient, Worker, WorkerClient
+from router.workers import (
+    CONCURRENCY_GROUPS,
+    CONTROL_GROUP,
+    RayWorkerClient,
+    Worker,
+    WorkerClient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +108,24 @@ class Deployment:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         await self.router.stop()
+        await self._close_workers()
         for actor in self.actors.values():
             ray.kill(actor)
+
+    async def _close_workers(self, timeout_s: float = 5.0) -> None:
+        """Each worker stops its engine thread and closes its KV agent before its actor is
+        killed: the agents' threads wait on the KV store, which lives in this process and goes
+        when it exits (a decode worker still running then logged c10d errors with C++ stack
+        traces on every stop). Bounded: a hung worker is killed anyway."""
+        import ray
+
+        refs = [
+            actor.shutdown.options(concurrency_group=CONTROL_GROUP).remote()
+            for actor in self.actors.values()
+        ]
+        if refs:
+            wait = functools.partial(ray.wait, refs, num_returns=len(refs), timeout=timeout_s)
+            await asyncio.get_running_loop().run_in_executor(None, wait)
 
 
 def _ray_init(config: BatonConfig) -> None:
