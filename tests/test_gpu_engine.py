@@ -52,6 +52,18 @@ def test_chunked_prefill_and_prefix_cache_match_reference(model_dir, reference, 
     assert_pool_whole(llm)
 
 
+def test_prefill_pool_config_keeps_prefill_graphs_without_decode_graphs(model_dir, reference):
+    """A prefill worker's engine (`decode_graphs=False`): no decode graphs captured, prompt
+    steps on the piecewise graphs, and (decoding eagerly here) the reference's tokens."""
+    prompts = random_prompts(PROMPT_LENGTHS, seed=5)
+    llm = gpu_llm(model_dir, max_num_batched_tokens=64, num_blocks=512, decode_graphs=False)
+    runner = llm.engine.runner
+    assert runner.graphs is None and runner.prefill_graphs is not None
+    outputs = llm.generate(prompts, GREEDY)
+    assert_matches_reference(reference, prompts, outputs, MAX_TOKENS)
+    assert_pool_whole(llm)
+
+
 def test_preemption_matches_reference(model_dir, reference):
     prompts = random_prompts(PROMPT_LENGTHS, seed=3)
     llm = gpu_llm(model_dir, max_num_batched_tokens=64, num_blocks=24)
