@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.speculative import model_shape
+from benchmarks.speculative import add_shape_args, model_shape
 from engine import LLM, SamplingParams
 from engine.testing import write_test_checkpoint
 
@@ -169,12 +169,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--cprofile", action="store_true", help="also cProfile --steps mixed steps (host time)"
     )
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_shape_args(p, hidden=256, heads=4)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs at all")
     p.add_argument(
         "--no-prefill-graphs",

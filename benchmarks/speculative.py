@@ -224,6 +224,17 @@ def cells(args, root: Path):
         yield "draft", "pair", "random", target, prompts, spec
 
 
+def add_shape_args(ap, hidden=512, layers=4, heads=8, kv_heads=2, vocab=4096) -> None:
+    """The target's shape and dtype flags (read by `model_shape`), with this benchmark's
+    defaults."""
+    ap.add_argument("--hidden-size", type=int, default=hidden)
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--vocab-size", type=int, default=vocab)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
 def model_shape(args) -> dict:
     return dict(
         vocab_size=args.vocab_size,
@@ -284,11 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         help="each repeat gives the requests the output lengths in its own order (`shuffled`)",
     )
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
-    ap.add_argument("--hidden-size", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=4096)
+    add_shape_args(ap)
     ap.add_argument("--draft-layers", type=int, default=1, help="the draft: the target's first N")
     ap.add_argument(
         "--later-layer-scale",
@@ -296,7 +303,6 @@ def main(argv: list[str] | None = None) -> None:
         default=0.1,
         help="scale of the target's residual branches past the draft's layers (write_draft_pair)",
     )
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; best is kept")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.speculative import make_models, output_lengths, random_prompts, shuffled
+from benchmarks.speculative import (
+    add_shape_args,
+    make_models,
+    output_lengths,
+    random_prompts,
+    shuffled,
+)
 from engine import LLM, SamplingParams
 
 # The engine's methods that exist for speculation only (the proposer's lookup is timed too);
@@ -74,12 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--waves", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--length-spread", type=float, default=0.5)
-    ap.add_argument("--hidden-size", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--kv-heads", type=int, default=1)
-    ap.add_argument("--vocab-size", type=int, default=32000)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_shape_args(ap, hidden=64, layers=2, heads=2, kv_heads=1, vocab=32000)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.speculative import (
+    add_shape_args,
     copy_workload,
     make_models,
     output_lengths,
@@ -151,12 +152,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--async-scheduling", action="store_true")
     ap.add_argument("--saturation-tokens", type=int, default=None)
-    ap.add_argument("--hidden-size", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_shape_args(ap)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:

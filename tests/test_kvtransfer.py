@@ -185,6 +185,21 @@ def decode_process(name: str, port: int, device: str, run: str, out) -> None:
     out.put((name, {"results": {t: s.value for t, s in results.items()}, "exact": exact}))
 
 
+# The process tests' two devices: gloo on CPU, and NCCL between two GPUs (`pytest -m gpu`).
+PROCESS_DEVICES = pytest.mark.parametrize(
+    "devices",
+    [
+        ("cpu", "cpu"),
+        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
+    ],
+)
+
+
+def skip_without_two_gpus(devices: tuple[str, str]) -> None:
+    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+
+
 def run_processes(targets: list[tuple], timeout_s: float) -> dict:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -201,16 +216,9 @@ def run_processes(targets: list[tuple], timeout_s: float) -> dict:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize(
-    "devices",
-    [
-        ("cpu", "cpu"),
-        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
-    ],
-)
+@PROCESS_DEVICES
 def test_transfers_between_processes_land_exactly(port, devices):
-    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    skip_without_two_gpus(devices)
     prefill_device, decode_device = devices
     run = f"test/{prefill_device}"
     reports = run_processes(
@@ -362,16 +370,9 @@ def failures_decode(port: int, device: str, run: str, out) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "devices",
-    [
-        ("cpu", "cpu"),
-        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
-    ],
-)
+@PROCESS_DEVICES
 def test_stall_reconnect_and_dead_receiver_between_processes(port, devices):
-    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    skip_without_two_gpus(devices)
     run = f"failures/{devices[0]}"
     reports = run_processes(
         [(failures_prefill, port, devices[0], run), (failures_decode, port, devices[1], run)], 90
@@ -466,19 +467,12 @@ def _debuggable(device: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "devices",
-    [
-        ("cpu", "cpu"),
-        pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.gpu),  # NCCL
-    ],
-)
+@PROCESS_DEVICES
 def test_sender_stalling_after_received_messages_fails_and_the_pair_rebuilds(port, devices):
     """The stall comes after the receiver got messages of the transfer (16 MiB each on GPU, a
     layer per message): both sides fail it within their timeouts, reconnect, and the next
     transfer lands. (Session 9 saw the NCCL reconnect time out after such a stall.)"""
-    if devices[0] != "cpu" and torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    skip_without_two_gpus(devices)
     run = f"stall-later/{devices[0]}"
     reports = run_processes(
         [(stall_prefill, port, devices[0], run), (stall_decode, port, devices[1], run)], 90
