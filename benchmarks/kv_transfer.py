@@ -4,10 +4,13 @@ Two processes (prefill on cuda:0, decode on cuda:1, NCCL; or both on CPU with gl
 Llama-3-8B-shaped paged KV cache (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token,
 block size 16). For each prompt length, in one run:
 
-  raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group
+  raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group,
+           once per backend (--backends: on CUDA `nccl`, NCCL's C API, and `torch-nccl`,
+           ProcessGroupNCCL, interleaved in one run)
   agent    KVTransferAgent: start_send, send_layer x32, finish_send, until the receiver's poll()
-           says DONE; scattered random block ids on both sides; one agent pair per
-           --min-message-bytes setting; reported as GB/s and as a ratio to raw. Three ways:
+           says DONE; scattered random block ids on both sides; one agent pair per backend and
+           --min-message-bytes setting; reported as GB/s and as a ratio to the best raw send
+           of the run at that size (whichever backend's was faster). Three ways:
            the header on the clock; sent ahead (the clock starts at the first send_layer);
            sent ahead with the decode side's main thread polling the agent for DONE, as raw's
            receiving thread polls its recv, instead of waking on the agent's condition
@@ -39,7 +42,7 @@ import zlib
 
 import torch
 
-from kvtransfer import KVTransferAgent, TransferState
+from kvtransfer import KVTransferAgent, TransferState, nccl
 from kvtransfer.pair import abort_group, new_group, wait_work
 from kvtransfer.store import connect_store, start_store
 
@@ -152,47 +155,62 @@ def run_worker(role: str, args, port: int) -> dict:
         device = torch.device("cuda", rank)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
     store = connect_store("127.0.0.1", port, 600)
     clock = Clock(store, "bench")
     max_blocks = max(args.tokens) // args.block_size
     num_blocks = 2 * max_blocks + 7  # room for scattered ids
     caches = make_caches(args, num_blocks, device, seed=rank)
-    # One agent pair per coalescing setting, all on the same caches.
-    agents = {}
-    for m in args.min_message_bytes:
-        me, peer = (f"p-{label(m)}", f"d-{label(m)}")[:: 1 if role == "prefill" else -1]
-        agent = KVTransferAgent(
-            me, caches, "127.0.0.1", port, backend, timeout_s=60, min_message_bytes=m, role=role
-        )
-        agent.connect(peer)
-        agents[m] = (agent, peer)
-    raw = new_group(connect_store("127.0.0.1", port, 60), "bench/raw", rank, backend, 60)
-    probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
-    wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
+    # Per backend: its raw group and one agent pair per coalescing setting, all on the caches.
+    agents, raws = {}, {}
+    for backend in args.backends:
+        for m in args.min_message_bytes:
+            names = (f"p-{backend}-{label(m)}", f"d-{backend}-{label(m)}")
+            me, peer = names[:: 1 if role == "prefill" else -1]
+            agent = KVTransferAgent(
+                me, caches, "127.0.0.1", port, backend, 60, min_message_bytes=m, role=role
+            )
+            agent.connect(peer)
+            agents[backend, m] = (agent, peer)
+        client = connect_store("127.0.0.1", port, 60)
+        raw = new_group(client, f"bench/raw/{backend}", rank, backend, 60)
+        probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
+        wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
+        raws[backend] = raw
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    results: dict = {"info": info, "raw": {}, "agent": {}, "ahead": {}, "polled": {}, "ttft": {}}
+    if "nccl" in args.backends:
+        info["nccl"] = f"{nccl.library().version()} ({nccl.library().path})"
+    results: dict = {"info": info}
+    for backend in args.backends:
+        results[backend] = {"raw": {}, "agent": {}, "ahead": {}, "polled": {}, "ttft": {}}
     results["header_latency"] = header_latency(role, port)
-    agent = agents[args.min_message_bytes[0]][0]
-    results["copy"] = bench_copy(role, agent, max(args.tokens) // args.block_size, device)
+    first = agents[args.backends[0], args.min_message_bytes[0]][0]
+    results["copy"] = bench_copy(role, first, max(args.tokens) // args.block_size, device)
     for tokens in args.tokens:
         n = tokens // args.block_size
-        total = args.layers * agents[args.min_message_bytes[0]][0].layout.layer_bytes(n)
-        results["raw"][tokens] = bench_raw(role, raw, backend, device, clock, tokens, total, args)
-        for m, (agent, peer) in agents.items():
-            key = f"{tokens}/{m}"
-            ids = block_ids(num_blocks, n, seed=tokens * 7 + rank)
-            results["agent"][key] = bench_agent(role, agent, peer, device, clock, key, ids, args)
-            results["ahead"][key] = bench_agent(
-                role, agent, peer, device, clock, key, ids, args, ahead_s=AHEAD_S
+        total = args.layers * first.layout.layer_bytes(n)
+        ids = block_ids(num_blocks, n, seed=tokens * 7 + rank)
+        for backend in args.backends:  # interleaved: the hosts drift between minutes
+            res = results[backend]
+            res["raw"][tokens] = bench_raw(
+                role, raws[backend], backend, device, clock, f"{backend}/{tokens}", total, args
             )
-            results["polled"][key] = bench_agent(
-                role, agent, peer, device, clock, key, ids, args, ahead_s=AHEAD_S, spin=True
-            )
-            if not args.skip_ttft:
-                results["ttft"][key] = bench_ttft(role, agent, peer, device, clock, key, ids, args)
+            for m in args.min_message_bytes:
+                agent, peer = agents[backend, m]
+                key = f"{tokens}/{m}"
+                tag = f"{backend}/{key}"
+                res["agent"][key] = bench_agent(role, agent, peer, device, clock, tag, ids, args)
+                res["ahead"][key] = bench_agent(
+                    role, agent, peer, device, clock, tag, ids, args, ahead_s=AHEAD_S
+                )
+                res["polled"][key] = bench_agent(
+                    role, agent, peer, device, clock, tag, ids, args, ahead_s=AHEAD_S, spin=True
+                )
+                if not args.skip_ttft:
+                    res["ttft"][key] = bench_ttft(
+                        role, agent, peer, device, clock, key, tag, ids, args
+                    )
     if args.profile:
-        agent, peer = agents[args.min_message_bytes[0]]
+        agent, peer = agents[args.backends[0], args.min_message_bytes[0]]
         n = args.tokens[0] // args.block_size
         ids = block_ids(num_blocks, n, seed=rank)
         profile_agent(role, agent, peer, device, clock, ids, args)
@@ -200,7 +218,8 @@ def run_worker(role: str, args, port: int) -> dict:
             profile_ttft(role, agent, peer, device, clock, ids, args)
     for agent, _ in agents.values():
         agent.close()
-    abort_group(raw)
+    for raw in raws.values():
+        abort_group(raw)
     return results
 
 
@@ -240,13 +259,13 @@ def header_latency(role: str, port: int, samples: int = 50) -> list[float]:
     return latencies
 
 
-def bench_raw(role, group, backend, device, clock, tokens, total_bytes, args) -> list[float]:
+def bench_raw(role, group, backend, device, clock, tag, total_bytes, args) -> list[float]:
     buf = torch.empty(total_bytes, dtype=torch.uint8, device=device)
     if role == "prefill":
         buf.random_(0, 255)
     times = []
     for i in range(args.repeats + 1):
-        key = f"raw/{tokens}/{i}"
+        key = f"raw/{tag}/{i}"
         if role == "decode":
             work = group.recv([buf], 0, 0)
             clock.ready(key)
@@ -361,7 +380,7 @@ def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
     config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
     key = f"{args.tokens[0]}/profile"
     with profile(activities=activities, experimental_config=config) as prof:
-        bench_ttft(role, agent, peer, device, clock, key, ids, once)
+        bench_ttft(role, agent, peer, device, clock, key, f"profile/{key}", ids, once)
     os.makedirs(args.profile, exist_ok=True)
     prof.export_chrome_trace(os.path.join(args.profile, f"{role}-ttft.json"))
     if role != "prefill" or device.type != "cuda":
@@ -391,8 +410,9 @@ def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
         print(f"profile   beside the matmuls: {us / 1e3:.3f} ms  {name}")
 
 
-def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
-    """Prefill compute without and with per-layer sends; the tail until the receiver's DONE."""
+def bench_ttft(role, agent, peer, device, clock, key, tag, ids, args) -> dict:
+    """Prefill compute without and with per-layer sends; the tail until the receiver's DONE.
+    `key`: "{tokens}/...", `tag`: unique to this agent (the clock's and transfer ids' names)."""
     tokens = int(key.split("/")[0])
     runs: dict[str, list[float]] = {"compute": [], "compute_sending": [], "done": []}
     if role == "prefill":
@@ -402,8 +422,8 @@ def bench_ttft(role, agent, peer, device, clock, key, ids, args) -> dict:
         w = torch.randn(hidden, width, device=device, dtype=dtype) / hidden**0.5
         y = torch.empty(tokens, width, device=device, dtype=dtype)
     for i in range(args.repeats + 1):
-        tid = zlib.crc32(f"ttft/{key}/{i}".encode())
-        rep = f"ttft/{key}/{i}"
+        tid = zlib.crc32(f"ttft/{tag}/{i}".encode())
+        rep = f"ttft/{tag}/{i}"
         if role == "decode":
             receive(agent, clock, rep, tid, peer, ids)
             continue
@@ -441,29 +461,43 @@ def median_ratio(values: list[float], bases: list[float]) -> float:
 
 
 def report(args, results: dict, kv_bytes_per_token: int) -> str:
+    """The tables, one block per backend. Every ratio is to the best raw send of the run at
+    that size (over the backends): the link's bandwidth, not one binding's."""
     prefill = results["prefill"]
     lines = [
         f"bandwidth (GB/s = 1e9 B/s), median of {args.repeats}; agent = start_send .. receiver "
-        "DONE, scattered block ids",
-        f"{'tokens':>6} {'MiB':>6} {'raw GB/s':>9} | "
-        + " | ".join(
-            f"{'min ' + label(m):>10} {'GB/s':>6} {'ratio':>5}" for m in args.min_message_bytes
-        ),
+        "DONE, scattered block ids; ratio = agent GB/s / the best raw GB/s at that size",
     ]
-    for kind, what in (
-        ("agent", "header included"),
-        ("ahead", "header sent ahead"),
-        ("polled", "header sent ahead; the decode side polls for DONE, as raw's polls its recv"),
-    ):
-        lines.append(f"-- {kind}: {what}")
-        for tokens in args.tokens:
-            total = tokens * kv_bytes_per_token
-            raw = total / statistics.median(prefill["raw"][tokens]) / 1e9
-            cells = []
-            for m in args.min_message_bytes:
-                bw = total / statistics.median(prefill[kind][f"{tokens}/{m}"]) / 1e9
-                cells.append(f"{'':>10} {bw:6.1f} {bw / raw:5.2f}")
-            lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
+    best_raw = {
+        tokens: max(
+            tokens * kv_bytes_per_token / statistics.median(prefill[b]["raw"][tokens]) / 1e9
+            for b in args.backends
+        )
+        for tokens in args.tokens
+    }
+    for backend in args.backends:
+        res = prefill[backend]
+        lines += [
+            f"== backend {backend}",
+            f"{'tokens':>6} {'MiB':>6} {'raw GB/s':>9} | "
+            + " | ".join(
+                f"{'min ' + label(m):>10} {'GB/s':>6} {'ratio':>5}" for m in args.min_message_bytes
+            ),
+        ]
+        for kind, what in (
+            ("agent", "header included"),
+            ("ahead", "header sent ahead"),
+            ("polled", "header ahead; the decode side polls for DONE, as raw's polls its recv"),
+        ):
+            lines.append(f"-- {kind}: {what}")
+            for tokens in args.tokens:
+                total = tokens * kv_bytes_per_token
+                raw = total / statistics.median(res["raw"][tokens]) / 1e9
+                cells = []
+                for m in args.min_message_bytes:
+                    bw = total / statistics.median(res[kind][f"{tokens}/{m}"]) / 1e9
+                    cells.append(f"{'':>10} {bw:6.1f} {bw / best_raw[tokens]:5.2f}")
+                lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
     if not args.skip_ttft:
         lines += [
             "",
@@ -471,22 +505,23 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             "layer (until the compute stream is done); tail = that -> receiver DONE; "
             "handoff = (DONE - start - prefill) / prefill; percentages: medians of each "
             "repeat's ratio",
-            f"{'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} {'compute +%':>10} "
-            f"{'tail ms':>8} {'handoff +%':>10}",
+            f"{'backend':>10} {'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} "
+            f"{'compute +%':>10} {'tail ms':>8} {'handoff +%':>10}",
         ]
         for tokens in args.tokens:
-            for m in args.min_message_bytes:
-                runs = prefill["ttft"][f"{tokens}/{m}"]
-                base, sending = median_ms(runs["compute"]), median_ms(runs["compute_sending"])
-                tails = [d - c for d, c in zip(runs["done"], runs["compute_sending"])]
-                # Paired: each repeat's prefill with sends against the one just before it
-                # without (the GPU's clock drifts between repeats by more than the effect).
-                slowdown = median_ratio(runs["compute_sending"], runs["compute"])
-                handoff = median_ratio(runs["done"], runs["compute"])
-                lines.append(
-                    f"{tokens:6d} {label(m):>7} {base:10.2f} {sending:9.2f} "
-                    f"{slowdown:10.2f} {median_ms(tails):8.2f} {handoff:10.2f}"
-                )
+            for backend in args.backends:
+                for m in args.min_message_bytes:
+                    runs = prefill[backend]["ttft"][f"{tokens}/{m}"]
+                    base, sending = median_ms(runs["compute"]), median_ms(runs["compute_sending"])
+                    tails = [d - c for d, c in zip(runs["done"], runs["compute_sending"])]
+                    # Paired: each repeat's prefill with sends against the one just before it
+                    # without (the GPU's clock drifts between repeats by more than the effect).
+                    slowdown = median_ratio(runs["compute_sending"], runs["compute"])
+                    handoff = median_ratio(runs["done"], runs["compute"])
+                    lines.append(
+                        f"{backend:>10} {tokens:6d} {label(m):>7} {base:10.2f} {sending:9.2f} "
+                        f"{slowdown:10.2f} {median_ms(tails):8.2f} {handoff:10.2f}"
+                    )
     return "\n".join(lines)
 
 
@@ -500,6 +535,12 @@ def main() -> None:
         "--min-message-bytes",
         default="0,16M,64M,1G",
         help="coalescing settings to compare (0: one message per layer), e.g. 0,16M,64M",
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="KV transfer backends to compare, comma separated (nccl: NCCL's C API; torch-nccl: "
+        "ProcessGroupNCCL); default: both on CUDA (nccl where it loads), gloo on CPU",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-ttft", action="store_true")
@@ -530,6 +571,10 @@ def main() -> None:
     default_tokens = "512,1024,2048,4096,8192" if args.device == "cuda" else "256,1024"
     args.tokens = [int(t) for t in (args.tokens or default_tokens).split(",")]
     args.min_message_bytes = [parse_bytes(m) for m in args.min_message_bytes.split(",")]
+    if args.backends is None:
+        cuda_backends = "nccl,torch-nccl" if nccl.available() else "torch-nccl"
+        args.backends = cuda_backends if args.device == "cuda" else "gloo"
+    args.backends = args.backends.split(",")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: never needed here
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
@@ -558,6 +603,8 @@ def main() -> None:
         f"{results['decode']['info']['device']}, torch {torch.__version__}, "
         f"{platform.machine()}"
     )
+    if "nccl" in results["prefill"]["info"]:
+        print(f"NCCL (backend nccl): {results['prefill']['info']['nccl']}")
     print(
         f"KV: {args.layers} layers x {args.kv_heads} KV heads x head_dim {args.head_dim}, "
         f"{args.dtype}, block {args.block_size}: {kv_bytes_per_token // 1024} KiB per token"

@@ -118,7 +118,8 @@ class BatonConfig:
     api_key: str | None = None  # None: no key needed; else HTTP Bearer / gRPC metadata
     # The admin gRPC service's key (scaling, docs/SCALING.md); None: `api_key` guards it too.
     admin_api_key: str | None = None
-    transfer_backend: str = "auto"  # gloo | nccl | auto
+    # gloo | nccl (NCCL's C API) | torch-nccl (ProcessGroupNCCL) | auto (see kvtransfer.pair)
+    transfer_backend: str = "auto"
     transfer_timeout_s: float = 30.0
     max_attempts: int = 3  # placements per request before it fails
     placement: str = "goodput"  # goodput | least_loaded | round_robin
@@ -159,6 +160,11 @@ class BatonConfig:
                     f"config: tier {name!r} needs a prefill and a decode pool, or only "
                     f"colocated pools; got {sorted(roles)}"
                 )
+        if self.transfer_backend not in ("auto", "gloo", "nccl", "torch-nccl"):
+            raise ValueError(
+                "config: transfer_backend must be auto, gloo, nccl or torch-nccl, "
+                f"got {self.transfer_backend!r}"
+            )
         if self.placement not in ("goodput", "least_loaded", "round_robin"):
             raise ValueError(f"config: unknown placement {self.placement!r}")
         if self.overload_policy not in ("queue", "reject"):

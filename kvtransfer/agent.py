@@ -1,5 +1,7 @@
 """KVTransferAgent: one per worker process; moves a request's paged KV from a prefill worker's
-blocks into a decode worker's blocks over a size-2 torch.distributed group per pair.
+blocks into a decode worker's blocks over a size-2 group per pair: on GPUs an NCCL communicator
+driven through NCCL's C API (`kvtransfer.nccl`; ProcessGroupNCCL where that library does not
+load), on CPU a ProcessGroupGloo.
 
     prefill worker (rank 0)                                decode worker (rank 1)
     connect(D)  <------------- handshake (store) ------------->  connect(P)
@@ -31,6 +33,7 @@ from kvtransfer.pair import (
     PREFILL,
     RANK,
     abort_group,
+    choose_backend,
     handshake,
     new_group,
     other_role,
@@ -113,7 +116,7 @@ class _Pair:
     generation: int
     peer_nonce: int
     hello: str  # what this side's hello key holds while the pair is live
-    group: object  # ProcessGroupGloo | ProcessGroupNCCL, ranks: prefill 0, decode 1
+    group: object  # ProcessGroupGloo | NcclComm | ProcessGroupNCCL; ranks: prefill 0, decode 1
     backend: str
     client: object  # this pair's store connection (the group's store; the sender's headers)
     queue_key: str  # the store queue of headers
@@ -178,8 +181,9 @@ class KVTransferAgent:
     it reports what finished.
 
     `role` ("prefill" | "decode") fixes the direction: prefill workers send (rank 0 of each pair),
-    decode workers receive (rank 1). `timeout_s` bounds `connect` and every wait of a transfer
-    in flight; an idle pair may stay connected forever."""
+    decode workers receive (rank 1). `backend`: "gloo", "nccl", "torch-nccl" or "auto" (see
+    `kvtransfer.pair.choose_backend`). `timeout_s` bounds `connect` and every wait of a
+    transfer in flight; an idle pair may stay connected forever."""
 
     def __init__(
         self,
@@ -200,11 +204,7 @@ class KVTransferAgent:
         if timeout_s <= 0 or min_message_bytes < 0:
             raise ValueError("timeout_s must be > 0 and min_message_bytes >= 0")
         self.layout = KVLayout.of(kv_caches)
-        on_cuda = self.layout.device.type == "cuda"
-        if backend == "auto":
-            backend = "nccl" if on_cuda else "gloo"
-        if backend not in ("gloo", "nccl") or (backend == "nccl") != on_cuda:
-            raise ValueError(f"backend {backend!r} does not fit caches on {self.layout.device}")
+        backend = choose_backend(backend, self.layout.device)
         self.worker_id, self.role, self.backend = worker_id, role, backend
         self.kv_caches = kv_caches
         self._rows = [self.layout.as_rows(kv) for kv in kv_caches]  # views, for copies

@@ -28,9 +28,13 @@ from datetime import timedelta
 import torch
 from torch.distributed import PrefixStore, TCPStore
 
+from kvtransfer.nccl import NcclComm
+from kvtransfer.nccl import available as nccl_available
+
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = "prefill", "decode"
+BACKENDS = ("gloo", "nccl", "torch-nccl")
 RANK = {PREFILL: 0, DECODE: 1}  # the prefill side sends, as rank 0
 
 # NOTE: NCCL's watchdog aborts (and by default tears down the process) on a collective that
@@ -120,17 +124,37 @@ def _nccl_keeps_process_on_error():
 
 
 def new_group(store: TCPStore, prefix: str, rank: int, backend: str, timeout_s: float):
-    """A size-2 ProcessGroupGloo / ProcessGroupNCCL on `PrefixStore(prefix, store)`; no default
-    (world) group is involved. Gloo's own timeout is `timeout_s`: gloo work cannot be polled
-    (`is_completed` stays False until `wait`), so its waits block with that bound instead."""
+    """A size-2 group for one pair, bootstrapped under `prefix` in `store` (no default, world
+    group is involved): `gloo` (CPU), `nccl` (`kvtransfer.nccl.NcclComm`, NCCL's C API on a
+    stream of the pair's own) or `torch-nccl` (`ProcessGroupNCCL`). All three answer `send`,
+    `recv` and `abort`, with works that `wait_work` waits on. Gloo's own timeout is
+    `timeout_s`: gloo work cannot be polled (`is_completed` stays False until `wait`), so its
+    waits block with that bound instead."""
+    if backend == "nccl":
+        return NcclComm.connect(store, prefix, rank, timeout_s)
     prefixed = PrefixStore(prefix, store)
     if backend == "gloo":
         return torch.distributed.ProcessGroupGloo(prefixed, rank, 2, timedelta(seconds=timeout_s))
+    if backend != "torch-nccl":
+        raise ValueError(f"unknown KV transfer backend {backend!r}")
     options = torch.distributed.ProcessGroupNCCL.Options()
     options._timeout = NCCL_GROUP_TIMEOUT
     options.is_high_priority_stream = True  # KV sends overlap compute; let them start first
     with _nccl_keeps_process_on_error():
         return torch.distributed.ProcessGroupNCCL(prefixed, rank, 2, options)
+
+
+def choose_backend(backend: str, device: torch.device) -> str:
+    """`auto`: gloo for CPU caches; for CUDA caches NCCL's C API, or ProcessGroupNCCL where no
+    NCCL library loads. Raises ValueError for a backend that does not fit the device."""
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        backend = ("nccl" if nccl_available() else "torch-nccl") if on_cuda else "gloo"
+    if backend not in BACKENDS or (backend != "gloo") != on_cuda:
+        raise ValueError(f"backend {backend!r} does not fit caches on {device}")
+    if backend == "nccl" and not nccl_available():
+        raise ValueError("backend 'nccl': no NCCL library loads here (try 'torch-nccl')")
+    return backend
 
 
 def wait_work(work, backend: str, timeout_s: float) -> None:
@@ -156,6 +180,12 @@ def wait_work(work, backend: str, timeout_s: float) -> None:
 
 def abort_group(group) -> None:
     """Best effort: stop the group's pending work (NCCL kernels spinning on a dead peer)."""
+    if isinstance(group, NcclComm):
+        try:
+            group.abort()
+        except Exception as e:  # noqa: BLE001 - as below
+            log.debug("aborting a broken KV pair's communicator failed: %s", e)
+        return
     for name in ("abort", "_abort", "shutdown"):
         fn = getattr(group, name, None)
         if fn is None:

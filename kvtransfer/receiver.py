@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Receives posted ahead of the one being waited on, in bytes (at least one message). A posted
-# receive costs ~60-150 us of host time, so the thread never waits for the next post between two
-# messages if the window holds a few of them: with 64 MiB messages on an H100 (~200 us each on
-# the wire) a window of 3 messages left the last receive posted ~270 us late (traced 2026-11-26).
+# receive cost ~60-150 us of host time through ProcessGroupNCCL (the `torch-nccl` backend), so
+# the thread never waits for the next post between two messages if the window holds a few of
+# them: with 64 MiB messages on an H100 (~200 us each on the wire) a window of 3 messages left
+# the last receive posted ~270 us late (traced 2026-11-26).
 RECV_AHEAD_BYTES = 512 << 20
 # Consecutive messages land in one buffer of up to this size (a message larger than it gets its
 # own), so that messages that arrived while the thread was busy are scattered by one kernel.

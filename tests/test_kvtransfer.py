@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kvtransfer.receiver
-from kvtransfer import KVTransferAgent, TransferState, start_store
-from kvtransfer.pair import read_hello, wait_work
+from kvtransfer import KVTransferAgent, TransferState, nccl, start_store
+from kvtransfer.pair import choose_backend, read_hello, wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
 from kvtransfer.receiver import _segments
 from kvtransfer.store import connect_store
@@ -845,3 +845,73 @@ def test_store_helpers_roundtrip():
     client.set("k", "v")
     assert store.get("k") == b"v"
     assert client.timeout == timedelta(seconds=5)
+
+
+def test_backend_choice_fits_the_device():
+    cpu = torch.device("cpu")
+    assert choose_backend("auto", cpu) == "gloo"
+    assert choose_backend("gloo", cpu) == "gloo"
+    for backend in ("nccl", "torch-nccl", "mpi"):
+        with pytest.raises(ValueError, match="does not fit"):
+            choose_backend(backend, cpu)
+    if not torch.cuda.is_available():
+        assert not nccl.available()  # a CPU build: nothing to load, and no error either
+        return
+    cuda = torch.device("cuda", 0)
+    assert choose_backend("auto", cuda) == ("nccl" if nccl.available() else "torch-nccl")
+    with pytest.raises(ValueError, match="does not fit"):
+        choose_backend("gloo", cuda)
+
+
+@pytest.mark.gpu
+def test_nccl_library_loads_with_torch():
+    """On a CUDA build of torch the NCCL it ships loads through ctypes (the `nccl` backend)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    lib = nccl.library()
+    assert lib is not None, "no NCCL library loaded; the agent falls back to torch-nccl"
+    assert lib.version() >= 21800  # ncclCommAbort, ncclCommGetAsyncError, p2p send / recv
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+def test_nccl_comm_moves_bytes_and_an_abort_fails_a_pending_receive(port):
+    """NcclComm between two GPUs of this process (one thread per rank): a send lands exactly;
+    a receive nobody sends to stays pending until `abort`, after which its `wait` raises and
+    the communicator refuses new work."""
+    if torch.cuda.device_count() < 2 or not nccl.available():
+        pytest.skip("needs 2 GPUs and NCCL's library")
+    comms = {}
+
+    def connect(rank: int) -> None:
+        torch.cuda.set_device(rank)
+        client = connect_store("127.0.0.1", port, 30)
+        comms[rank] = nccl.NcclComm.connect(client, "test/ncclcomm", rank, 30)
+
+    threads = [threading.Thread(target=connect, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(comms) == {0, 1}
+    src = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.zeros_like(src, device="cuda:1")
+    with torch.cuda.device(1):
+        received = comms[1].recv([dst], 0)
+    with torch.cuda.device(0):
+        sent = comms[0].send([src], 1)
+    for work in (sent, received):
+        wait_work(work, "nccl", 10)
+    torch.cuda.synchronize(1)
+    assert torch.equal(dst.cpu(), src.cpu())
+
+    with torch.cuda.device(1):
+        pending = comms[1].recv([dst], 0)
+        time.sleep(0.2)
+        assert not pending.is_completed()
+        comms[1].abort()
+        with pytest.raises((RuntimeError, TimeoutError)):
+            wait_work(pending, "nccl", 10)
+        with pytest.raises(nccl.NcclError, match="aborted"):
+            comms[1].recv([dst], 0)
+    comms[0].abort()
