@@ -884,9 +884,14 @@ def test_nccl_comm_moves_bytes_and_an_abort_fails_a_pending_receive(port):
     comms = {}
 
     def connect(rank: int) -> None:
+        # NOTE: NCCL connects a pair at its first send / receive, and that call blocks until
+        # the peer's first call: one thread per rank, as the agent's processes do.
         torch.cuda.set_device(rank)
         client = connect_store("127.0.0.1", port, 30)
-        comms[rank] = nccl.NcclComm.connect(client, "test/ncclcomm", rank, 30)
+        comm = nccl.NcclComm.connect(client, "test/ncclcomm", rank, 30)
+        probe = torch.ones(1, device=f"cuda:{rank}")
+        wait_work(comm.send([probe], 1) if rank == 0 else comm.recv([probe], 0), "nccl", 30)
+        comms[rank] = comm
 
     threads = [threading.Thread(target=connect, args=(r,)) for r in (0, 1)]
     for t in threads:
