@@ -18,8 +18,10 @@ side's hello with "broken", which tells the peer's next `connect` to handshake a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,11 +45,17 @@ RANK = {PREFILL: 0, DECODE: 1}  # the prefill side sends, as rank 0
 NCCL_GROUP_TIMEOUT = timedelta(days=1)
 _HANDSHAKE_POLL_S = 0.005
 # Polling an NCCL work: spin first (sleep(0) only yields the GIL), then sleep with backoff.
-# NOTE: even a 20 us sleep lasts ~60-80 us on Linux (timer slack), and the receiver waits for
-# each message in turn: sleeping from the start cost ~100 us per message, 3.6 ms for a
-# 32-message transfer that NCCL delivers in 1 ms (2x H200, 2026-11-26). A message lands within
-# tens of microseconds of the previous one, so the spin phase covers the common case.
-_POLL_SPIN_S, _POLL_MAX_S = 2e-3, 200e-6
+# NOTE: Linux stretches a short sleep by the thread's timer slack (50 us by default: a 20 us
+# sleep lasted ~60-80 us), and the receiver waits for each message in turn: sleeping from the
+# start cost ~100 us per message, 3.6 ms for a 32-message transfer that NCCL delivers in 1 ms
+# (2x H200, 2026-11-26). A message lands within tens of microseconds of the previous one, so the
+# spin phase covers a burst. Between messages spread over a prefill (milliseconds apart) the
+# wait backs off; a waiting thread's slack is cut to 1 us (`_precise_sleeps`) and the backoff
+# stops at 50 us, so a message waited on that long is seen within ~50 us, not ~250 us (the
+# device trace of session 11: the first message's scatter began 293 us after it landed).
+_POLL_SPIN_S, _POLL_MAX_S = 2e-3, 50e-6
+_PR_SET_TIMERSLACK, _TIMER_SLACK_NS = 29, 1000
+_thread_state = threading.local()
 _env_lock = threading.Lock()
 
 
@@ -173,9 +181,24 @@ def wait_work(work, backend: str, timeout_s: float) -> None:
         if now - start >= timeout_s:
             raise TimeoutError(f"transfer did not complete within {timeout_s:.1f} s")
         if now - start > _POLL_SPIN_S:
+            if not sleep_s:
+                _precise_sleeps()
             sleep_s = min(max(2 * sleep_s, 20e-6), _POLL_MAX_S)
         time.sleep(sleep_s)
     work.wait()
+
+
+def _precise_sleeps() -> None:
+    """Cut this thread's timer slack to 1 us (Linux; once per thread; best effort): its short
+    sleeps then last what they ask. Only timer precision changes, for this thread alone."""
+    if getattr(_thread_state, "precise", False) or not sys.platform.startswith("linux"):
+        return
+    _thread_state.precise = True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_TIMERSLACK, _TIMER_SLACK_NS, 0, 0, 0)
+    except (OSError, AttributeError) as e:
+        log.debug("could not set the timer slack: %s", e)
 
 
 def abort_group(group) -> None:

@@ -915,8 +915,10 @@ def test_nccl_comm_moves_bytes_and_an_abort_fails_a_pending_receive(port):
         time.sleep(0.2)
         assert not pending.is_completed()
         comms[1].abort()
-        with pytest.raises((RuntimeError, TimeoutError)):
+        # the receive's kernel exits (seen on 2x H200, NCCL 2.28): nothing stays on the GPU
+        with pytest.raises(nccl.NcclError, match="aborted"):
             wait_work(pending, "nccl", 10)
+        assert pending.is_completed()
         with pytest.raises(nccl.NcclError, match="aborted"):
             comms[1].recv([dst], 0)
     comms[0].abort()
