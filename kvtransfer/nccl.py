@@ -189,6 +189,11 @@ class NcclComm:
                 self.lib.check(
                     op(t.data_ptr(), t.nbytes, _UINT8, peer, self._comm, self._stream_ptr), what
                 )
+        # NOTE: the caching allocator must not hand the memory out again before this stream is
+        # done with it, even if the caller drops the tensor first (a receive abandoned by a
+        # failing thread, before the abort ends its kernel): as c10d does.
+        for t in tensors:
+            t.record_stream(self.stream)
         event = torch.cuda.Event()
         event.record(self.stream)
         return NcclWork(self, event)
