@@ -4,12 +4,16 @@ into FAILED within the timeout and the pair reconnects with a new generation."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -922,3 +926,27 @@ def test_nccl_comm_moves_bytes_and_an_abort_fails_a_pending_receive(port):
         with pytest.raises(nccl.NcclError, match="aborted"):
             comms[1].recv([dst], 0)
     comms[0].abort()
+
+
+@pytest.mark.timeout(120)
+def test_kv_transfer_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks.kv_transfer on CPU (two processes, gloo): every table, with its timings in
+    the JSON. The GPU run compares the `nccl` and `torch-nccl` backends the same way."""
+    output = tmp_path / "kv.json"
+    args = ["--device", "cpu", "--tokens", "256", "--min-message-bytes", "0,16M"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kv_transfer", *args, "--repeats", "2"]
+        + ["--json", str(output)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== backend gloo" in done.stdout
+    for kind in ("-- agent", "-- ahead", "-- polled"):
+        assert kind in done.stdout
+    assert "      gloo    256     16M" in done.stdout  # the TTFT rows
+    prefill = json.loads(output.read_text())["results"]["prefill"]["gloo"]
+    assert len(prefill["raw"]["256"]) == 2 and len(prefill["ahead"]["256/0"]) == 2
+    assert all(t > 0 for t in prefill["polled"]["256/16777216"])
