@@ -601,15 +601,15 @@ class Router:
             stop_token = result.first_token if result.finish_reason == "stop" else None
             chunk = self._advance(req, [result.first_token], lp, first_reason, stop_token)
             if chunk.finish_reason is None:
-                try:
-                    await self._attempt_call(
-                        decode, "start", wid, result.first_token, result.first_logprobs
-                    )
-                except (WorkerDied, _AttemptFailed) as e:
-                    # NOTE: the token is in req.output_token_ids already: stream it before
-                    # failing over, or the retry would go on after a token the client never saw.
-                    yield chunk
-                    raise e
+                # The first token goes out before the decode worker's `start` call: the client
+                # does not wait for that round trip (~5 ms of client TTFT on the local CPU
+                # deployment). It is in req.output_token_ids, so a retry after a failed start
+                # goes on after it, as the client saw it.
+                yield chunk
+                chunk = Chunk([], "")
+                await self._attempt_call(
+                    decode, "start", wid, result.first_token, result.first_logprobs
+                )
             while True:
                 if chunk.token_ids or chunk.text or chunk.finish_reason:
                     if chunk.finish_reason is not None:

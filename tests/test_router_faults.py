@@ -57,10 +57,11 @@ class FakePrefill:
 
 class FakeDecode(FakePrefill):
     """Decodes a started request in one update. `fail_start`: dies when asked to start;
-    `hang_reserve_s`: reserve answers that late."""
+    `hang_reserve_s`: reserve answers that late; `start_delay_s`: start returns that late."""
 
-    def __init__(self, fail_start=False, hang_reserve_s=0.0):
+    def __init__(self, fail_start=False, hang_reserve_s=0.0, start_delay_s=0.0):
         self.fail_start, self.hang_reserve_s = fail_start, hang_reserve_s
+        self.start_delay_s = start_delay_s
         self.reserved: dict[str, tuple[list[int], int]] = {}
         self.updates: list[list[TokenUpdate]] = []
         self.cv = threading.Condition()
@@ -73,6 +74,7 @@ class FakeDecode(FakePrefill):
     def start(self, wid, first_token, first_logprobs=None):
         if self.fail_start:
             raise WorkerDied("killed between prefill and start")
+        time.sleep(self.start_delay_s)
         prompt, max_tokens = self.reserved.pop(wid)
         rest = continuation([*prompt, first_token], max_tokens - 1)
         with self.cv:
@@ -128,6 +130,27 @@ def test_decode_dying_before_start_loses_no_token():
     assert [t for c in chunks for t in c.token_ids] == continuation([5, 6, 7], 6)
     assert chunks[-1].timings["attempts"] == 2 and chunks[-1].decode_instance == "d1"
     assert not router.workers[1].alive  # no respawn given: it stays down
+
+
+def test_first_token_reaches_the_client_before_the_decode_worker_starts():
+    """The prefill worker's token is streamed before the decode worker's `start` call: the
+    client's TTFT does not wait for that round trip."""
+
+    async def scenario():
+        router = make_router([FakeDecode(start_delay_s=0.5)])
+        await router.start()
+        req = router.validate("", [5, 6, 7], "t", SamplingParams(max_tokens=4), 4)
+        begin, arrivals, chunks = time.perf_counter(), [], []
+        async for chunk in router.generate(req):
+            arrivals.append(time.perf_counter() - begin)
+            chunks.append(chunk)
+        await router.stop()
+        return arrivals, chunks
+
+    arrivals, chunks = asyncio.run(scenario())
+    assert chunks[0].token_ids == continuation([5, 6, 7], 1)
+    assert [t for c in chunks for t in c.token_ids] == continuation([5, 6, 7], 4)
+    assert arrivals[0] < 0.25 and arrivals[-1] >= 0.5
 
 
 def test_a_call_past_its_deadline_fails_the_attempt_not_the_request():
