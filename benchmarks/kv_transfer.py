@@ -18,6 +18,8 @@ block size 16). For each prompt length, in one run:
   ttft     a simulated prefill, 32 layer steps of one matmul each (2*8e9*tokens FLOPs in all,
            an 8B model's linear layers), without sends, then with send_layer after each layer:
            the compute slowdown, and the tail after the last layer until the receiver's DONE
+           ("handoff") and until the sender's finish_send returns ("sent": when a prefill
+           worker's call returns, and the router streams token 1)
 
 Times cross processes through time.perf_counter (CLOCK_MONOTONIC: one clock per host); each
 number is the median of --repeats runs after a warm-up.
@@ -414,7 +416,7 @@ def bench_ttft(role, agent, peer, device, clock, key, tag, ids, args) -> dict:
     """Prefill compute without and with per-layer sends; the tail until the receiver's DONE.
     `key`: "{tokens}/...", `tag`: unique to this agent (the clock's and transfer ids' names)."""
     tokens = int(key.split("/")[0])
-    runs: dict[str, list[float]] = {"compute": [], "compute_sending": [], "done": []}
+    runs: dict[str, list[float]] = {"compute": [], "compute_sending": [], "sent": [], "done": []}
     if role == "prefill":
         hidden, width = GPU_MATMUL if device.type == "cuda" else CPU_MATMUL
         dtype = getattr(torch, args.dtype)
@@ -443,10 +445,12 @@ def bench_ttft(role, agent, peer, device, clock, key, tag, ids, args) -> dict:
         sync_compute(device)
         compute_sending = time.perf_counter() - start
         assert agent.finish_send(handle) is TransferState.DONE
+        sent = time.perf_counter() - start
         done = clock_end(clock, rep) - start
         if i > 0:
             runs["compute"].append(compute)
             runs["compute_sending"].append(compute_sending)
+            runs["sent"].append(sent)
             runs["done"].append(done)
     return runs
 
@@ -503,10 +507,11 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
             "",
             "TTFT: prefill = 32 matmul layer steps; +send = the same with send_layer after each "
             "layer (until the compute stream is done); tail = that -> receiver DONE; "
-            "handoff = (DONE - start - prefill) / prefill; percentages: medians of each "
-            "repeat's ratio",
+            "handoff = (DONE - start - prefill) / prefill; sent = the same to finish_send's "
+            "return (a prefill worker's call returns, and the router streams token 1, then); "
+            "percentages: medians of each repeat's ratio",
             f"{'backend':>10} {'tokens':>6} {'min msg':>7} {'prefill ms':>10} {'+send ms':>9} "
-            f"{'compute +%':>10} {'tail ms':>8} {'handoff +%':>10}",
+            f"{'compute +%':>10} {'tail ms':>8} {'handoff +%':>10} {'sent +%':>8}",
         ]
         for tokens in args.tokens:
             for backend in args.backends:
@@ -518,9 +523,10 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
                     # without (the GPU's clock drifts between repeats by more than the effect).
                     slowdown = median_ratio(runs["compute_sending"], runs["compute"])
                     handoff = median_ratio(runs["done"], runs["compute"])
+                    sent = median_ratio(runs["sent"], runs["compute"])
                     lines.append(
                         f"{backend:>10} {tokens:6d} {label(m):>7} {base:10.2f} {sending:9.2f} "
-                        f"{slowdown:10.2f} {median_ms(tails):8.2f} {handoff:10.2f}"
+                        f"{slowdown:10.2f} {median_ms(tails):8.2f} {handoff:10.2f} {sent:8.2f}"
                     )
     return "\n".join(lines)
 
