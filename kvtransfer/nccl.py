@@ -1,12 +1,12 @@
 """NCCL point-to-point through the library's C API: one size-2 communicator per KV pair, sends
 and receives on a stream of the pair's own, completion seen through CUDA events.
 
-Why not `ProcessGroupNCCL`: a KV transfer is tens of messages, each posted as soon as its layers
-are gathered, and c10d's `send` / `recv` cost 50-150 us of host time each (a work object, the
-flight recorder's entry with its Python stack, the stream syncs; measured on the H100 / H200
-hosts). Back to back, a 2048-token transfer's 16 sends took the host longer than the link takes
-to carry them, and the first send's call stood between the first gather and the first byte. An
-`ncclSend` here costs the call itself plus two CUDA events.
+Why not `ProcessGroupNCCL` (kept as the `torch-nccl` backend): a KV transfer is tens of
+messages, each posted as soon as its layers are gathered, on the step thread. c10d's `send` costs
+~31 us of host time warm and 92-112 us cold (the first after a sync), for its work object, the
+flight recorder's entry and the stream syncs; an `ncclSend` here costs 24 us warm and 68 us cold
+(2x H200 hosts, 2026-11-27), with no watchdog thread. The benchmark's bandwidth did not move with
+it (benchmarks/RESULTS.md, session 11): what bounds a transfer there is the rest of the host path.
 
     comm   = NcclComm.connect(store, prefix, rank, timeout_s)   # rank 0 publishes the unique id
     work   = comm.send([buf], peer)     # on the pair's stream, after the caller's stream's work
