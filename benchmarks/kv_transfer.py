@@ -209,7 +209,7 @@ def run_worker(role: str, args, port: int) -> dict:
                 )
                 if not args.skip_ttft:
                     res["ttft"][key] = bench_ttft(
-                        role, agent, peer, device, clock, key, tag, ids, args
+                        role, agent, peer, device, clock, tokens, tag, ids, args
                     )
     if args.profile:
         agent, peer = agents[args.backends[0], args.min_message_bytes[0]]
@@ -380,9 +380,9 @@ def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     once = argparse.Namespace(**{**vars(args), "repeats": 1})
     config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
-    key = f"{args.tokens[0]}/profile"
+    tag = f"profile/{args.tokens[0]}"
     with profile(activities=activities, experimental_config=config) as prof:
-        bench_ttft(role, agent, peer, device, clock, key, f"profile/{key}", ids, once)
+        bench_ttft(role, agent, peer, device, clock, args.tokens[0], tag, ids, once)
     os.makedirs(args.profile, exist_ok=True)
     prof.export_chrome_trace(os.path.join(args.profile, f"{role}-ttft.json"))
     if role != "prefill" or device.type != "cuda":
@@ -412,10 +412,9 @@ def profile_ttft(role, agent, peer, device, clock, ids, args) -> None:
         print(f"profile   beside the matmuls: {us / 1e3:.3f} ms  {name}")
 
 
-def bench_ttft(role, agent, peer, device, clock, key, tag, ids, args) -> dict:
-    """Prefill compute without and with per-layer sends; the tail until the receiver's DONE.
-    `key`: "{tokens}/...", `tag`: unique to this agent (the clock's and transfer ids' names)."""
-    tokens = int(key.split("/")[0])
+def bench_ttft(role, agent, peer, device, clock, tokens, tag, ids, args) -> dict:
+    """Prefill compute of `tokens` without and with per-layer sends; the tail until the
+    receiver's DONE. `tag`: unique to this agent and size (the clock's and transfer ids' names)."""
     runs: dict[str, list[float]] = {"compute": [], "compute_sending": [], "sent": [], "done": []}
     if role == "prefill":
         hidden, width = GPU_MATMUL if device.type == "cuda" else CPU_MATMUL

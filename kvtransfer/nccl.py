@@ -147,7 +147,6 @@ class NcclComm:
         self._lock = threading.Lock()  # NCCL calls on one communicator never overlap
         self.stream = torch.cuda.Stream(device, priority=-1)
         self._stream_ptr = ctypes.c_void_p(self.stream.cuda_stream)
-        self.aborted = False
 
     @classmethod
     def connect(cls, store, prefix: str, rank: int, timeout_s: float) -> NcclComm:
@@ -171,6 +170,7 @@ class NcclComm:
         lib.check(lib.comm_init_rank(ctypes.byref(comm), 2, uid, rank), "ncclCommInitRank")
         return cls(lib, comm, device)
 
+    # `tag` is ignored (NCCL has none): the signature is c10d's, so the agent calls either alike.
     def send(self, tensors: list[torch.Tensor], peer: int, tag: int = 0) -> NcclWork:
         return self._post(self.lib.send, "ncclSend", tensors, peer)
 
@@ -215,6 +215,5 @@ class NcclComm:
         the communicator. Idempotent; any thread."""
         with self._lock:
             comm, self._comm = self._comm, None
-            self.aborted = True
             if comm is not None:
                 self.lib.check(self.lib.comm_abort(comm), "ncclCommAbort")
