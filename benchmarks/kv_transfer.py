@@ -6,7 +6,9 @@ block size 16). For each prompt length, in one run:
 
   raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group,
            once per backend (--backends: on CUDA `nccl`, NCCL's C API, and `torch-nccl`,
-           ProcessGroupNCCL, interleaved in one run)
+           ProcessGroupNCCL, interleaved in one run; `nccl:host` is `nccl` with the receiver
+           thread launching each scatter once its message arrived, instead of queueing it on
+           the GPU behind the receive: kvtransfer.scatter)
   agent    KVTransferAgent: start_send, send_layer x32, finish_send, until the receiver's poll()
            says DONE; scattered random block ids on both sides; one agent pair per backend and
            --min-message-bytes setting; reported as GB/s and as a ratio to the best raw send
@@ -44,7 +46,7 @@ import zlib
 
 import torch
 
-from kvtransfer import KVTransferAgent, TransferState, nccl
+from kvtransfer import KVTransferAgent, TransferState, nccl, scatter
 from kvtransfer.pair import abort_group, new_group, wait_work
 from kvtransfer.store import connect_store, start_store
 
@@ -164,22 +166,26 @@ def run_worker(role: str, args, port: int) -> dict:
     caches = make_caches(args, num_blocks, device, seed=rank)
     # Per backend: its raw group and one agent pair per coalescing setting, all on the caches.
     agents, raws = {}, {}
-    for backend in args.backends:
+    for entry in args.backends:
+        backend, _, variant = entry.partition(":")
         for m in args.min_message_bytes:
-            names = (f"p-{backend}-{label(m)}", f"d-{backend}-{label(m)}")
-            me, peer = names[:: 1 if role == "prefill" else -1]
+            tag = f"{backend}-{variant or 'ahead'}-{label(m)}"
+            me, peer = (f"p-{tag}", f"d-{tag}")[:: 1 if role == "prefill" else -1]
             agent = KVTransferAgent(
-                me, caches, "127.0.0.1", port, backend, 60, min_message_bytes=m, role=role
-            )
+                me, caches, "127.0.0.1", port, backend, 60,
+                min_message_bytes=m, role=role, scatter_ahead=variant != "host",
+            )  # fmt: skip
             agent.connect(peer)
-            agents[backend, m] = (agent, peer)
+            agents[entry, m] = (agent, peer)
         client = connect_store("127.0.0.1", port, 60)
-        raw = new_group(client, f"bench/raw/{backend}", rank, backend, 60)
+        raw = new_group(client, f"bench/raw/{entry}", rank, backend, 60)
         probe = torch.ones(1, device=device)  # NCCL builds its communicator on the first op
         wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
-        raws[backend] = raw
+        raws[entry] = raw
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    if "nccl" in args.backends:
+    info["scatter_ahead"] = {e: agents[e, args.min_message_bytes[0]][0]._guard is not None
+                             for e in args.backends}  # fmt: skip
+    if any(e.startswith("nccl") for e in args.backends):
         info["nccl"] = f"{nccl.library().version()} ({nccl.library().path})"
     results: dict = {"info": info}
     for backend in args.backends:
@@ -194,8 +200,9 @@ def run_worker(role: str, args, port: int) -> dict:
         for backend in args.backends:  # interleaved: the hosts drift between minutes
             res = results[backend]
             res["raw"][tokens] = bench_raw(
-                role, raws[backend], backend, device, clock, f"{backend}/{tokens}", total, args
-            )
+                role, raws[backend], backend.partition(":")[0], device, clock,
+                f"{backend}/{tokens}", total, args,
+            )  # fmt: skip
             for m in args.min_message_bytes:
                 agent, peer = agents[backend, m]
                 key = f"{tokens}/{m}"
@@ -233,7 +240,8 @@ def bench_copy(role: str, agent: KVTransferAgent, num_blocks: int, device, repea
     index = agent._index_tensor(block_ids(agent.kv_caches[0].shape[1], num_blocks, seed=3))
     buf = torch.empty(layout.message_shape(layout.num_layers, num_blocks), dtype=layout.dtype,
                       device=device)  # fmt: skip
-    times = []
+    guard = scatter.Guard(device) if role == "decode" and scatter.available(device) else None
+    times, guarded = [], []
     for _ in range(repeats + 1):
         sync(device)
         start = time.perf_counter()
@@ -243,7 +251,13 @@ def bench_copy(role: str, agent: KVTransferAgent, num_blocks: int, device, repea
             agent._scatter(index, 0, layout.num_layers, buf)
         sync(device)
         times.append(time.perf_counter() - start)
-    return {"bytes": buf.nbytes, "seconds": times[1:]}
+        if guard is not None and agent._all_rows is not None:
+            start = time.perf_counter()
+            rows = index.view(-1)
+            guard.launch(agent._all_rows, rows, layout.as_rows(buf), guard.next_token())
+            sync(device)
+            guarded.append(time.perf_counter() - start)
+    return {"bytes": buf.nbytes, "seconds": times[1:], "guarded": guarded[1:]}
 
 
 def header_latency(role: str, port: int, samples: int = 50) -> list[float]:
@@ -544,8 +558,9 @@ def main() -> None:
     p.add_argument(
         "--backends",
         default=None,
-        help="KV transfer backends to compare, comma separated (nccl: NCCL's C API; torch-nccl: "
-        "ProcessGroupNCCL); default: both on CUDA (nccl where it loads), gloo on CPU",
+        help="KV transfer backends to compare, comma separated (nccl: NCCL's C API; nccl:host: "
+        "the same with scatters launched by the receiver thread; torch-nccl: ProcessGroupNCCL); "
+        "default: nccl and torch-nccl on CUDA (nccl where it loads), gloo on CPU",
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-ttft", action="store_true")
@@ -610,6 +625,8 @@ def main() -> None:
     )
     if "nccl" in results["prefill"]["info"]:
         print(f"NCCL (backend nccl): {results['prefill']['info']['nccl']}")
+    ahead = [e for e, on in results["decode"]["info"]["scatter_ahead"].items() if on]
+    print(f"scatters queued behind their receives (kvtransfer.scatter): {ahead or 'none'}")
     print(
         f"KV: {args.layers} layers x {args.kv_heads} KV heads x head_dim {args.head_dim}, "
         f"{args.dtype}, block {args.block_size}: {kv_bytes_per_token // 1024} KiB per token"
@@ -623,6 +640,12 @@ def main() -> None:
             f"{role} {what} of {copy['bytes'] / 2**20:.0f} MiB in {args.layers} layers: "
             f"{1e3 * seconds:.2f} ms, {2 * copy['bytes'] / seconds / 1e9:.0f} GB/s read+written"
         )
+        if copy.get("guarded"):
+            seconds = statistics.median(copy["guarded"])
+            print(
+                f"{role} guarded scatter (kvtransfer.scatter, Triton) of the same: "
+                f"{1e3 * seconds:.2f} ms, {2 * copy['bytes'] / seconds / 1e9:.0f} GB/s"
+            )
     print(report(args, results, kv_bytes_per_token))
     if args.json:
         with open(args.json, "w") as f:

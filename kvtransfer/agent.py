@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvtransfer import scatter
 from kvtransfer.pair import (
     DECODE,
     PREFILL,
@@ -104,10 +105,14 @@ class _Expectation:
     block_ids: list[int]
     state: TransferState = TransferState.PENDING
     cancelled: bool = False
-    # Held by the receiver while it writes into `block_ids`, and by `cancel`: after `cancel`
-    # returns, nothing more is written into the blocks.
+    # Held by the receiver while it writes into `block_ids` (or queues a scatter), and by
+    # `cancel`: after `cancel` returns, nothing more is written into the blocks.
     lock: threading.Lock = field(default_factory=threading.Lock)
     stream: torch.cuda.Stream | None = None
+    # Scatters queued ahead of their data (see kvtransfer.scatter): the transfer's guard token,
+    # and per queued scatter (its receive's event, the event after the scatter), in order.
+    token: int = 0
+    launched: list[tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -183,7 +188,10 @@ class KVTransferAgent:
     `role` ("prefill" | "decode") fixes the direction: prefill workers send (rank 0 of each pair),
     decode workers receive (rank 1). `backend`: "gloo", "nccl", "torch-nccl" or "auto" (see
     `kvtransfer.pair.choose_backend`). `timeout_s` bounds `connect` and every wait of a
-    transfer in flight; an idle pair may stay connected forever."""
+    transfer in flight; an idle pair may stay connected forever. `scatter_ahead` (decode side,
+    `nccl` backend, caches in one allocation, Triton): queue each message's scatter on the GPU
+    behind its receive (kvtransfer.scatter); off, the receiver thread launches each scatter once
+    it saw the message arrive (the only way on gloo and `torch-nccl`)."""
 
     def __init__(
         self,
@@ -196,6 +204,7 @@ class KVTransferAgent:
         min_message_bytes: int = 16 << 20,
         *,
         role: str,
+        scatter_ahead: bool = True,
     ):
         if role not in (PREFILL, DECODE):
             raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
@@ -213,6 +222,11 @@ class KVTransferAgent:
         rows_per_layer = self._rows[0].shape[0]
         self._layer_offsets = np.arange(self.layout.num_layers, dtype=np.int64) * rows_per_layer
         self.timeout_s, self.min_message_bytes = timeout_s, min_message_bytes
+        ahead = scatter_ahead and role == DECODE and backend == "nccl"
+        ahead = ahead and self._all_rows is not None and scatter.available(self.layout.device)
+        self._guard = scatter.Guard(self.layout.device) if ahead else None
+        if self._guard is not None:
+            self._guard.warm_up(self._all_rows)
         self._store_addr = (store_host, store_port)
         self._store = connect_store(store_host, store_port, timeout_s)
         self._lock = threading.Lock()  # guards the dicts below
@@ -560,8 +574,10 @@ class KVTransferAgent:
         if expectation is None:
             return
         with expectation.lock:
-            expectation.cancelled = True
-        if expectation.stream is not None:
+            expectation.cancelled = True  # no scatter is launched or queued after this
+        if expectation.launched:
+            self._stop_scatters(expectation)
+        elif expectation.stream is not None:
             expectation.stream.synchronize()  # scatters launched before the flag was set
 
     def _claim(self, transfer_id: int, peer_id: str, num_blocks: int) -> _Expectation | None:
@@ -585,7 +601,50 @@ class KVTransferAgent:
             expectation.state = TransferState.TRANSFERRING
             pair = self._pairs.get(peer_id)
             expectation.stream = pair.stream if pair is not None else None
+            if self._guard is not None:
+                expectation.token = self._guard.next_token()
             return expectation
+
+    def _launch_scatter(
+        self,
+        expectation: _Expectation,
+        index: torch.Tensor,
+        first: int,
+        count: int,
+        buf: torch.Tensor,
+        work,
+    ) -> bool:
+        """Receiver thread: queue the scatter of `buf` (layers [first, first + count), its
+        receive `work` just posted) on the current stream, behind that receive. False, and
+        nothing queued, if the transfer was cancelled."""
+        with expectation.lock:
+            if expectation.cancelled:
+                return False
+            stream = torch.cuda.current_stream(self.layout.device)
+            stream.wait_event(work.event)
+            rows = index[first : first + count].view(-1)
+            self._guard.launch(self._all_rows, rows, self.layout.as_rows(buf), expectation.token)
+            scattered = torch.cuda.Event()
+            scattered.record(stream)
+            expectation.launched.append((work.event, scattered))
+            return True
+
+    def _stop_scatters(self, expectation: _Expectation) -> None:
+        """Make sure nothing more is written into the transfer's blocks: the scatters still
+        queued behind their receives will write nothing, and those whose receive completed
+        (which may have started before the guard was set) are waited for. Bounded: none of
+        those waits on the network. Called by `cancel` after `cancelled` is set, and by the
+        receiver before it reports a failure."""
+        if not expectation.launched:
+            return
+        self._guard.disable(expectation.token)
+        started = None
+        for received, scattered in expectation.launched:  # receives complete in order
+            if not received.query():
+                break
+            started = scattered
+        if started is not None:
+            started.synchronize()
 
     def _finish(self, expectation: _Expectation, failed: bool) -> None:
         with self._lock:

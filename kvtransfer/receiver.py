@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtransfer.nccl import NcclWork
 from kvtransfer.pair import wait_work
 from kvtransfer.protocol import BROKEN, CLOSE, Header, message_plan
 
 if TYPE_CHECKING:
-    from kvtransfer.agent import KVTransferAgent, _Pair
+    from kvtransfer.agent import KVTransferAgent, _Expectation, _Pair
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +80,78 @@ class Receiver(threading.Thread):
         agent, pair = self.agent, self.pair
         expectation = agent._claim(header.transfer_id, pair.peer_id, header.num_blocks)
         try:
-            messages = self._messages(header)
-            next(messages)  # the first receives are posted before anything else
-            index = agent._index_tensor(expectation.block_ids) if expectation else None
-            for first, count, buf in messages:
-                if expectation is None:
-                    continue  # drain: unknown, cancelled or mis-sized transfer
-                with expectation.lock:
-                    if expectation.cancelled:
-                        expectation = None
-                        continue
-                    with _span("kv.recv.scatter"):
-                        agent._scatter(index, first, count, buf)
-            if expectation is not None and pair.stream is not None:
-                with _span("kv.recv.sync"):
-                    pair.stream.synchronize()  # DONE: the KV is readable from any stream
+            if agent._guard is not None:
+                self._receive_launched(header, expectation)
+            else:
+                self._receive_scattering(header, expectation)
         except Exception as e:
             if expectation is not None:
+                agent._stop_scatters(expectation)  # before the blocks can go back to the pool
                 agent._finish(expectation, failed=True)
             agent._break(pair, f"receiving transfer {header.transfer_id} failed: {e}")
             return False
         if expectation is not None:
-            agent._finish(expectation, failed=False)
+            agent._finish(expectation, failed=False)  # a no-op if it was cancelled
         return True
+
+    def _receive_launched(self, header: Header, expectation: _Expectation | None) -> None:
+        """NCCL: each message's receive into a buffer of its own, and its (guarded) scatter queued
+        on this thread's stream right behind it, RECV_AHEAD_BYTES ahead of the wire; then wait
+        for the receives (each bounded, each checked for an abort) and the last scatter."""
+        agent, pair, layout = self.agent, self.pair, self.agent.layout
+        plan = message_plan(layout.num_layers, header.layers_per_message)
+        layer_bytes = layout.layer_bytes(header.num_blocks)
+        index = None
+        posted: deque[tuple[object, int]] = deque()  # (work, bytes), oldest first
+        posted_bytes = 0
+        for first, count in plan:
+            size = count * layer_bytes
+            while posted and posted_bytes + size > RECV_AHEAD_BYTES:
+                work, done_bytes = posted.popleft()
+                self._wait(work)
+                posted_bytes -= done_bytes
+            shape = layout.message_shape(count, header.num_blocks)
+            buf = torch.empty(shape, dtype=layout.dtype, device=layout.device)
+            work = pair.group.recv([buf], 0, 0)
+            posted.append((work, size))
+            posted_bytes += size
+            if expectation is None:
+                continue  # drain: unknown, cancelled or mis-sized transfer
+            if index is None:  # after the first receive is posted
+                index = agent._index_tensor(expectation.block_ids)
+            if not agent._launch_scatter(expectation, index, first, count, buf, work):
+                expectation = None  # cancelled meanwhile: drain the rest
+        while posted:
+            self._wait(posted.popleft()[0])
+        if expectation is not None and expectation.launched:
+            with _span("kv.recv.last_scatter"):
+                self._wait(NcclWork(pair.group, expectation.launched[-1][1]))
+
+    def _wait(self, work) -> None:
+        if self.pair.broken:
+            raise RuntimeError("the pair was broken")
+        with _span("kv.recv.wait"):
+            wait_work(work, self.pair.backend, self.agent.timeout_s)
+
+    def _receive_scattering(self, header: Header, expectation: _Expectation | None) -> None:
+        """Gloo, ProcessGroupNCCL: this thread launches each run of arrived messages' scatter
+        once it saw them arrive."""
+        agent, pair = self.agent, self.pair
+        messages = self._messages(header)
+        next(messages)  # the first receives are posted before anything else
+        index = agent._index_tensor(expectation.block_ids) if expectation else None
+        for first, count, buf in messages:
+            if expectation is None:
+                continue  # drain: unknown, cancelled or mis-sized transfer
+            with expectation.lock:
+                if expectation.cancelled:
+                    expectation = None
+                    continue
+                with _span("kv.recv.scatter"):
+                    agent._scatter(index, first, count, buf)
+        if expectation is not None and pair.stream is not None:
+            with _span("kv.recv.sync"):
+                pair.stream.synchronize()  # DONE: the KV is readable from any stream
 
     def _messages(self, header: Header):
         """Yield None once the first receives are posted, then (first layer, layer count,

@@ -296,13 +296,18 @@ def test_dead_sender_fails_within_timeout_then_reconnects(port):
     decode.close()
 
 
-def big_caches(device: str, seed: int = 0) -> list[torch.Tensor]:
+def big_caches(device: str, seed: int = 0, stacked: bool = False) -> list[torch.Tensor]:
     """4 layers of 16-token blocks of 8 heads x 128 (bf16): 32 KiB per K or V block. On GPU,
-    512 blocks: sending 256 is 64 MiB, more than NCCL buffers for a receiver that is gone."""
+    512 blocks: sending 256 is 64 MiB, more than NCCL buffers for a receiver that is gone.
+    `stacked`: views of one allocation, as the model runner makes them (on GPU a decode agent
+    then queues its scatters behind their receives: kvtransfer.scatter)."""
     num_blocks = 512 if device.startswith("cuda") else 64
     g = torch.Generator().manual_seed(seed)
     shape = (2, num_blocks, 16, 8, 128)
-    return [torch.randn(shape, generator=g).bfloat16().to(device) for _ in range(4)]
+    caches = [torch.randn(shape, generator=g).bfloat16() for _ in range(4)]
+    if stacked:
+        return list(torch.stack(caches).to(device).unbind(0))
+    return [c.to(device) for c in caches]
 
 
 def failures_prefill(port: int, device: str, run: str, out) -> None:
@@ -344,7 +349,7 @@ def failures_decode(port: int, device: str, run: str, out) -> None:
     caches = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, device=device)
     agent = KVTransferAgent("fd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
     other = KVTransferAgent(
-        "fd2", big_caches(device), "127.0.0.1", port, timeout_s=3, role="decode"
+        "fd2", big_caches(device, stacked=True), "127.0.0.1", port, timeout_s=3, role="decode"
     )
     meet(store, run, "decode", "prefill")
     agent.connect("fp")
@@ -426,7 +431,7 @@ def stall_prefill(port: int, device: str, run: str, out) -> None:
 def stall_decode(port: int, device: str, run: str, out) -> None:
     _debuggable(device)
     store = connect_store("127.0.0.1", port, 60)
-    caches = big_caches(device, seed=2)
+    caches = big_caches(device, seed=2, stacked=True)
     agent = KVTransferAgent("sd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
     meet(store, run, "decode", "prefill")
     agent.connect("sp")
@@ -488,6 +493,113 @@ def test_sender_stalling_after_received_messages_fails_and_the_pair_rebuilds(por
     assert prefill["reconnect_s"] < 3 and decode["reconnect_s"] < 3
     assert prefill["after_reconnect"] == decode["after_reconnect"] == "done"
     assert decode["exact"]
+
+
+# A value no transfer carries: blocks handed to another request are filled with it.
+SENTINEL = 7.0
+
+
+def queued_prefill(port: int, device: str, run: str, out) -> None:
+    _debuggable(device)
+    store = connect_store("127.0.0.1", port, 60)
+    agent = KVTransferAgent(
+        "qp", big_caches(device, seed=1), "127.0.0.1", port,
+        timeout_s=3, min_message_bytes=0, role="prefill",
+    )  # fmt: skip
+    meet(store, run, "prefill", "decode")
+    agent.connect("qd")
+    blocks = list(range(agent.kv_caches[0].shape[1] // 2))
+    report = {}
+    # 1: two of four messages, then the rest only after the receiver cancelled.
+    store.wait([f"{run}/ready1"])
+    handle = agent.start_send(1, "qd", blocks)
+    agent.send_layer(handle, 0)
+    agent.send_layer(handle, 1)
+    store.set(f"{run}/half1", "1")
+    store.wait([f"{run}/cancelled1"])
+    agent.send_layer(handle, 2)
+    agent.send_layer(handle, 3)
+    report["cancelled"] = agent.finish_send(handle).value
+    store.wait([f"{run}/ready2"])
+    report["after_cancel"] = send_all(agent, 2, "qd", blocks).value
+    # 3: two of four messages, then a stall past the receiver's timeout.
+    store.wait([f"{run}/ready3"])
+    handle = agent.start_send(3, "qd", blocks)
+    agent.send_layer(handle, 0)
+    agent.send_layer(handle, 1)
+    store.wait([f"{run}/failed3"])
+    report["stalled"] = agent.finish_send(handle).value
+    store.wait([f"{run}/finished"])
+    agent.close()
+    out.put(("prefill", report))
+
+
+def queued_decode(port: int, device: str, run: str, out) -> None:
+    _debuggable(device)
+    store = connect_store("127.0.0.1", port, 60)
+    caches = big_caches(device, seed=2, stacked=True)
+    agent = KVTransferAgent("qd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    meet(store, run, "decode", "prefill")
+    agent.connect("qp")
+    half = caches[0].shape[1] // 2
+    dst, dst2 = list(range(half, 2 * half)), list(range(half))
+    report = {"queued": agent._guard is not None}
+
+    def sentinel_in_late_layers() -> bool:  # layers 2 and 3: their messages came late or never
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return all(bool((c[:, dst] == SENTINEL).all()) for c in caches[2:])
+
+    agent.expect(1, "qp", dst)
+    store.set(f"{run}/ready1", "1")
+    store.wait([f"{run}/half1"])
+    time.sleep(0.3)  # layers 0-1 land; on GPU the scatters of 2-3 wait behind their receives
+    start = time.monotonic()
+    agent.cancel(1)
+    report["cancel_s"] = time.monotonic() - start
+    for c in caches:  # the scheduler hands the blocks to another request, which writes them
+        c[:, dst] = SENTINEL
+    store.set(f"{run}/cancelled1", "1")
+    agent.expect(2, "qp", dst2)
+    store.set(f"{run}/ready2", "1")
+    report["after_cancel"] = wait_for(agent, {2}, timeout_s=15).get(2, TransferState.PENDING).value
+    report["cancel_wrote_nothing"] = sentinel_in_late_layers()
+    src = [c.cpu() for c in big_caches(device, seed=1)]
+    report["exact"] = all(torch.equal(c[:, dst2].cpu(), s[:, :half]) for c, s in zip(caches, src))
+
+    agent.expect(3, "qp", dst)
+    store.set(f"{run}/ready3", "1")
+    report["stalled"] = wait_for(agent, {3}, timeout_s=15).get(3, TransferState.PENDING).value
+    time.sleep(0.5)  # the broken pair's receives end; scatters still queued behind them run
+    report["failure_wrote_nothing"] = sentinel_in_late_layers()
+    store.set(f"{run}/failed3", "1")
+    store.set(f"{run}/finished", "1")
+    agent.close()
+    out.put(("decode", report))
+
+
+@pytest.mark.timeout(120)
+@PROCESS_DEVICES
+def test_nothing_is_written_after_cancel_or_failure(port, devices):
+    """Once `cancel` returns, or a transfer is reported FAILED, its blocks may go to another
+    request: nothing of the transfer may land in them later. On GPU the decode agent queues
+    each scatter behind its receive before the data comes (kvtransfer.scatter), so this is what
+    the guard must stop: the scatters of the two messages still to come when the transfer is
+    cancelled, and of the two a stalled sender never sends."""
+    skip_without_two_gpus(devices)
+    run = f"queued/{devices[0]}"
+    reports = run_processes(
+        [(queued_prefill, port, devices[0], run), (queued_decode, port, devices[1], run)], 90
+    )
+    prefill, decode = reports["prefill"], reports["decode"]
+    assert decode["queued"] == devices[1].startswith("cuda")
+    assert prefill["cancelled"] == "done"  # the receiver drained the rest
+    assert decode["cancel_s"] < 1.0
+    assert prefill["after_cancel"] == decode["after_cancel"] == "done"
+    assert decode["exact"]
+    assert decode["cancel_wrote_nothing"]
+    assert prefill["stalled"] == decode["stalled"] == "failed"
+    assert decode["failure_wrote_nothing"]
 
 
 # ---------------------------------------------------------------- threads, one process
