@@ -74,7 +74,12 @@ class Guard:
     def __init__(self, device: torch.device):
         self.device = device
         self.words = torch.zeros(SLOTS, dtype=torch.int64, device=device)
-        self._stream: torch.cuda.Stream | None = None
+        # `disable`'s stream and pinned word, made here: while receives run is no time to
+        # allocate pinned memory (cudaHostAlloc may synchronize the device).
+        self._stream = self._staging = None
+        if device.type == "cuda":
+            self._stream = torch.cuda.Stream(device)
+            self._staging = torch.empty(1, dtype=torch.int64, pin_memory=True)
         self._lock = threading.Lock()
         self._tokens = 0
 
@@ -113,13 +118,15 @@ class Guard:
         if self.device.type != "cuda":  # Triton's interpreter, in the CPU tests
             self.words[token % SLOTS] = token
             return
+        # NOTE: a copy, not a kernel: with CUDA's lazy module loading the first launch of a
+        # kernel may wait for the kernels running, and NCCL's receives run until their data
+        # comes, which a cancel must not wait for.
         with self._lock:
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
-            stream = self._stream
-            with torch.cuda.stream(stream):
-                self.words[token % SLOTS].fill_(token)
-            stream.synchronize()
+            self._staging[0] = token
+            slot = token % SLOTS
+            with torch.cuda.stream(self._stream):
+                self.words[slot : slot + 1].copy_(self._staging, non_blocking=True)
+            self._stream.synchronize()
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -22,7 +22,7 @@ import kvtransfer.receiver
 from kvtransfer import KVTransferAgent, TransferState, nccl, start_store
 from kvtransfer.pair import choose_backend, read_hello, wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
-from kvtransfer.receiver import _segments
+from kvtransfer.receiver import _scatter_groups, _segments
 from kvtransfer.store import connect_store
 
 NUM_LAYERS = 5
@@ -544,6 +544,12 @@ def queued_decode(port: int, device: str, run: str, out) -> None:
     half = caches[0].shape[1] // 2
     dst, dst2 = list(range(half, 2 * half)), list(range(half))
     report = {"queued": agent._guard is not None}
+    # NOTE: this process's own kernels load before any receive runs: with CUDA's lazy module
+    # loading, a first launch while NCCL receives wait for their data can wait for them, and
+    # the sender here waits for this process's cancel. The blocks start as the sentinel.
+    for c in caches:
+        c[:, dst] = SENTINEL
+    assert all(bool((c[:, dst] == SENTINEL).all()) for c in caches)
 
     def sentinel_in_late_layers() -> bool:  # layers 2 and 3: their messages came late or never
         if device.startswith("cuda"):
@@ -937,6 +943,16 @@ def test_receive_segments_group_consecutive_messages_up_to_the_segment_size(monk
     assert _segments(plan, 1 << 20) == [(0, 0, 3), (0, 0, 3), (1, 3, 4), (1, 3, 4), (2, 7, 1)]
     # a message larger than a segment is a segment of its own
     assert _segments(plan, 3 << 20) == [(0, 0, 1), (1, 1, 2), (2, 3, 2), (3, 5, 2), (4, 7, 1)]
+
+
+def test_scatter_groups_join_messages_up_to_the_limit_and_leave_the_last_alone():
+    mib = 1 << 20
+    plan = [(layer, 1) for layer in range(6)]
+    assert _scatter_groups(plan, mib, 3 * mib) == [(0, 3), (3, 2), (5, 1)]
+    plan = message_plan(8, 3)  # (0, 3), (3, 3), (6, 1), (7, 1)
+    assert _scatter_groups(plan, mib, 4 * mib) == [(0, 1), (1, 2), (3, 1)]
+    assert _scatter_groups(plan, mib, 1) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert _scatter_groups([(0, 32)], mib, 1) == [(0, 1)]
 
 
 def test_message_plan_covers_every_layer_once():
