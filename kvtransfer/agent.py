@@ -201,7 +201,7 @@ class KVTransferAgent:
         store_port: int,
         backend: str = "auto",
         timeout_s: float = 30.0,
-        min_message_bytes: int = 16 << 20,
+        min_message_bytes: int = 64 << 20,
         *,
         role: str,
         scatter_ahead: bool = True,
