@@ -14,9 +14,10 @@ block size 16). For each prompt length, in one run:
            --min-message-bytes setting; reported as GB/s and as a ratio to the best raw send
            of the run at that size (whichever backend's was faster). Three ways:
            the header on the clock; sent ahead (the clock starts at the first send_layer);
-           sent ahead with the decode side's main thread polling the agent for DONE, as raw's
-           receiving thread polls its recv, instead of waking on the agent's condition
-           variable (a thread handoff: 40-130 us on the H200 hosts, no part of the transfer)
+           sent ahead with the decode side's main thread polling the agent for DONE every 20
+           us, as raw's receiving thread polls its recv, instead of waking on the agent's
+           condition variable (a thread handoff: 40-130 us on the H200 hosts, no part of the
+           transfer; until 2026-11-27 it polled with sleep(0): see `receive`)
   ttft     a simulated prefill, 32 layer steps of one matmul each (2*8e9*tokens FLOPs in all,
            an 8B model's linear layers), without sends, then with send_layer after each layer:
            the compute slowdown, and the tail after the last layer until the receiver's DONE
@@ -47,7 +48,7 @@ import zlib
 import torch
 
 from kvtransfer import KVTransferAgent, TransferState, nccl, scatter
-from kvtransfer.pair import abort_group, new_group, wait_work
+from kvtransfer.pair import abort_group, new_group, precise_sleeps, wait_work
 from kvtransfer.store import connect_store, start_store
 
 GPU_SHAPE = dict(layers=32, kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
@@ -57,6 +58,8 @@ GPU_MATMUL, CPU_MATMUL = (4096, 61440), (256, 512)
 # Header-ahead runs: start_send this long before the first layer (a prefill's first layer alone
 # takes longer: ~1.5 ms for 2048 tokens of an 8B model on an H100).
 AHEAD_S = 2e-3
+# Polled runs: the decode side's main thread polls the agent this often.
+POLL_S = 20e-6
 
 
 def parse_bytes(text: str) -> int:
@@ -306,14 +309,21 @@ def receive(
     agent: KVTransferAgent, clock: Clock, key: str, tid: int, peer: str, ids, spin: bool = False
 ) -> None:
     """Expect the transfer, then stamp the clock once the agent reports it DONE: waiting on the
-    agent's condition variable (`wait`), or with `spin` polling it (`poll`, sleep(0) between
-    polls: the GIL is free for the receiver thread), as raw's receiving thread polls its work."""
+    agent's condition variable (`wait`), or with `spin` polling it (`poll`) every POLL_S, as
+    raw's receiving thread polls its work.
+
+    NOTE: not sleep(0) between polls. Two threads spinning on sleep(0) (this one and the
+    receiver thread in its waits) hand the GIL back and forth, and the receiver thread, when it
+    has Python work to do, lost it for up to the 5 ms switch interval: 16 MiB messages at 4096
+    tokens took 3.6-11 ms instead of ~2.3 (2x H200, 2026-11-27)."""
     agent.expect(tid, peer, ids)
     clock.ready(key)
+    if spin:
+        precise_sleeps()  # a 20 us sleep lasts 20 us, not the 50 us of the default timer slack
     while True:
         state = (agent.poll() if spin else agent.wait(timeout_s=1.0)).get(tid)
         if spin and state is None:
-            time.sleep(0)
+            time.sleep(POLL_S)
         if state is not None:
             assert state is TransferState.DONE, f"transfer {tid}: {state}"
             mark(agent.layout.device)

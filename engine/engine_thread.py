@@ -53,6 +53,10 @@ class EngineThread:
         self._wake.set()
         return future
 
+    def wake(self) -> None:
+        """Make an idle loop go round now (poll, step) instead of at its next tick. Any thread."""
+        self._wake.set()
+
     def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 60.0) -> Any:
         return self.submit(fn).result(timeout)
 

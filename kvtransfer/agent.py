@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -239,6 +240,10 @@ class KVTransferAgent:
         # timeout; broken groups are kept here so that never happens on a caller's thread.
         self._retired: list[object] = []
         self._closed = False
+        # Decode side: called on the receiver thread after each result is added, outside the
+        # agent's locks (quick, never blocking): a polling loop asleep between polls wakes at
+        # once instead of at its next tick (the decode worker's idle loop ticks every 1 ms).
+        self.on_result: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- pairs
 
@@ -594,16 +599,18 @@ class KVTransferAgent:
                     num_blocks,
                     len(expectation.block_ids),
                 )
-                del self._expected[transfer_id]
-                self._results[transfer_id] = TransferState.FAILED
-                self._reported.notify_all()
-                return None
-            expectation.state = TransferState.TRANSFERRING
-            pair = self._pairs.get(peer_id)
-            expectation.stream = pair.stream if pair is not None else None
-            if self._guard is not None:
-                expectation.token = self._guard.next_token()
-            return expectation
+                mismatch = True
+            else:
+                mismatch = False
+                expectation.state = TransferState.TRANSFERRING
+                pair = self._pairs.get(peer_id)
+                expectation.stream = pair.stream if pair is not None else None
+                if self._guard is not None:
+                    expectation.token = self._guard.next_token()
+        if mismatch:
+            self._report(transfer_id, TransferState.FAILED, expectation)
+            return None
+        return expectation
 
     def _launch_scatter(
         self,
@@ -647,12 +654,23 @@ class KVTransferAgent:
             started.synchronize()
 
     def _finish(self, expectation: _Expectation, failed: bool) -> None:
+        state = TransferState.FAILED if failed else TransferState.DONE
+        self._report(expectation.transfer_id, state, expectation)
+
+    def _report(
+        self, transfer_id: int, state: TransferState, expectation: _Expectation | None = None
+    ) -> None:
+        """Add a result, and stop expecting `expectation` in the same step (a cancel comes
+        before both or after both); nothing if it was cancelled."""
         with self._lock:
-            if self._expected.get(expectation.transfer_id) is expectation:  # not cancelled
-                del self._expected[expectation.transfer_id]
-                state = TransferState.FAILED if failed else TransferState.DONE
-                self._results[expectation.transfer_id] = state
-                self._reported.notify_all()
+            if expectation is not None:
+                if self._expected.get(transfer_id) is not expectation:
+                    return  # cancelled: never reported
+                del self._expected[transfer_id]
+            self._results[transfer_id] = state
+            self._reported.notify_all()
+        if self.on_result is not None:
+            self.on_result()
 
     # ---------------------------------------------------------------- shared
 

@@ -50,7 +50,7 @@ _HANDSHAKE_POLL_S = 0.005
 # start cost ~100 us per message, 3.6 ms for a 32-message transfer that NCCL delivers in 1 ms
 # (2x H200, 2026-11-26). A message lands within tens of microseconds of the previous one, so the
 # spin phase covers a burst. Between messages spread over a prefill (milliseconds apart) the
-# wait backs off; a waiting thread's slack is cut to 1 us (`_precise_sleeps`) and the backoff
+# wait backs off; a waiting thread's slack is cut to 1 us (`precise_sleeps`) and the backoff
 # stops at 50 us, so a message waited on that long is seen within ~50 us, not ~250 us (the
 # device trace of session 11: the first message's scatter began 293 us after it landed).
 _POLL_SPIN_S, _POLL_MAX_S = 2e-3, 50e-6
@@ -182,13 +182,13 @@ def wait_work(work, backend: str, timeout_s: float) -> None:
             raise TimeoutError(f"transfer did not complete within {timeout_s:.1f} s")
         if now - start > _POLL_SPIN_S:
             if not sleep_s:
-                _precise_sleeps()
+                precise_sleeps()
             sleep_s = min(max(2 * sleep_s, 20e-6), _POLL_MAX_S)
         time.sleep(sleep_s)
     work.wait()
 
 
-def _precise_sleeps() -> None:
+def precise_sleeps() -> None:
     """Cut this thread's timer slack to 1 us (Linux; once per thread; best effort): its short
     sleeps then last what they ask. Only timer precision changes, for this thread alone."""
     if getattr(_thread_state, "precise", False) or not sys.platform.startswith("linux"):

@@ -707,6 +707,33 @@ def test_cancel_mid_transfer_drains_and_writes_nothing_more(pair):
 
 
 @pytest.mark.timeout(30)
+def test_on_result_is_called_once_per_reported_result(pair):
+    """Each result is there to poll when its call comes: here only the callback polls."""
+    prefill, decode = pair
+    calls, seen = [], {}
+
+    def on_result():
+        calls.append(1)
+        seen.update(decode.poll())
+
+    decode.on_result = on_result
+    decode.expect(1, "p", [10, 11])
+    assert send_all(prefill, 1, "d", [0, 1]) is DONE
+    decode.expect(2, "p", [12])  # the sender sends two blocks: FAILED on the receiver
+    send_all(prefill, 2, "d", [3, 4])
+    decode.expect(3, "p", [13])
+    decode.cancel(3)
+    send_all(prefill, 3, "d", [5])  # drained, never reported
+    decode.expect(4, "p", [14])
+    assert send_all(prefill, 4, "d", [6]) is DONE
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen == {1: DONE, 2: FAILED, 4: DONE}
+    assert len(calls) == 3
+
+
+@pytest.mark.timeout(30)
 def test_stalled_sender_fails_within_timeout_and_pair_rebuilds(pair):
     prefill, decode = pair
     generation = decode.generation("p")
