@@ -44,7 +44,7 @@ RANK = {PREFILL: 0, DECODE: 1}  # the prefill side sends, as rank 0
 # effectively infinite and every wait in this package is bounded by the agent's `timeout_s`.
 NCCL_GROUP_TIMEOUT = timedelta(days=1)
 _HANDSHAKE_POLL_S = 0.005
-# Polling an NCCL work: spin first (sleep(0) only yields the GIL), then sleep with backoff.
+# Polling an NCCL work: poll every ~2 us first, then sleep with backoff.
 # NOTE: Linux stretches a short sleep by the thread's timer slack (50 us by default: a 20 us
 # sleep lasted ~60-80 us), and the receiver waits for each message in turn: sleeping from the
 # start cost ~100 us per message, 3.6 ms for a 32-message transfer that NCCL delivers in 1 ms
@@ -53,7 +53,10 @@ _HANDSHAKE_POLL_S = 0.005
 # wait backs off; a waiting thread's slack is cut to 1 us (`precise_sleeps`) and the backoff
 # stops at 50 us, so a message waited on that long is seen within ~50 us, not ~250 us (the
 # device trace of session 11: the first message's scatter began 293 us after it landed).
-_POLL_SPIN_S, _POLL_MAX_S = 2e-3, 50e-6
+# NOTE: the first phase sleeps 2 us between polls, not sleep(0): a thread spinning on sleep(0)
+# takes the GIL straight back, and another thread that wants it (the decode engine's loop, a
+# poller) waits up to the 5 ms switch interval; a 2 us sleep leaves it the GIL.
+_POLL_SPIN_S, _POLL_SPIN_SLEEP_S, _POLL_MAX_S = 2e-3, 2e-6, 50e-6
 _PR_SET_TIMERSLACK, _TIMER_SLACK_NS = 29, 1000
 _thread_state = threading.local()
 _env_lock = threading.Lock()
@@ -175,14 +178,14 @@ def wait_work(work, backend: str, timeout_s: float) -> None:
         work.wait(timedelta(seconds=max(timeout_s, 1e-3)))
         return
     start = time.monotonic()
-    sleep_s = 0.0
+    sleep_s = _POLL_SPIN_SLEEP_S
+    if not work.is_completed():
+        precise_sleeps()
     while not work.is_completed():
         now = time.monotonic()
         if now - start >= timeout_s:
             raise TimeoutError(f"transfer did not complete within {timeout_s:.1f} s")
         if now - start > _POLL_SPIN_S:
-            if not sleep_s:
-                precise_sleeps()
             sleep_s = min(max(2 * sleep_s, 20e-6), _POLL_MAX_S)
         time.sleep(sleep_s)
     work.wait()
