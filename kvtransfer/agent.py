@@ -644,7 +644,7 @@ class KVTransferAgent:
         receiver before it reports a failure."""
         if not expectation.launched:
             return
-        self._guard.disable(expectation.token)
+        self._guard.disable(expectation.token, expectation.launched[-1][1])
         started = None
         for received, scattered in expectation.launched:  # receives complete in order
             if not received.query():

@@ -4,6 +4,15 @@ The sender's order defines what comes next on a pair, so the thread never has to
 to transfers: after a header it receives exactly the messages the header announces, then waits
 for the next header. Idle, it blocks in the store's queue (cheap, no GPU work pending); once a
 header arrived, every wait is bounded by the agent's `timeout_s`.
+
+Two ways to land the messages in the blocks:
+  queued (NCCL, the agent's `_guard` set)  each group's scatter is queued on the GPU behind its
+      receives before any data comes (kvtransfer.scatter): it runs as the last byte lands, and
+      the thread only waits. Against the other way on 2x H200, 64 MiB messages, four runs
+      (benchmarks/RESULTS.md, 2026-11-27): a 512-token transfer 0.02-0.15 ms sooner in all 8
+      paired cells, and the TTFT it adds 3.4-4.8% of the prefill instead of 5.0-6.3%.
+  host (gloo, torch-nccl)  the thread waits for each message, then launches the scatter of
+      everything that arrived since.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ So every launched scatter checks a guard word when it runs:
     anything else           ->  it copies its rows
 
 Each transfer takes the next token of its agent (1, 2, 3, ...) and the slot `token % SLOTS`;
-`disable` stores the token there. No word is ever armed (so no arming can race a disable), and a
-slot is only shared by transfers SLOTS apart, which a pair receives one after the other (a
-transfer's scatters are all queued before the next header is read).
+`disable` stores the token there. No word is ever armed (so no arming can race a disable). A
+disabled slot stays held until the transfer's last queued scatter has run: a later token of the
+same slot would overwrite the word and bring the stopped scatters back to life (a stalled pair
+can hold them for its whole timeout while other pairs go through a thousand transfers), so
+`next_token` skips a held slot's tokens.
 
-    Guard(...).launch(dst_rows, rows, src_rows, token)   # on the current stream, after its receive
-    Guard(...).disable(token)                           # from any thread; scatters not yet
-                                                        # running are now no-ops
+    guard.launch(dst_rows, rows, src_rows, token)   # on the current stream, after its receive
+    guard.disable(token, last_scatter)              # any thread; queued scatters write nothing
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Guard:
             self._staging = torch.empty(1, dtype=torch.int64, pin_memory=True)
         self._lock = threading.Lock()
         self._tokens = 0
+        self._held: dict[int, object] = {}  # disabled slot -> its transfer's last scatter event
 
     def warm_up(self, dst_rows: torch.Tensor) -> None:
         """Compile the kernel for `dst_rows` now, not inside the first transfer (a second or
@@ -94,9 +96,15 @@ class Guard:
             torch.cuda.synchronize(self.device)
 
     def next_token(self) -> int:
+        """A new transfer's token (never 0), skipping the slots still held by `disable`."""
         with self._lock:
-            self._tokens += 1
-            return self._tokens
+            while True:
+                self._tokens += 1
+                slot = self._tokens % SLOTS
+                held = self._held.get(slot)
+                if held is None or held.query():
+                    self._held.pop(slot, None)
+                    return self._tokens
 
     def launch(
         self, dst_rows: torch.Tensor, rows: torch.Tensor, src_rows: torch.Tensor, token: int
@@ -112,9 +120,14 @@ class Guard:
             dst_rows.stride(0), src_rows.stride(0), BLOCK=_BLOCK,
         )  # fmt: skip
 
-    def disable(self, token: int) -> None:
+    def disable(self, token: int, last_scatter=None) -> None:
         """Make the token's scatters that have not started yet write nothing; returns once the
-        guard word is in device memory. The caller still waits for any that had started."""
+        guard word is in device memory. The caller still waits for any that had started.
+        `last_scatter` (an event after the transfer's last queued scatter): the slot is held,
+        and no new token takes it, until that event has completed."""
+        if last_scatter is not None:
+            with self._lock:
+                self._held[token % SLOTS] = last_scatter
         if self.device.type != "cuda":  # Triton's interpreter, in the CPU tests
             self.words[token % SLOTS] = token
             return

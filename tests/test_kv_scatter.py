@@ -75,3 +75,26 @@ def test_warm_up_writes_nothing(device):
     before = dst.clone()
     guard.warm_up(dst)
     assert torch.equal(dst.cpu(), before.cpu())
+
+
+class FakeEvent:
+    def __init__(self):
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_a_disabled_slot_is_held_until_its_last_scatter_ran():
+    """A later token of a disabled slot would overwrite the guard word and revive the queued
+    scatters it stopped: no token takes the slot until they have run."""
+    guard = Guard(torch.device("cpu"))
+    token = guard.next_token()
+    last_scatter = FakeEvent()
+    guard.disable(token, last_scatter)
+    tokens = [guard.next_token() for _ in range(2 * SLOTS)]
+    assert all(t % SLOTS != token % SLOTS for t in tokens)  # skipped while held
+    assert len(set(tokens)) == len(tokens) and 0 not in tokens
+    last_scatter.done = True
+    tokens = [guard.next_token() for _ in range(SLOTS)]
+    assert any(t % SLOTS == token % SLOTS for t in tokens)  # free again
