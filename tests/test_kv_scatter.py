@@ -20,6 +20,12 @@ from kvtransfer.scatter import SLOTS, Guard  # noqa: E402
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def new_guard(device: str) -> Guard:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    return Guard(torch.device(device))
+
+
 def setup(device: str, num_words: int):
     g = torch.Generator().manual_seed(0)
     dst = torch.randint(-(1 << 40), 1 << 40, (12, num_words), generator=g).to(device)
@@ -31,9 +37,7 @@ def setup(device: str, num_words: int):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_words", [5, 1024, 2500])  # under, at and over a program's block
 def test_a_live_token_copies_its_rows_and_nothing_else(device, num_words):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    guard = Guard(torch.device(device))
+    guard = new_guard(device)
     dst, src, rows = setup(device, num_words)
     want = dst.clone()
     want[rows] = src
@@ -43,9 +47,7 @@ def test_a_live_token_copies_its_rows_and_nothing_else(device, num_words):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_disabled_token_writes_nothing_and_its_slot_serves_the_next_round(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    guard = Guard(torch.device(device))
+    guard = new_guard(device)
     dst, src, rows = setup(device, 300)
     before = dst.clone()
     token = guard.next_token()
@@ -68,9 +70,7 @@ def test_a_disabled_token_writes_nothing_and_its_slot_serves_the_next_round(devi
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_warm_up_writes_nothing(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    guard = Guard(torch.device(device))
+    guard = new_guard(device)
     dst, _, _ = setup(device, 64)
     before = dst.clone()
     guard.warm_up(dst)

@@ -398,16 +398,22 @@ def test_stall_reconnect_and_dead_receiver_between_processes(port, devices):
     assert prefill["receiver_gone"] in allowed and prefill["receiver_gone_s"] < 3 + 3
 
 
-def stall_prefill(port: int, device: str, run: str, out) -> None:
+def message_per_layer_prefill(port: int, device: str, run: str, name: str, peer: str):
+    """A prefill process's store, its agent (big caches, a message per layer, 3 s timeout)
+    connected to `peer`, and the blocks it sends: the first half."""
     _debuggable(device)
     store = connect_store("127.0.0.1", port, 60)
     agent = KVTransferAgent(
-        "sp", big_caches(device, seed=1), "127.0.0.1", port,
+        name, big_caches(device, seed=1), "127.0.0.1", port,
         timeout_s=3, min_message_bytes=0, role="prefill",
     )  # fmt: skip
     meet(store, run, "prefill", "decode")
-    agent.connect("sd")
-    blocks = list(range(agent.kv_caches[0].shape[1] // 2))
+    agent.connect(peer)
+    return store, agent, list(range(agent.kv_caches[0].shape[1] // 2))
+
+
+def stall_prefill(port: int, device: str, run: str, out) -> None:
+    store, agent, blocks = message_per_layer_prefill(port, device, run, "sp", "sd")
     report = {}
     store.wait([f"{run}/ready1"])
     report["first"] = send_all(agent, 1, "sd", blocks).value
@@ -428,13 +434,20 @@ def stall_prefill(port: int, device: str, run: str, out) -> None:
     out.put(("prefill", report))
 
 
-def stall_decode(port: int, device: str, run: str, out) -> None:
+def stacked_decode(port: int, device: str, run: str, name: str, peer: str):
+    """A decode process's store, its agent (big caches in one allocation, as the model runner
+    makes them; 3 s timeout) connected to `peer`, and its caches."""
     _debuggable(device)
     store = connect_store("127.0.0.1", port, 60)
     caches = big_caches(device, seed=2, stacked=True)
-    agent = KVTransferAgent("sd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
+    agent = KVTransferAgent(name, caches, "127.0.0.1", port, timeout_s=3, role="decode")
     meet(store, run, "decode", "prefill")
-    agent.connect("sp")
+    agent.connect(peer)
+    return store, agent, caches
+
+
+def stall_decode(port: int, device: str, run: str, out) -> None:
+    store, agent, caches = stacked_decode(port, device, run, "sd", "sp")
     half = caches[0].shape[1] // 2
     dst = list(range(half, 2 * half))
     report = {}
@@ -500,15 +513,7 @@ SENTINEL = 7.0
 
 
 def queued_prefill(port: int, device: str, run: str, out) -> None:
-    _debuggable(device)
-    store = connect_store("127.0.0.1", port, 60)
-    agent = KVTransferAgent(
-        "qp", big_caches(device, seed=1), "127.0.0.1", port,
-        timeout_s=3, min_message_bytes=0, role="prefill",
-    )  # fmt: skip
-    meet(store, run, "prefill", "decode")
-    agent.connect("qd")
-    blocks = list(range(agent.kv_caches[0].shape[1] // 2))
+    store, agent, blocks = message_per_layer_prefill(port, device, run, "qp", "qd")
     report = {}
     # 1: two of four messages, then the rest only after the receiver cancelled.
     store.wait([f"{run}/ready1"])
@@ -535,12 +540,7 @@ def queued_prefill(port: int, device: str, run: str, out) -> None:
 
 
 def queued_decode(port: int, device: str, run: str, out) -> None:
-    _debuggable(device)
-    store = connect_store("127.0.0.1", port, 60)
-    caches = big_caches(device, seed=2, stacked=True)
-    agent = KVTransferAgent("qd", caches, "127.0.0.1", port, timeout_s=3, role="decode")
-    meet(store, run, "decode", "prefill")
-    agent.connect("qp")
+    store, agent, caches = stacked_decode(port, device, run, "qd", "qp")
     half = caches[0].shape[1] // 2
     dst, dst2 = list(range(half, 2 * half)), list(range(half))
     report = {"queued": agent._guard is not None}
