@@ -608,7 +608,7 @@ class KVTransferAgent:
                 if self._guard is not None:
                     expectation.token = self._guard.next_token()
         if mismatch:
-            self._report(transfer_id, TransferState.FAILED, expectation)
+            self._finish(expectation, failed=True)
             return None
         return expectation
 
@@ -654,20 +654,14 @@ class KVTransferAgent:
             started.synchronize()
 
     def _finish(self, expectation: _Expectation, failed: bool) -> None:
-        state = TransferState.FAILED if failed else TransferState.DONE
-        self._report(expectation.transfer_id, state, expectation)
-
-    def _report(
-        self, transfer_id: int, state: TransferState, expectation: _Expectation | None = None
-    ) -> None:
-        """Add a result, and stop expecting `expectation` in the same step (a cancel comes
-        before both or after both); nothing if it was cancelled."""
+        """Stop expecting the transfer and report its result, in one step (a `cancel` comes
+        before both or after both); nothing if it was cancelled. Then `on_result`."""
+        transfer_id = expectation.transfer_id
         with self._lock:
-            if expectation is not None:
-                if self._expected.get(transfer_id) is not expectation:
-                    return  # cancelled: never reported
-                del self._expected[transfer_id]
-            self._results[transfer_id] = state
+            if self._expected.get(transfer_id) is not expectation:
+                return  # cancelled: never reported
+            del self._expected[transfer_id]
+            self._results[transfer_id] = TransferState.FAILED if failed else TransferState.DONE
             self._reported.notify_all()
         if self.on_result is not None:
             self.on_result()

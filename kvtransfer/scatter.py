@@ -1,10 +1,10 @@
 """The decode side's scatter launched ahead of its data, and the guard that can still stop it.
 
-With NCCL (`kvtransfer.nccl`) the receiver thread queues each message's scatter on the GPU right
-behind the message's receive, before a byte has arrived: the copy into the blocks then starts as
-soon as the last byte lands, with no host round trip per message (the receiver thread lagged the
-wire by ~100 us a message on the H200 hosts, and launched the last scatter 123 us after the last
-byte: session 11's trace).
+With NCCL (`kvtransfer.nccl`) the receiver thread queues the scatter of each group of messages
+on the GPU right behind their receives, before a byte has arrived (kvtransfer.receiver): the copy
+into the blocks then starts as soon as the last byte lands, with no host round trip per message
+(the receiver thread had lagged the wire by ~100 us a message on the H200 hosts, and launched the
+last scatter 123 us after the last byte: session 11's trace; queued, it starts 1-3 us after).
 
 A queued scatter is a hazard: `cancel` promises that nothing more is written into the blocks once
 it returns, and a failed transfer's blocks go back to the pool, yet the scatter may still sit
