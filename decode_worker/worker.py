@@ -91,7 +91,7 @@ class DecodeWorker(EngineHost):
         self.num_orphans_aborted = 0
         self.metrics = EngineMetrics(tier, "colocated" if colocated else "decode", worker_id)
         self.loop = EngineThread(self.engine, self._on_outputs, poll=self._poll_transfers)
-        if self.agent is not None:  # an arrived KV is admitted at once, not at the next tick
+        if self.agent is not None:  # a landed KV is seen at once, not at the next 1 ms tick
             self.agent.on_result = self.loop.wake
 
     def connect(self, peer_id: str, fresh: bool = False) -> None:
