@@ -617,19 +617,18 @@ class KVTransferAgent:
         expectation: _Expectation,
         index: torch.Tensor,
         first: int,
-        count: int,
         buf: torch.Tensor,
         work,
     ) -> bool:
-        """Receiver thread: queue the scatter of `buf` (layers [first, first + count), its
-        receive `work` just posted) on the current stream, behind that receive. False, and
+        """Receiver thread: queue the scatter of `buf` (layers [first, first + len(buf)), its
+        last receive `work` posted) on the current stream, behind that receive. False, and
         nothing queued, if the transfer was cancelled."""
         with expectation.lock:
             if expectation.cancelled:
                 return False
             stream = torch.cuda.current_stream(self.layout.device)
             stream.wait_event(work.event)
-            rows = index[first : first + count].view(-1)
+            rows = index[first : first + len(buf)].view(-1)
             self._guard.launch(self._all_rows, rows, self.layout.as_rows(buf), expectation.token)
             scattered = torch.cuda.Event()
             scattered.record(stream)

@@ -121,15 +121,15 @@ class Receiver(threading.Thread):
         groups = _scatter_groups(plan, layer_bytes, SCATTER_BYTES)
         group_of = [g for g, (_, count) in enumerate(groups) for _ in range(count)]
         index = None
-        works: list = []  # per message posted, its receive
+        works: list = []  # per message posted, its receive; works[waited:] not waited for yet
         buffers: dict[int, torch.Tensor] = {}  # per group, until its scatter is queued
-        posted: deque[tuple[object, int]] = deque()  # (work, bytes) not yet waited for
-        posted_bytes, next_group = 0, 0
-        while len(works) < len(plan) or posted:
+        waited, next_group = 0, 0
+        while waited < len(plan):
             while len(works) < len(plan):  # post the window
                 message = len(works)
                 first, count = plan[message]
-                if posted and posted_bytes + count * layer_bytes > RECV_AHEAD_BYTES:
+                in_flight = sum(c for _, c in plan[waited:message]) * layer_bytes
+                if message > waited and in_flight + count * layer_bytes > RECV_AHEAD_BYTES:
                     break
                 group = group_of[message]
                 group_start, group_len = groups[group]
@@ -140,8 +140,6 @@ class Receiver(threading.Thread):
                     buffers[group] = torch.empty(shape, dtype=layout.dtype, device=layout.device)
                 buf = buffers[group][first - group_first : first - group_first + count]
                 works.append(pair.group.recv([buf], 0, 0))
-                posted.append((works[-1], count * layer_bytes))
-                posted_bytes += count * layer_bytes
             while next_group < len(groups):  # the groups posted in full: queue their scatters
                 group_start, group_len = groups[next_group]
                 if group_start + group_len > len(works):
@@ -154,12 +152,10 @@ class Receiver(threading.Thread):
                     index = agent._index_tensor(expectation.block_ids)
                 received = works[group_start + group_len - 1]
                 first = plan[group_start][0]
-                if not agent._launch_scatter(expectation, index, first, len(buf), buf, received):
+                if not agent._launch_scatter(expectation, index, first, buf, received):
                     expectation = None  # cancelled meanwhile: drain the rest
-            if posted:
-                work, done_bytes = posted.popleft()
-                self._wait(work)
-                posted_bytes -= done_bytes
+            self._wait(works[waited])
+            waited += 1
         if expectation is not None and expectation.launched:
             with _span("kv.recv.last_scatter"):
                 self._wait(NcclWork(pair.group, expectation.launched[-1][1]))
