@@ -23,6 +23,7 @@ from kvtransfer import KVTransferAgent, TransferState, nccl, start_store
 from kvtransfer.pair import choose_backend, read_hello, wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
 from kvtransfer.receiver import _scatter_groups, _segments
+from kvtransfer.scatter import Guard
 from kvtransfer.store import connect_store
 
 NUM_LAYERS = 5
@@ -1106,3 +1107,50 @@ def test_kv_transfer_benchmark_runs_on_cpu(tmp_path):
     prefill = json.loads(output.read_text())["results"]["prefill"]["gloo"]
     assert len(prefill["raw"]["256"]) == 2 and len(prefill["ahead"]["256/0"]) == 2
     assert all(t > 0 for t in prefill["polled"]["256/16777216"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "ahead_bytes, scatter_bytes", [(512 << 20, 64 << 20), (1, 1), (2500, 1000), (5000, 2500)]
+)
+def test_queued_receive_posts_windows_and_groups_that_land_exactly(
+    port, ahead_bytes, scatter_bytes, monkeypatch
+):
+    """The NCCL receiver's bookkeeping (kvtransfer.receiver._receive_launched: receive windows,
+    scatter groups, one buffer per group) on CPU. Its GPU half is replaced by a double: a
+    "queued" scatter is recorded, and runs when the transfer finishes, after its receives."""
+    monkeypatch.setattr(kvtransfer.receiver, "RECV_AHEAD_BYTES", ahead_bytes)
+    monkeypatch.setattr(kvtransfer.receiver, "SCATTER_BYTES", scatter_bytes)
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS, num_layers=7, stacked=True)
+    dst = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, num_layers=7, stacked=True)
+    want = [t.clone() for t in dst]
+    prefill = KVTransferAgent(
+        "p", src, "127.0.0.1", port, timeout_s=5, min_message_bytes=0, role="prefill"
+    )
+    decode = KVTransferAgent("d", dst, "127.0.0.1", port, timeout_s=5, role="decode")
+    queued = []
+
+    def launch(expectation, index, first, buf, work):
+        queued.append((index, first, buf))
+        return True
+
+    def finish(expectation, failed):
+        while queued:
+            index, first, buf = queued.pop(0)
+            decode._scatter(index, first, len(buf), buf)
+        finish_for_real(expectation, failed)
+
+    finish_for_real = decode._finish
+    decode._guard = Guard(torch.device("cpu"))  # the queued path
+    monkeypatch.setattr(decode, "_launch_scatter", launch)
+    monkeypatch.setattr(decode, "_finish", finish)
+    connect_both(prefill, decode)
+    for tid, src_blocks, dst_blocks in [(1, [3, 1, 4], [40, 2, 17]), (2, [15, 9], [0, 47])]:
+        decode.expect(tid, "p", dst_blocks)
+        assert send_all(prefill, tid, "d", src_blocks) is DONE
+        for layer in range(7):
+            want[layer][:, dst_blocks] = src[layer][:, src_blocks]
+    assert wait_for(decode, {1, 2}, timeout_s=10) == {1: DONE, 2: DONE}
+    assert all(torch.equal(d, w) for d, w in zip(dst, want))
+    prefill.close()
+    decode.close()
