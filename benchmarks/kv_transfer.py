@@ -186,8 +186,8 @@ def run_worker(role: str, args, port: int) -> dict:
         wait_work(raw.send([probe], 1, 0) if rank == 0 else raw.recv([probe], 0, 0), backend, 60)
         raws[entry] = raw
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    info["scatter_ahead"] = {e: agents[e, args.min_message_bytes[0]][0]._guard is not None
-                             for e in args.backends}  # fmt: skip
+    first_m = args.min_message_bytes[0]
+    info["scatter_ahead"] = {e: agents[e, first_m][0]._guard is not None for e in args.backends}
     if any(e.startswith("nccl") for e in args.backends):
         info["nccl"] = f"{nccl.library().version()} ({nccl.library().path})"
     results: dict = {"info": info}
