@@ -146,6 +146,7 @@ class NcclComm:
         self._comm: ctypes.c_void_p | None = comm
         self._lock = threading.Lock()  # NCCL calls on one communicator never overlap
         self.stream = torch.cuda.Stream(device, priority=-1)
+        self._ordered = torch.cuda.Event()  # a post's place on the caller's stream; under _lock
         self._stream_ptr = ctypes.c_void_p(self.stream.cuda_stream)
 
     @classmethod
@@ -181,10 +182,13 @@ class NcclComm:
         for t in tensors:
             if not t.is_contiguous() or t.device != self.device:
                 raise ValueError(f"{what}: tensors must be contiguous and on {self.device}")
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        current = torch.cuda.current_stream(self.device)
         with self._lock:
             if self._comm is None:
                 raise NcclError(f"{what}: the communicator was aborted")
+            # as self.stream.wait_stream(current), without a new event each post (~5 us)
+            self._ordered.record(current)
+            self.stream.wait_event(self._ordered)
             for t in tensors:
                 self.lib.check(
                     op(t.data_ptr(), t.nbytes, _UINT8, peer, self._comm, self._stream_ptr), what
