@@ -1154,3 +1154,43 @@ def test_queued_receive_posts_windows_and_groups_that_land_exactly(
     assert all(torch.equal(d, w) for d, w in zip(dst, want))
     prefill.close()
     decode.close()
+
+
+def test_timeline_stamps_keep_a_transfer_working_and_log_its_phases(port, monkeypatch):
+    """benchmarks/kv_timeline wraps the agent's internals to stamp phases; on CPU (gloo: no
+    posts through NcclComm, no queued scatters) the wrapped agent still delivers the KV, the
+    sender and receiver logs hold the phases, and `phases` reads them."""
+    import benchmarks.kv_timeline as timeline
+
+    for cls, name in [
+        (timeline.nccl_module.NcclComm, "_post"),
+        (KVTransferAgent, "_wait_prepared"),
+        (KVTransferAgent, "_post_sends"),
+        (KVTransferAgent, "_finish"),
+        (timeline.scatter_module.Guard, "launch"),
+    ]:
+        monkeypatch.setattr(cls, name, getattr(cls, name))  # restored after the test
+    monkeypatch.setattr(timeline.receiver_module, "wait_work", timeline.receiver_module.wait_work)
+    timeline._stamp_internals()
+    src = make_caches(PREFILL_SEED, PREFILL_BLOCKS, stacked=True)
+    dst = make_caches(DECODE_SEEDS["d0"], DECODE_BLOCKS, stacked=True)
+    prefill = KVTransferAgent("tp", src, "127.0.0.1", port, timeout_s=5, role="prefill")
+    decode = KVTransferAgent("td", dst, "127.0.0.1", port, timeout_s=5, role="decode")
+    connect_both(prefill, decode)
+    decode.expect(7, "tp", [5, 9])
+    timeline._LOG.clear()
+    start = time.perf_counter()
+    assert send_all(prefill, 7, "td", [1, 2]) is DONE
+    assert wait_for(decode, {7}, timeout_s=10) == {7: DONE}
+    log = list(timeline._LOG)  # both agents share this process's log here
+    assert all(torch.equal(d[:, [5, 9]], s[:, [1, 2]]) for d, s in zip(dst, src))
+    names = [entry[0] for entry in log]
+    assert {"wait_prepared", "post_sends", "receiver_wait", "finish"} <= set(names)
+    row = timeline.phases(
+        {"start": start, "sent": time.perf_counter(), "end": time.perf_counter(), "log": log},
+        {"log": log},
+    )
+    assert 0 <= row["wait_prepared: called"] <= row["receiver thread: _finish"]
+    assert row["receiver thread: wait 0 returned"] <= row["receiver thread: _finish"]
+    prefill.close()
+    decode.close()
