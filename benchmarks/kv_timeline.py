@@ -28,7 +28,6 @@ thread's wake-up, the handoff to the consumer).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ import kvtransfer.receiver as receiver_module
 import kvtransfer.scatter as scatter_module
 from kvtransfer import KVTransferAgent, TransferState
 from kvtransfer.pair import new_group, precise_sleeps, wait_work
-from kvtransfer.store import connect_store, start_store
+from kvtransfer.store import connect_store
 
 KINDS = ("raw", "ahead", "polled")
 # Per process, this repeat's stamps: (name, host time) or (name, host start, host end, GPU
@@ -281,18 +280,7 @@ def main() -> None:
     args = p.parse_args()
     if torch.cuda.device_count() < 2 or not nccl_module.available():
         sys.exit("kv_timeline needs 2 CUDA devices and NCCL")
-    store, port = start_store()
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args, port, out)) for r in ("prefill", "decode")]
-    for proc in procs:
-        proc.start()
-    results = dict(out.get() for _ in procs)
-    for proc in procs:
-        proc.join()
-    for role, res in results.items():
-        if "error" in res:
-            sys.exit(f"{role} failed:\n{res['error']}")
+    results = kvb.run_processes(worker, args)
     print(f"{torch.cuda.get_device_name(0)} x2, {args.tokens} tokens")
     print(report(results))
 

@@ -554,6 +554,25 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
     return "\n".join(lines)
 
 
+def run_processes(target, args) -> dict:
+    """Run `target(role, args, port, out)` in a prefill and a decode process around a fresh
+    store; their results by role. Exits with the error a process reported, if one did."""
+    store, port = start_store()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, args, port, out)) for r in ("prefill", "decode")]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    for role, res in results.items():
+        if "error" in res:
+            sys.exit(f"{role} failed:\n{res['error']}")
+    del store
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -608,18 +627,7 @@ def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast: never needed here
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-    store, port = start_store()
-    ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, args, port, out)) for r in ("prefill", "decode")]
-    for proc in procs:
-        proc.start()
-    results = dict(out.get() for _ in procs)
-    for proc in procs:
-        proc.join()
-    for role, res in results.items():
-        if "error" in res:
-            sys.exit(f"{role} failed:\n{res['error']}")
+    results = run_processes(worker, args)
     dtype = getattr(torch, args.dtype)
     kv_bytes_per_token = 2 * args.layers * args.kv_heads * args.head_dim * dtype.itemsize
     commit = (

@@ -112,10 +112,10 @@ class Receiver(threading.Thread):
         """NCCL: receives posted RECV_AHEAD_BYTES ahead of the wire, and behind them on this
         thread's stream the (guarded) scatters, one per group of messages (`_scatter_groups`),
         queued before a byte has arrived; then wait for the receives (each bounded, each
-        checked for an abort), but for the last one the last scatter, queued behind it (one
-        host wake-up fewer on the critical path: ~25 us on the H200 hosts). A window's receives are all posted before
-        its scatters are queued: a receive posted late holds the sender back (queueing each
-        scatter right after its receive halved the bandwidth of 32 16-MiB messages)."""
+        checked for an abort) but the last, and then the last scatter, which runs after it.
+        A window's receives are all posted before its scatters are queued: a receive posted
+        late holds the sender back (queueing each scatter right after its receive halved the
+        bandwidth of 32 16-MiB messages)."""
         agent, pair, layout = self.agent, self.pair, self.agent.layout
         plan = message_plan(layout.num_layers, header.layers_per_message)
         layer_bytes = layout.layer_bytes(header.num_blocks)
