@@ -4,7 +4,9 @@ Two processes (prefill on cuda:0, decode on cuda:1, NCCL; or both on CPU with gl
 Llama-3-8B-shaped paged KV cache (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token,
 block size 16). For each prompt length, in one run:
 
-  raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group,
+  raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group
+           (also on the first agent pair's own communicator: NCCL's bandwidth may differ
+           between two communicators of the same two GPUs),
            once per backend (--backends: on CUDA `nccl`, NCCL's C API, and `torch-nccl`,
            ProcessGroupNCCL, interleaved in one run; `nccl:host` is `nccl` with the receiver
            thread launching each scatter once its message arrived, instead of queueing it on
@@ -192,7 +194,9 @@ def run_worker(role: str, args, port: int) -> dict:
         info["nccl"] = f"{nccl.library().version()} ({nccl.library().path})"
     results: dict = {"info": info}
     for backend in args.backends:
-        results[backend] = {"raw": {}, "agent": {}, "ahead": {}, "polled": {}, "ttft": {}}
+        results[backend] = {
+            "raw": {}, "raw_pair": {}, "agent": {}, "ahead": {}, "polled": {}, "ttft": {}
+        }  # fmt: skip
     results["header_latency"] = header_latency(role, port)
     first = agents[args.backends[0], args.min_message_bytes[0]][0]
     results["copy"] = bench_copy(role, first, max(args.tokens) // args.block_size, device)
@@ -205,6 +209,11 @@ def run_worker(role: str, args, port: int) -> dict:
             res["raw"][tokens] = bench_raw(
                 role, raws[backend], backend.partition(":")[0], device, clock,
                 f"{backend}/{tokens}", total, args,
+            )  # fmt: skip
+            agent, peer = agents[backend, args.min_message_bytes[0]]
+            res["raw_pair"][tokens] = bench_raw(
+                role, agent._pairs[peer].group, backend.partition(":")[0], device, clock,
+                f"{backend}/{tokens}/pair", total, args,
             )  # fmt: skip
             for m in args.min_message_bytes:
                 agent, peer = agents[backend, m]
@@ -525,6 +534,19 @@ def report(args, results: dict, kv_bytes_per_token: int) -> str:
                     bw = total / statistics.median(res[kind][f"{tokens}/{m}"]) / 1e9
                     cells.append(f"{'':>10} {bw:6.1f} {bw / best_raw[tokens]:5.2f}")
                 lines.append(f"{tokens:6d} {total / 2**20:6.0f} {raw:9.1f} | " + " | ".join(cells))
+    lines.append(
+        "raw on an agent's own communicator (the first --min-message-bytes agent's pair; the raw "
+        "column's is a communicator of its own), GB/s and ratio to the raw column:"
+    )
+    for backend in args.backends:
+        res = prefill[backend]
+        cells = []
+        for tokens in args.tokens:
+            total = tokens * kv_bytes_per_token
+            own = total / statistics.median(res["raw"][tokens]) / 1e9
+            pair = total / statistics.median(res["raw_pair"][tokens]) / 1e9
+            cells.append(f"{tokens}: {pair:.1f} ({pair / own:.2f})")
+        lines.append(f"  {backend}: " + ", ".join(cells))
     if not args.skip_ttft:
         lines += [
             "",
