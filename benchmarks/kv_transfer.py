@@ -5,8 +5,8 @@ Llama-3-8B-shaped paged KV cache (32 layers, 8 KV heads, head_dim 128, bf16: 128
 block size 16). For each prompt length, in one run:
 
   raw      one contiguous buffer of the transfer's total size, one send/recv on a size-2 group
-           (also on the first agent pair's own communicator: NCCL's bandwidth may differ
-           between two communicators of the same two GPUs),
+           (also on the first agent pair's own communicator, to check that the raw column's
+           communicator carries what the agent's does: it did, 1.00-1.01, 2026-11-27),
            once per backend (--backends: on CUDA `nccl`, NCCL's C API, and `torch-nccl`,
            ProcessGroupNCCL, interleaved in one run; `nccl:host` is `nccl` with the receiver
            thread launching each scatter once its message arrived, instead of queueing it on
