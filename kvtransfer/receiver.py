@@ -110,7 +110,7 @@ class Receiver(threading.Thread):
 
     def _receive_launched(self, header: Header, expectation: _Expectation | None) -> None:
         """NCCL: receives posted RECV_AHEAD_BYTES ahead of the wire, and behind them on this
-        thread's stream the (guarded) scatters, one per group of messages (`_scatter_groups`),
+        thread's stream the (guarded) scatters, one per group of messages (`_message_runs`),
         queued before a byte has arrived; then wait for the receives (each bounded, each
         checked for an abort) but the last, and then the last scatter, which runs after it.
         A window's receives are all posted before its scatters are queued: a receive posted
@@ -119,7 +119,7 @@ class Receiver(threading.Thread):
         agent, pair, layout = self.agent, self.pair, self.agent.layout
         plan = message_plan(layout.num_layers, header.layers_per_message)
         layer_bytes = layout.layer_bytes(header.num_blocks)
-        groups = _scatter_groups(plan, layer_bytes, SCATTER_BYTES)
+        groups = _message_runs(plan, layer_bytes, SCATTER_BYTES)
         group_of = [g for g, (_, count) in enumerate(groups) for _ in range(count)]
         index = None
         works: list = []  # per message posted, its receive; works[waited:] not waited for yet
@@ -256,33 +256,27 @@ def _span(name: str):
 def _segments(plan: list[tuple[int, int]], layer_bytes: int) -> list[tuple[int, int, int]]:
     """(segment index, its first layer, its layer count) for each message of `plan`: runs of
     consecutive messages of up to SEGMENT_BYTES together."""
-    runs: list[list[int]] = []  # [first layer, layer count] per segment
-    for first, count in plan:
-        if runs and (runs[-1][1] + count) * layer_bytes <= SEGMENT_BYTES:
-            runs[-1][1] += count
-        else:
-            runs.append([first, count])
-    out, seg = [], 0
-    for first, _count in plan:
-        while first >= runs[seg][0] + runs[seg][1]:
-            seg += 1
-        out.append((seg, runs[seg][0], runs[seg][1]))
+    out = []
+    runs = _message_runs(plan, layer_bytes, SEGMENT_BYTES, last_alone=False)
+    for seg, (start, size) in enumerate(runs):
+        layers = sum(count for _, count in plan[start : start + size])
+        out += [(seg, plan[start][0], layers)] * size
     return out
 
 
-def _scatter_groups(
-    plan: list[tuple[int, int]], layer_bytes: int, limit: int
+def _message_runs(
+    plan: list[tuple[int, int]], layer_bytes: int, limit: int, last_alone: bool = True
 ) -> list[tuple[int, int]]:
-    """(first message, message count) per scatter: runs of consecutive messages of up to
-    `limit` bytes, and the last message alone. The last message's scatter is the only one on a
-    transfer's critical path (the others run while later messages are on the wire), so it
-    carries nothing more.
+    """(first message, message count) per run of consecutive messages of up to `limit` bytes
+    (a larger message is a run of its own); with `last_alone`, the last message is a run of its
+    own. As scatter groups: the last message's scatter is the only one on a transfer's critical
+    path (the others run while later messages are on the wire), so it carries nothing more.
 
         plan:   | m0 | m1 | m2 | m3 | m4 | m5 |      (limit: three messages)
         groups: | m0   m1   m2 | m3   m4 | m5 |"""
     groups: list[list[int]] = []
     for message, (_, count) in enumerate(plan):
-        last = message == len(plan) - 1 and message > 0
+        last = last_alone and message == len(plan) - 1 and message > 0
         if groups and not last:
             start, size = groups[-1]
             layers = sum(c for _, c in plan[start : start + size]) + count

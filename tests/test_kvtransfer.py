@@ -22,7 +22,7 @@ import kvtransfer.receiver
 from kvtransfer import KVTransferAgent, TransferState, nccl, start_store
 from kvtransfer.pair import choose_backend, read_hello, wait_work
 from kvtransfer.protocol import KVLayout, layers_per_message, message_plan
-from kvtransfer.receiver import _scatter_groups, _segments
+from kvtransfer.receiver import _message_runs, _segments
 from kvtransfer.scatter import Guard
 from kvtransfer.store import connect_store
 
@@ -121,6 +121,14 @@ def send_all(agent: KVTransferAgent, tid: int, peer: str, blocks: list[int]) -> 
     for layer in range(len(agent.kv_caches)):
         agent.send_layer(handle, layer)
     return agent.finish_send(handle)
+
+
+def send_first_layers(agent: KVTransferAgent, tid: int, peer: str, blocks: list[int], count: int):
+    """Start a transfer and send only its first `count` layers; its handle."""
+    handle = agent.start_send(tid, peer, blocks)
+    for layer in range(count):
+        agent.send_layer(handle, layer)
+    return handle
 
 
 # ---------------------------------------------------------------- processes
@@ -420,9 +428,7 @@ def stall_prefill(port: int, device: str, run: str, out) -> None:
     report["first"] = send_all(agent, 1, "sd", blocks).value
     # The sender stalls after two of its four messages were received.
     store.wait([f"{run}/ready2"])
-    handle = agent.start_send(2, "sd", blocks)
-    agent.send_layer(handle, 0)
-    agent.send_layer(handle, 1)
+    handle = send_first_layers(agent, 2, "sd", blocks, 2)
     store.wait([f"{run}/failed2"])
     report["abandoned"] = agent.finish_send(handle).value
     start = time.monotonic()
@@ -518,9 +524,7 @@ def queued_prefill(port: int, device: str, run: str, out) -> None:
     report = {}
     # 1: two of four messages, then the rest only after the receiver cancelled.
     store.wait([f"{run}/ready1"])
-    handle = agent.start_send(1, "qd", blocks)
-    agent.send_layer(handle, 0)
-    agent.send_layer(handle, 1)
+    handle = send_first_layers(agent, 1, "qd", blocks, 2)
     store.set(f"{run}/half1", "1")
     store.wait([f"{run}/cancelled1"])
     agent.send_layer(handle, 2)
@@ -530,9 +534,7 @@ def queued_prefill(port: int, device: str, run: str, out) -> None:
     report["after_cancel"] = send_all(agent, 2, "qd", blocks).value
     # 3: two of four messages, then a stall past the receiver's timeout.
     store.wait([f"{run}/ready3"])
-    handle = agent.start_send(3, "qd", blocks)
-    agent.send_layer(handle, 0)
-    agent.send_layer(handle, 1)
+    handle = send_first_layers(agent, 3, "qd", blocks, 2)
     store.wait([f"{run}/failed3"])
     report["stalled"] = agent.finish_send(handle).value
     store.wait([f"{run}/finished"])
@@ -977,11 +979,11 @@ def test_receive_segments_group_consecutive_messages_up_to_the_segment_size(monk
 def test_scatter_groups_join_messages_up_to_the_limit_and_leave_the_last_alone():
     mib = 1 << 20
     plan = [(layer, 1) for layer in range(6)]
-    assert _scatter_groups(plan, mib, 3 * mib) == [(0, 3), (3, 2), (5, 1)]
+    assert _message_runs(plan, mib, 3 * mib) == [(0, 3), (3, 2), (5, 1)]
     plan = message_plan(8, 3)  # (0, 3), (3, 3), (6, 1), (7, 1)
-    assert _scatter_groups(plan, mib, 4 * mib) == [(0, 1), (1, 2), (3, 1)]
-    assert _scatter_groups(plan, mib, 1) == [(0, 1), (1, 1), (2, 1), (3, 1)]
-    assert _scatter_groups([(0, 32)], mib, 1) == [(0, 1)]
+    assert _message_runs(plan, mib, 4 * mib) == [(0, 1), (1, 2), (3, 1)]
+    assert _message_runs(plan, mib, 1) == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert _message_runs([(0, 32)], mib, 1) == [(0, 1)]
 
 
 def test_message_plan_covers_every_layer_once():
