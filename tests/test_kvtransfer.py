@@ -935,13 +935,18 @@ def test_bad_calls_get_clear_errors(pair):
 
 
 class FakeWork:
-    """An NCCL-like work: `is_completed` turns True at a given time; `wait` never blocks."""
+    """An NCCL-like work: `is_completed` turns True at a given time, or at its n-th call; `wait`
+    never blocks."""
 
-    def __init__(self, done_after_s: float):
+    def __init__(self, done_after_s: float = float("inf"), done_after_polls: int | None = None):
         self.done_at = time.monotonic() + done_after_s
+        self.polls_left = done_after_polls
         self.waited = False
 
     def is_completed(self) -> bool:
+        if self.polls_left is not None:
+            self.polls_left -= 1
+            return self.polls_left < 0
         return time.monotonic() >= self.done_at
 
     def wait(self) -> bool:
@@ -955,10 +960,12 @@ def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatc
     sleeps = []
     real_sleep = time.sleep
     monkeypatch.setattr(kvtransfer.pair.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
-    work = FakeWork(0.0005)
+    # done at the 4th poll: counted in polls, not time, so a slow machine cannot skip the spin
+    work = FakeWork(done_after_polls=3)
     wait_work(work, "nccl", timeout_s=1.0)
     # 2 us sleeps, which leave the GIL to other threads: noticed within microseconds
-    assert work.waited and set(sleeps) == {kvtransfer.pair._POLL_SPIN_SLEEP_S}
+    assert work.waited and sleeps and sleeps[0] == kvtransfer.pair._POLL_SPIN_SLEEP_S
+    assert len(sleeps) == 2  # the first poll comes before the loop
     sleeps.clear()
     start = time.monotonic()
     with pytest.raises(TimeoutError):
