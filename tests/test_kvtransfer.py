@@ -960,12 +960,15 @@ def test_polled_wait_spins_for_a_message_then_backs_off_until_timeout(monkeypatc
     sleeps = []
     real_sleep = time.sleep
     monkeypatch.setattr(kvtransfer.pair.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
-    # done at the 4th poll: counted in polls, not time, so a slow machine cannot skip the spin
-    work = FakeWork(done_after_polls=3)
-    wait_work(work, "nccl", timeout_s=1.0)
-    # 2 us sleeps, which leave the GIL to other threads: noticed within microseconds
-    assert work.waited and sleeps and sleeps[0] == kvtransfer.pair._POLL_SPIN_SLEEP_S
-    assert len(sleeps) == 2  # the first poll comes before the loop
+    # Done at the 4th poll, and a spin phase no stall of the machine can outlast: counted in
+    # polls, not time (a 0.5 ms fake once completed before the first poll on a slow CI machine).
+    with monkeypatch.context() as m:
+        m.setattr(kvtransfer.pair, "_POLL_SPIN_S", 60.0)
+        work = FakeWork(done_after_polls=3)
+        wait_work(work, "nccl", timeout_s=1.0)
+    # 2 us sleeps, which leave the GIL to other threads: noticed within microseconds. The first
+    # poll comes before the loop: two sleeps.
+    assert work.waited and sleeps == [kvtransfer.pair._POLL_SPIN_SLEEP_S] * 2
     sleeps.clear()
     start = time.monotonic()
     with pytest.raises(TimeoutError):
