@@ -19,10 +19,11 @@ sender's clock start (the first `send_layer`; raw: the send).
 
     python -m benchmarks.kv_timeline --tokens 2048 --repeats 15
 
-What it found (2x H200, 2026-11-27, benchmarks/RESULTS.md): a 2048-token transfer's ~230 us over
-raw was ~80 us of head (host: the first gather and post), ~100 us on the wire (the first
-message's ~50 us start, then ~14 us a message), ~50 us of tail (the last scatter, the receiver
-thread's wake-up, the handoff to the consumer).
+What it found (2x H200, 2026-11-27, benchmarks/RESULTS.md, session 13): a 2048-token transfer's
+~260 us over raw (1103 against 843 us, `ahead`) was ~92 us of head (host: the first gather's
+launch and the first post), ~96 us on the wire (the first message's ~60 us start, then ~14 us a
+message), ~72 us of tail (the last receive and scatter, the receiver thread's wake-up, `_finish`,
+the consumer's wake-up).
 """
 
 from __future__ import annotations
